@@ -1,0 +1,4 @@
+"""CLI subcommands. Each module here has ``register(subparsers)``; add new modules to ``MODULES``."""
+MODULES = [
+    "tokenseg.commands.core",
+]

@@ -1,0 +1,113 @@
+"""The dataset interface every reader (synthetic/VOC, COCO, folder + CSV) implements.
+
+A dataset is a *spec*: image ids, image paths, image-level labels, optional masks and class names.
+Readers never write into the dataset folder; anything derived (converted masks, caches) goes to a
+cache folder the caller names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..io import TokensegError, read_mask
+
+
+@dataclass
+class WSSSDataset:
+    """Image ids with their files and image-level labels.
+
+    ``labels[i]`` lists the 0-based *foreground* class indices present in image ``i`` (background is
+    never listed; in masks, class ``c`` is stored as ``c + 1`` and 0 is background, 255 ignore).
+    """
+
+    name: str
+    class_names: list[str]
+    ids: list[str]
+    image_paths: list[Path]
+    labels: list[list[int]]
+    mask_paths: list[Path | None] | None = None
+    label_source: str = "unknown"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.image_paths) != n or len(self.labels) != n:
+            raise ValueError("ids, image_paths and labels must have the same length")
+        if self.mask_paths is not None and len(self.mask_paths) != n:
+            raise ValueError("mask_paths must have one entry per id")
+        C = self.num_classes
+        for i, lab in enumerate(self.labels):
+            for c in lab:
+                if not 0 <= c < C:
+                    raise TokensegError(
+                        f"image {self.ids[i]!r}: label index {c} is outside 0..{C - 1} ({self.name})")
+        self._index = {k: i for i, k in enumerate(self.ids)}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes C."""
+        return len(self.class_names)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_paths is not None and all(p is not None for p in self.mask_paths)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, image_id: str) -> int:
+        return self._index[image_id]
+
+    def multi_hot(self, i: int) -> np.ndarray:
+        y = np.zeros(self.num_classes, dtype=np.float32)
+        y[self.labels[i]] = 1.0
+        return y
+
+    def load_image(self, i: int) -> Image.Image:
+        return load_rgb(self.image_paths[i])
+
+    def load_mask(self, i: int) -> np.ndarray:
+        if self.mask_paths is None or self.mask_paths[i] is None:
+            raise TokensegError(f"image {self.ids[i]!r} has no ground-truth mask ({self.name})")
+        mask = read_mask(self.mask_paths[i])
+        bad = (mask != 255) & (mask > self.num_classes)
+        if bad.any():
+            raise TokensegError(
+                f"{self.mask_paths[i]}: mask value {int(mask[bad].max())} exceeds the class count "
+                f"{self.num_classes} (+ background 0, ignore 255)")
+        return mask
+
+    def subset(self, ids: Sequence[str]) -> "WSSSDataset":
+        idx = [self._index[k] for k in ids]
+        return WSSSDataset(
+            name=self.name, class_names=list(self.class_names), ids=[self.ids[i] for i in idx],
+            image_paths=[self.image_paths[i] for i in idx], labels=[self.labels[i] for i in idx],
+            mask_paths=None if self.mask_paths is None else [self.mask_paths[i] for i in idx],
+            label_source=self.label_source, meta=dict(self.meta))
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, RGBA, CMYK, 16-bit converted."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                bg = Image.new("RGB", img.size, (0, 0, 0))
+                bg.paste(img, mask=img.getchannel("A"))
+                img = bg
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise TokensegError(f"{path}: image file not found") from exc
+    except Exception as exc:
+        raise TokensegError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,115 @@
+"""Segmentation metrics: confusion matrices for a whole background-threshold grid in one pass.
+
+Seeds hold min–max normalised maps for the present classes only. With a constant background score
+``t``, a pixel is labelled ``argmax([t, maps...])``: its best foreground class ``a`` if ``max > t``,
+else background (ties go to background, as ``argmax`` picks the first). So for a sorted grid of
+thresholds the prediction at threshold ``j`` is ``a`` while ``j < k`` and background afterwards, where
+``k`` = number of thresholds strictly below the pixel's max. One ``bincount`` over
+``(gt, a, k)`` therefore holds every threshold's confusion matrix; a cumulative sum over ``k`` reads
+them out. This replaces the authors' 60 passes over the files (METHODS.md §13.1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .io import IGNORE_INDEX
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
+    """(n, n) int64 matrix, rows = ground truth, columns = prediction; gt == 255 ignored."""
+    gt = np.asarray(gt).reshape(-1).astype(np.int64)
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    keep = gt != IGNORE_INDEX
+    gt, pred = gt[keep], pred[keep]
+    if gt.size and (gt.max() >= n or pred.max() >= n or pred.min() < 0):
+        raise ValueError(f"labels outside 0..{n - 1}")
+    return np.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
+
+
+def scores_from_confusion(conf: np.ndarray) -> dict:
+    """IoU per class, mIoU, and the FP/FN rates of MCTformer's Fig. 9 from an (n, n) confusion."""
+    conf = conf.astype(np.float64)
+    tp = np.diag(conf)
+    gt_count = conf.sum(1)  # T
+    pred_count = conf.sum(0)  # P
+    union = gt_count + pred_count - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        fp = np.where(union > 0, (pred_count - tp) / union, np.nan)
+        fn = np.where(union > 0, (gt_count - tp) / union, np.nan)
+    return {
+        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
+        "iou": iou,
+        "fp": float(np.nanmean(fp)) if np.isfinite(fp).any() else 0.0,
+        "fn": float(np.nanmean(fn)) if np.isfinite(fn).any() else 0.0,
+        "pixel_acc": float(tp.sum() / max(conf.sum(), 1.0)),
+    }
+
+
+@dataclass
+class ThresholdSweep:
+    """Accumulates confusion matrices for every background threshold at once."""
+
+    num_classes: int  # including background
+    thresholds: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        if np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("thresholds must be strictly increasing")
+        T = len(self.thresholds)
+        n = self.num_classes
+        self._hist = np.zeros(n * n * (T + 1), dtype=np.int64)
+
+    def update(self, fg_max: np.ndarray, fg_arg: np.ndarray, gt: np.ndarray) -> None:
+        """Add one image: ``fg_max``/``fg_arg`` are the best foreground score and its label
+        (1..C, i.e. foreground index + 1) per pixel; ``gt`` the (H, W) ground truth."""
+        gt = np.asarray(gt).reshape(-1).astype(np.int64)
+        keep = gt != IGNORE_INDEX
+        gt = gt[keep]
+        a = np.asarray(fg_arg).reshape(-1)[keep].astype(np.int64)
+        m = np.asarray(fg_max, dtype=np.float64).reshape(-1)[keep]
+        k = np.searchsorted(self.thresholds, m, side="left")  # thresholds strictly below m
+        n, T1 = self.num_classes, len(self.thresholds) + 1
+        if gt.size and gt.max() >= n:
+            raise ValueError(f"ground truth value {int(gt.max())} exceeds {n - 1} classes")
+        self._hist += np.bincount((gt * n + a) * T1 + k, minlength=n * n * T1)
+
+    def confusions(self) -> np.ndarray:
+        """(T, n, n) confusion matrix for each threshold."""
+        n, T = self.num_classes, len(self.thresholds)
+        h = self._hist.reshape(n, n, T + 1)
+        # pixels with k > j keep their foreground label at threshold j; the rest become background.
+        above = np.cumsum(h[:, :, ::-1], axis=2)[:, :, ::-1]  # above[..., j] = Σ_{k >= j}
+        conf = np.zeros((T, n, n), dtype=np.int64)
+        for j in range(T):
+            fg = above[:, :, j + 1]
+            conf[j] = fg
+            conf[j, :, 0] += h.sum(2).sum(1) - fg.sum(1)
+        return conf
+
+
+def threshold_grid(t_min: float, t_max: float, step: float) -> np.ndarray:
+    n = int(round((t_max - t_min) / step)) + 1
+    return np.round(t_min + step * np.arange(n), 6)
+
+
+def seed_prediction(maps: np.ndarray, classes: np.ndarray, shape: tuple[int, int]):
+    """Per-pixel best foreground score and label (foreground index + 1) from a seed's maps."""
+    if len(classes) == 0:
+        return np.zeros(shape, np.float32), np.zeros(shape, np.int64)
+    maps = np.asarray(maps, dtype=np.float32)
+    idx = maps.argmax(0)
+    return maps.max(0), np.asarray(classes, np.int64)[idx] + 1
+
+
+def pick_best(curve: list[float], early_stop: bool) -> int:
+    """Index of the best mIoU; with ``early_stop`` the last one before the first decrease (authors)."""
+    if early_stop:
+        for j in range(1, len(curve)):
+            if curve[j] < curve[j - 1]:
+                return j - 1
+        return len(curve) - 1
+    return int(np.argmax(curve))
