@@ -34,16 +34,23 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """Where the images, labels and masks are (see ``tokenseg.data`` and README "Datasets")."""
+
     format: str = "voc"  # voc | coco | folder | synthetic
-    root: str = ""
-    train_split: str = "train_aug"
+    root: str = ""  # VOCdevkit/VOC2012 | the COCO folder | your folder
+    train_split: str = "train_aug"  # a split name, or a path to a list file (e.g. .../train_aug.txt)
     val_split: str = "val"
     labels_file: str = ""  # image-level labels (JSON/CSV); empty: the reader's default source
-    mask_dir: str = "SegmentationClass"
+    label_source: str = "auto"  # auto | file | xml (VOC) | masks; auto: file > XML > masks
+    mask_dir: str = "SegmentationClass"  # VOC: first mask folder; folder format: masks/ if this is absent
+    aug_mask_dir: str = "SegmentationClassAug"  # VOC: masks for images missing from mask_dir
+    image_dir: str = ""  # folder format: images folder under root (default images/, else root)
     class_names_file: str = ""
     cache_dir: str = ""  # where derived data (synthetic set, COCO masks) goes; default ~/.cache/tokenseg
+    coco_rasterizer: str = "auto"  # auto (pycocotools if installed) | pycocotools | numpy
+    keep_empty: bool = False  # COCO: keep images without any annotation (the papers drop them)
     num_workers: int = 2
-    skip_bad: bool = False
+    skip_bad: bool = False  # skip (and list) missing/corrupt images instead of stopping
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -54,6 +61,7 @@ class ModelConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     pretrained: Any = False  # False | True (timm weights, online) | path to a local weights file
     img_size: int = 448
+    stem: str = "patch"  # patch (timm's linear patch embedding) | conv (conv stem, for training from scratch)
     drop_path: float = 0.1
     pooling: str = "gwrp"  # gap | gmp | gwrp (patch-token class scores; V2 uses gap)
     gwrp_decay: float = 0.996
@@ -120,6 +128,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pseudo: "PseudoConfig" = field(default_factory=lambda: PseudoConfig())
+    segment: "SegmentConfig" = field(default_factory=lambda: SegmentConfig())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,6 +172,11 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         return value
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(current, (int, float)) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return type(current)(float(value)) if isinstance(current, float) else int(value)
+        except ValueError:
+            pass
     if isinstance(current, list) and isinstance(value, (int, float)):
         return [value]
     if type(current) is not type(value):
@@ -246,7 +261,9 @@ def validate(cfg: Config) -> None:
         if value not in options:
             raise TokensegError(f"config key {key!r} must be one of {list(options)}, got {value!r}")
 
+    choice("data.format", cfg.data.format, ("voc", "coco", "folder", "synthetic"))
     choice("model.method", cfg.model.method, METHODS)
+    choice("model.stem", cfg.model.stem, ("patch", "conv"))
     choice("model.pooling", cfg.model.pooling, ("gap", "gmp", "gwrp"))
     choice("train.augment", cfg.train.augment, ("deit", "simple"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "fp16", "none"))
@@ -265,3 +282,135 @@ def validate(cfg: Config) -> None:
         raise TokensegError("maps.scales must be a non-empty list of positive numbers")
     if cfg.train.batch_size < 1 or cfg.maps.batch_size < 1:
         raise TokensegError("batch sizes must be >= 1")
+    validate_post(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing and segmentation stage (tokenseg.refine, tokenseg.segment; METHODS.md §7, §10.6)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PseudoConfig:
+    """Seeds -> pseudo masks (``tokenseg pseudo``). Recipes: see README "Pseudo masks".
+
+    A negative ``crf_*`` number means "take the value of ``crf_preset``"."""
+
+    split: str = ""  # split the seeds cover; "" = maps.split
+    kind: str = ""  # seed kind folder under <output_dir>/seeds/; "" = first of maps.kinds
+    background: str = "constant"  # constant (score `threshold`) | power ((1 - max)^alpha)
+    threshold: float = 0.39  # constant background score (PSA's bg_thr, "optimal for seeds")
+    alpha: float = 1.0  # power background exponent (CLIP-ES: 1)
+    refine: str = "none"  # none | attention (training-free attention random walk) | affinitynet (PSA)
+    crf: bool = False  # DenseCRF on the final probabilities
+    crf_preset: str = "psa"  # psa | mctformer-seg | clip-es
+    crf_backend: str = "auto"  # auto (pydensecrf if installed, else torch) | pydensecrf | torch
+    crf_iters: int = -1
+    crf_gauss_sxy: float = -1.0
+    crf_gauss_compat: float = -1.0
+    crf_bi_sxy: float = -1.0
+    crf_bi_srgb: float = -1.0
+    crf_bi_compat: float = -1.0
+    crf_exact_pixels: int = 4096  # torch backend: exact up to this many pixels, approximated above
+    confidence: float = 0.0  # pixels whose final probability is below this become 255 (CLIP-ES 0.95)
+    workers: int = 0  # processes for per-image work (0 = in-process)
+    device: str = "auto"  # for refine=attention / affinitynet
+    # refine=attention: T = row-normalised(aff^beta), applied attn_t times (beta=1, t=1: MCTformer Eq. 3)
+    checkpoint: str = ""  # classification checkpoint; "" = <output_dir>/checkpoint.pt
+    attn_beta: float = 1.0
+    attn_t: int = 1
+    attn_layers: int = 0  # p2p attention summed over the last N layers (0 = all, as MCTformer)
+    # refine=affinitynet (PSA, METHODS.md §7.1)
+    aff_backbone: str = "resnet50"  # timm ResNet (ResNet-38 is not in timm)
+    aff_pretrained: bool = False  # timm ImageNet weights (online)
+    aff_weights: str = ""  # local ImageNet weights file for the backbone (offline)
+    aff_alpha_low: float = 1.0  # "low alpha" CRF labels: confident foreground
+    aff_alpha_high: float = 12.0  # "high alpha" CRF labels: confident background
+    aff_radius: int = 5
+    aff_crop: int = 448
+    aff_batch_size: int = 8
+    aff_epochs: int = 5
+    aff_lr: float = 0.01
+    aff_weight_decay: float = 5e-4
+    aff_max_steps: int = 0  # stop after this many steps (0 = all epochs)
+    rw_beta: float = 8.0
+    rw_logt: int = 6  # 2^logt random-walk steps
+    rw_bg: float = 0.39  # constant background score before the walk
+
+
+@dataclass
+class SegmentConfig:
+    """The segmentation network trained on pseudo masks (``tokenseg segment``; METHODS.md §7.4)."""
+
+    arch: str = "deeplabv2"  # deeplabv2 (ResNet + ASPP) | vit (timm ViT + conv decoder)
+    backbone: str = "resnet101"
+    backbone_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False  # timm ImageNet weights (online); the papers start from ImageNet
+    weights: str = ""  # local backbone weights file (offline alternative to pretrained)
+    output_stride: int = 8
+    feature_stage: int = -1  # timm features_only stage feeding the head (-1 = last)
+    aspp_dilations: list = field(default_factory=lambda: [6, 12, 18, 24])
+    decoder_dim: int = 256  # vit decoder width
+    freeze_bn: bool = True  # freeze backbone BatchNorm when starting from weights (not at random init)
+    masks: str = ""  # pseudo-mask folder; "" = <output_dir>/pseudo
+    train_split: str = ""  # "" = data.train_split
+    val_split: str = ""  # "" = data.val_split
+    epochs: int = 20  # ~20k iterations at batch 10 on VOC train_aug
+    max_steps: int = 0
+    batch_size: int = 10
+    optimizer: str = "sgd"  # sgd (the papers) | adamw (faster from scratch, e.g. the demo)
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop_size: int = 321
+    scale_range: list = field(default_factory=lambda: [0.7, 1.3])
+    flip: bool = True
+    amp: str = "auto"  # auto (CUDA only) | bf16 | fp16 | none
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = -1  # -1 = data.num_workers
+    checkpoint_every: int = 0  # steps between checkpoints (0 = every epoch)
+    eval_at_end: bool = True
+    eval_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    eval_flip: bool = True
+    eval_merge: str = "max"  # max (MCTformer: max over scales) | mean
+    eval_crf: bool = False
+    crf_preset: str = "mctformer-seg"
+
+
+CRF_PRESET_NAMES = ("psa", "mctformer-seg", "clip-es")
+
+
+def validate_post(cfg: Config) -> None:
+    """Checks for the ``pseudo`` and ``segment`` sections (called at the end of :func:`validate`)."""
+    p, s = cfg.pseudo, cfg.segment
+
+    def choice(key: str, value: Any, options: Sequence[Any]) -> None:
+        if value not in options:
+            raise TokensegError(f"config key {key!r} must be one of {list(options)}, got {value!r}")
+
+    choice("pseudo.background", p.background, ("constant", "power"))
+    choice("pseudo.refine", p.refine, ("none", "attention", "affinitynet"))
+    choice("pseudo.crf_preset", p.crf_preset, CRF_PRESET_NAMES)
+    choice("pseudo.crf_backend", p.crf_backend, ("auto", "pydensecrf", "torch"))
+    choice("segment.arch", s.arch, ("deeplabv2", "vit"))
+    choice("segment.amp", s.amp, ("auto", "bf16", "fp16", "none"))
+    choice("segment.optimizer", s.optimizer, ("sgd", "adamw"))
+    choice("segment.eval_merge", s.eval_merge, ("max", "mean"))
+    choice("segment.crf_preset", s.crf_preset, CRF_PRESET_NAMES)
+    choice("segment.output_stride", s.output_stride, (8, 16, 32))
+    if not 0.0 <= p.confidence <= 1.0:
+        raise TokensegError(f"pseudo.confidence must be in [0, 1], got {p.confidence}")
+    if p.attn_t < 0 or p.rw_logt < 0 or p.attn_beta <= 0 or p.rw_beta <= 0:
+        raise TokensegError("pseudo.attn_t / rw_logt must be >= 0 and attn_beta / rw_beta > 0")
+    if p.aff_radius < 1:
+        raise TokensegError("pseudo.aff_radius must be >= 1")
+    if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
+        raise TokensegError(f"segment.scale_range must be [min, max] with 0 < min <= max, got {s.scale_range}")
+    if not s.eval_scales or any(x <= 0 for x in s.eval_scales):
+        raise TokensegError("segment.eval_scales must be a non-empty list of positive numbers")
+    if not s.aspp_dilations or any(int(d) < 1 for d in s.aspp_dilations):
+        raise TokensegError("segment.aspp_dilations must be a non-empty list of positive integers")
+    if s.batch_size < 1 or s.crop_size < 8 or p.aff_batch_size < 1 or p.aff_crop < 16:
+        raise TokensegError("segment.batch_size / crop_size and pseudo.aff_batch_size / aff_crop are too small")

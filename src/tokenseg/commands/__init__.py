@@ -1,4 +1,5 @@
 """CLI subcommands. Each module here has ``register(subparsers)``; add new modules to ``MODULES``."""
 MODULES = [
     "tokenseg.commands.core",
+    "tokenseg.commands.data",
 ]

@@ -1,4 +1,9 @@
-"""Dataset readers behind one interface (:class:`WSSSDataset`)."""
+"""Dataset readers behind one interface (:class:`WSSSDataset`).
+
+``data.format``: ``voc`` (PASCAL VOC 2012 + SBD), ``coco`` (MS COCO 2014 instances), ``folder`` (your
+images + a CSV/JSON of labels) or ``synthetic``. See the reader modules for each layout, and
+:func:`check_dataset` for the report ``tokenseg data check`` prints.
+"""
 from __future__ import annotations
 
 import os
@@ -7,8 +12,18 @@ from pathlib import Path
 from ..config import DataConfig
 from ..io import TokensegError
 from .base import WSSSDataset, load_rgb
+from .check import check_dataset, format_report
+from .coco import COCO_CLASSES, load_coco
+from .folder import load_folder
+from .labels import import_cls_labels_npy, read_class_names, read_labels_table, write_labels_file
+from .voc import VOC_CLASSES, load_voc
 
-__all__ = ["WSSSDataset", "load_rgb", "build_dataset", "cache_root"]
+__all__ = [
+    "WSSSDataset", "load_rgb", "build_dataset", "cache_root", "class_names_for",
+    "load_voc", "load_coco", "load_folder", "check_dataset", "format_report",
+    "write_labels_file", "read_labels_table", "read_class_names", "import_cls_labels_npy",
+    "VOC_CLASSES", "COCO_CLASSES",
+]
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -17,20 +32,45 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("TOKENSEG_CACHE", Path.home() / ".cache" / "tokenseg"))
 
 
+def class_names_for(cfg: DataConfig) -> list[str] | None:
+    """The class names of ``data.class_names_file``, or None when not set."""
+    if not cfg.class_names_file:
+        return None
+    from .labels import read_class_names
+
+    path = Path(cfg.class_names_file)
+    if not path.is_absolute() and not path.exists() and cfg.root and (Path(cfg.root) / path).exists():
+        path = Path(cfg.root) / path
+    return read_class_names(path)
+
+
 def build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
     """The dataset named by ``cfg`` (format + root), restricted to ``split``."""
     if cfg.format == "synthetic":
         from .synthetic import ensure_synthetic
-        from .voc import load_voc
-
         root = Path(cfg.root) if cfg.root else ensure_synthetic(cfg.synthetic, cache_root(cfg))
         if cfg.root:
             ensure_synthetic(cfg.synthetic, root, exact=True)
         return load_voc(root, split)
+    if not cfg.root:
+        hint = {"voc": "VOCdevkit/VOC2012", "coco": "the folder holding train2014/ val2014/ annotations/",
+                "folder": "your folder of images"}.get(cfg.format, "the dataset")
+        raise TokensegError(f"data.root is empty: point it at {hint} (or set data.format)")
+    common = dict(skip_bad=cfg.skip_bad, cache_dir=cache_root(cfg), workers=max(1, cfg.num_workers))
     if cfg.format == "voc":
-        from .voc import load_voc
-
-        if not cfg.root:
-            raise TokensegError("data.root is empty: point it at VOCdevkit/VOC2012 (or set data.format)")
-        return load_voc(cfg.root, split, labels_file=cfg.labels_file or None, mask_dir=cfg.mask_dir)
-    raise TokensegError(f"data.format {cfg.format!r} is not supported; use one of: synthetic, voc")
+        return load_voc(cfg.root, split, labels_file=cfg.labels_file or None, class_names=class_names_for(cfg),
+                        mask_dir=cfg.mask_dir, aug_mask_dir=cfg.aug_mask_dir or None,
+                        label_source=cfg.label_source, **common)
+    if cfg.format == "coco":
+        if cfg.label_source not in ("auto", "file", "annotations"):
+            raise TokensegError(
+                f"data.label_source for COCO must be auto, annotations or file, got {cfg.label_source!r}")
+        if cfg.label_source == "file" and not cfg.labels_file:
+            raise TokensegError("data.label_source=file: set data.labels_file")
+        return load_coco(cfg.root, split, labels_file=cfg.labels_file or None, class_names=class_names_for(cfg),
+                         keep_empty=cfg.keep_empty, rasterizer=cfg.coco_rasterizer, **common)
+    if cfg.format == "folder":
+        return load_folder(cfg.root, split, labels_file=cfg.labels_file or None, image_dir=cfg.image_dir,
+                           mask_dir=cfg.mask_dir, class_names_file=cfg.class_names_file or None,
+                           label_source=cfg.label_source, **common)
+    raise TokensegError(f"data.format {cfg.format!r} is not supported; use one of: voc, coco, folder, synthetic")

@@ -77,7 +77,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
     from .classtoken import _patch_size
 
     patch = _patch_size(backbone)
+    if cfg.stem == "conv":
+        from .stem import ConvStem
+
+        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
     grid = (cfg.img_size // patch, cfg.img_size // patch)
     return ClassTokenViT(
         backbone, num_classes=num_classes, train_grid=grid,
-        patch_head=cfg.method != "mctformer-v1", pooling=cfg.pooling, gwrp_decay=cfg.gwrp_decay)
+        patch_head=cfg.method != "mctformer-v1", pooling=cfg.pooling, gwrp_decay=cfg.gwrp_decay,
+        distinct_init=not pretrained)

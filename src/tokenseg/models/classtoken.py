@@ -57,7 +57,7 @@ class ClassTokenViT(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, train_grid: tuple[int, int],
                  patch_head: bool = True, pooling: str = "gwrp", gwrp_decay: float = 0.996,
-                 pos_resize: str = "auto") -> None:
+                 pos_resize: str = "auto", distinct_init: bool = False) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "norm", "cls_token", "pos_embed"):
             if getattr(backbone, attr, None) is None:
@@ -78,6 +78,11 @@ class ClassTokenViT(nn.Module):
         # Class tokens (and their position embedding) start as copies of the backbone's one class
         # token, as in the papers ("all class tokens were initialized by the pre-trained class token").
         self.cls_tokens = nn.Parameter(backbone.cls_token.detach().clone().expand(1, C, D).contiguous())
+        if distinct_init:
+            # Without pretrained weights, C copies of one random token stay identical: CCT's gradient
+            # is zero for identical tokens and the class-score head (mean over D after LayerNorm) is
+            # zero at init, so nothing breaks the symmetry. Start them as independent draws instead.
+            nn.init.trunc_normal_(self.cls_tokens, std=0.02)
         pos = backbone.pos_embed.detach()
         no_embed_class = getattr(backbone, "no_embed_class", False)
         cls_pos = torch.zeros(1, 1, D) if no_embed_class else pos[:, :1]
@@ -85,6 +90,11 @@ class ClassTokenViT(nn.Module):
         g0 = backbone.patch_embed.grid_size
         pat_pos = pat_pos.reshape(1, g0[0], g0[1], D).permute(0, 3, 1, 2)
         self.pos_embed_cls = nn.Parameter(cls_pos.clone().expand(1, C, D).contiguous())
+        if distinct_init:
+            nn.init.trunc_normal_(self.pos_embed_cls, std=0.02)
+            if getattr(self.norm, "weight", None) is not None:
+                # likewise a unit LayerNorm scale makes mean_D(norm(token)) exactly 0 for every token
+                nn.init.normal_(self.norm.weight, mean=1.0, std=0.5)
         self.pos_embed_pat = nn.Parameter(resize_pos_grid(pat_pos, self.train_grid, pos_resize).contiguous())
         self.head = nn.Conv2d(D, C, kernel_size=3, stride=1, padding=1) if patch_head else None
         if self.head is not None:

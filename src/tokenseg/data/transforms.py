@@ -1,0 +1,79 @@
+"""Training transforms and the classification dataset wrapper.
+
+Augmentation randomness is derived from ``(seed, epoch, sample index)`` rather than from a worker's
+RNG stream, so a sample looks the same however the data is split over DataLoader workers or DDP
+ranks. That is what lets a resumed run, or a run on two processes, reproduce a single-process run.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .base import WSSSDataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_train_transform(kind: str, img_size: int, crop_scale=(0.08, 1.0)):
+    """``deit``: the timm ImageNet recipe the authors train with (RandomResizedCrop bicubic, flip,
+    RandAugment rand-m9-mstd0.5-inc1, ColorJitter 0.4, RandomErasing 0.25); ``simple``: crop + flip."""
+    if kind == "deit":
+        from timm.data import create_transform
+
+        return create_transform(
+            input_size=img_size, is_training=True, scale=tuple(crop_scale), color_jitter=0.4,
+            auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel",
+            re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def build_eval_transform(img_size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ClassificationSet(Dataset):
+    """(image tensor, multi-hot labels, index) with per-sample seeded augmentation."""
+
+    def __init__(self, ds: WSSSDataset, transform, seed: int = 0, deterministic_aug: bool = True) -> None:
+        self.ds, self.transform, self.seed = ds, transform, seed
+        self.deterministic_aug = deterministic_aug
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        img = self.ds.load_image(i)
+        if self.deterministic_aug:
+            s = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+            py_state, np_state = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s)
+                x = self.transform(img)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        else:
+            x = self.transform(img)
+        return x, torch.from_numpy(self.ds.multi_hot(i)), i

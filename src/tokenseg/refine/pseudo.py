@@ -1,0 +1,367 @@
+"""Seeds -> pseudo masks (``tokenseg pseudo``), and mask evaluation.
+
+Per image (METHODS.md §6, §7, §10.6):
+
+1. scores = [background, seed maps of the present classes] at image resolution, the background being
+   a constant ``threshold`` (MCTformer/PSA) or ``(1 − max_c map_c)^alpha`` (CLIP-ES, PSA labels);
+2. optional refinement by an affinity random walk: ``refine=attention`` (the classifier's own
+   patch-to-patch attention, training-free) or ``refine=affinitynet`` (PSA's learned affinities; the
+   walk then uses the constant background ``rw_bg``);
+3. probabilities = scores normalised per pixel; optional DenseCRF;
+4. label = argmax (0 background, c+1 class c); with ``confidence`` > 0, pixels whose probability is
+   below it become 255 (CLIP-ES's confidence-guided ignore);
+5. a VOC-palette PNG ``<out>/<image_id>.png``, written atomically; existing files are skipped, so an
+   interrupted run resumes.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ..config import Config, PseudoConfig
+from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, read_mask, save_palette_png, write_json_atomic
+from ..metrics import confusion_matrix
+from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
+from .randomwalk import walk_maps
+
+# ----------------------------------------------------------------------------- per-image steps
+
+
+def find_seed_file(folder: str | Path, image_id: str) -> Path | None:
+    """``<folder>/<id>.npz`` (ours) or ``<id>.npy`` (the authors' dict format), or None."""
+    for ext in (".npz", ".npy"):
+        p = Path(folder) / f"{image_id}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def seed_scores(seed: SeedMaps, size: tuple[int, int], background: str = "constant", threshold: float = 0.39,
+                alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(1 + n, H, W) float32 scores [background, maps...] and the (1 + n,) mask label of each channel
+    (0 for background, class + 1). Maps of another size are resized bilinearly to ``size``."""
+    H, W = size
+    maps = np.asarray(seed.maps, dtype=np.float32)
+    classes = np.asarray(seed.classes, dtype=np.int64)
+    if len(classes) == 0:
+        return np.ones((1, H, W), np.float32), np.zeros(1, np.int64)
+    if maps.shape[1:] != (H, W):
+        maps = F.interpolate(torch.from_numpy(maps)[None], size=(H, W), mode="bilinear",
+                             align_corners=False)[0].numpy()
+    maps = np.clip(maps, 0.0, None)
+    if background == "power":
+        bg = np.power(np.clip(1.0 - maps.max(0), 0.0, 1.0), alpha)
+    elif background == "constant":
+        bg = np.full((H, W), threshold, np.float32)
+    else:
+        raise TokensegError(f"unknown background model {background!r}; use constant or power")
+    scores = np.concatenate([bg[None].astype(np.float32), maps], 0)
+    return scores, np.concatenate([[0], classes + 1])
+
+
+def normalise_scores(scores: np.ndarray) -> np.ndarray:
+    s = np.clip(scores, 0.0, None)
+    return (s / np.maximum(s.sum(0, keepdims=True), 1e-8)).astype(np.float32)
+
+
+def label_from_probs(probs: np.ndarray, labels: np.ndarray, confidence: float = 0.0) -> np.ndarray:
+    """argmax over channels -> (H, W) uint8 mask labels; ``probs.max < confidence`` -> 255.
+    Ties go to the first channel (background), as ``argmax([t, maps])`` in the papers."""
+    idx = probs.argmax(0)
+    mask = np.asarray(labels, np.int64)[idx].astype(np.uint8)
+    if confidence > 0:
+        mask[probs.max(0) < confidence] = IGNORE_INDEX
+    return mask
+
+
+def pseudo_mask(seed: SeedMaps, size: tuple[int, int], pc: PseudoConfig, image: np.ndarray | None = None,
+                affinity: tuple[torch.Tensor, tuple[int, int]] | None = None,
+                crf: CRFParams | None = None, backend: str = "auto") -> np.ndarray:
+    """One image's pseudo mask from its seed (see the module docstring).
+
+    ``affinity``: (W, grid) for a random walk (attention p2p (M, M) dense, or AffinityNet sparse);
+    ``image``: (H, W, 3) uint8, needed for the CRF."""
+    if affinity is not None and pc.refine == "affinitynet":
+        scores, labels = seed_scores(seed, size, "constant", pc.rw_bg)
+    else:
+        scores, labels = seed_scores(seed, size, pc.background, pc.threshold, pc.alpha)
+    if affinity is not None and len(labels) > 1:
+        aff, grid = affinity
+        if pc.refine == "affinitynet":
+            scores = walk_maps(scores, aff, grid, pc.rw_beta, 2 ** pc.rw_logt, symmetric=True)
+        else:
+            scores = walk_maps(scores, aff, grid, pc.attn_beta, pc.attn_t)
+    probs = normalise_scores(scores)
+    if pc.crf and len(labels) > 1:
+        if image is None:
+            raise ValueError("the CRF needs the image")
+        probs = dense_crf(image, probs, crf or crf_params_from_config(pc), backend, pc.crf_exact_pixels)
+    return label_from_probs(probs, labels, pc.confidence)
+
+
+def image_hw(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the header, after EXIF rotation (as :func:`tokenseg.data.load_rgb`)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:
+                orientation = 1
+    except FileNotFoundError as exc:
+        raise TokensegError(f"{path}: image file not found") from exc
+    except Exception as exc:
+        raise TokensegError(f"{path}: cannot read image ({exc})") from exc
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass
+class _Task:
+    image_id: str
+    seed_file: Path
+    image_path: Path
+    out_path: Path
+
+
+def _run_task(task: _Task, pc: PseudoConfig, crf: CRFParams, backend: str,
+              affinity: tuple[torch.Tensor, tuple[int, int]] | None = None,
+              image: np.ndarray | None = None) -> None:
+    from ..data import load_rgb
+
+    seed = load_seed(task.seed_file)
+    if image is None and pc.crf and len(seed.classes):
+        image = np.asarray(load_rgb(task.image_path), dtype=np.uint8)
+    size = image.shape[:2] if image is not None else image_hw(task.image_path)
+    n = seed.maps.shape[0]
+    if n != len(seed.classes):
+        raise TokensegError(f"{task.seed_file}: {len(seed.classes)} classes but {n} maps")
+    mask = pseudo_mask(seed, size, pc, image=image, affinity=affinity, crf=crf, backend=backend)
+    save_palette_png(task.out_path, mask)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _worker(args) -> str:
+    task, pc, crf, backend = args
+    _run_task(task, pc, crf, backend)
+    return task.image_id
+
+
+def resolve_seeds_dir(cfg: Config, seeds_dir: str | Path | None = None) -> Path:
+    """``seeds_dir``, else ``<output_dir>/seeds/<split>/<kind>`` or ``<output_dir>/seeds/<kind>``."""
+    if seeds_dir:
+        p = Path(seeds_dir)
+        if not p.is_dir():
+            raise TokensegError(f"{p}: seeds folder not found")
+        return p
+    kind = cfg.pseudo.kind or cfg.maps.kinds[0]
+    split = cfg.pseudo.split or cfg.maps.split
+    root = Path(cfg.output_dir) / "seeds"
+    candidates = [root / split / kind, root / kind]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise TokensegError(f"no seeds folder found (looked for {candidates[0]} and {candidates[1]}); "
+                        "run `tokenseg maps` first or pass --seeds DIR")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensegError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                      checkpoint: str | Path | None = None, work_dir: str | Path | None = None,
+                      overwrite: bool = False, progress: bool = True, ids: Iterable[str] | None = None) -> dict:
+    """Python API of ``tokenseg pseudo``: write ``<out_dir>/<image_id>.png`` for every image of the
+    split (``pseudo.split`` or ``maps.split``) that has a seed file.
+
+    ``checkpoint``: the classification checkpoint (``refine=attention``); ``work_dir``: where
+    ``refine=affinitynet`` keeps its CRF labels and AffinityNet checkpoint (default
+    ``<output_dir>/affinitynet``). Returns a summary dict."""
+    from ..data import build_dataset, load_rgb
+
+    pc = cfg.pseudo
+    seeds = resolve_seeds_dir(cfg, seeds_dir)
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "pseudo"
+    split = pc.split or cfg.maps.split
+    ds = build_dataset(cfg.data, split)
+    wanted = set(ids) if ids is not None else None
+    tasks, missing = [], []
+    for i, image_id in enumerate(ds.ids):
+        if wanted is not None and image_id not in wanted:
+            continue
+        sf = find_seed_file(seeds, image_id)
+        if sf is None:
+            missing.append(image_id)
+            continue
+        tasks.append(_Task(image_id, sf, ds.image_paths[i], out / f"{image_id}.png"))
+    if not tasks:
+        raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images)")
+    todo = [t for t in tasks if overwrite or not t.out_path.is_file()]
+    crf = crf_params_from_config(pc)
+    backend = resolve_backend(pc.crf_backend) if (pc.crf or pc.refine == "affinitynet") else "none"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    summary = {"out_dir": str(out), "seeds_dir": str(seeds), "split": split, "images": len(tasks),
+               "written": len(todo), "skipped_existing": len(tasks) - len(todo),
+               "missing_seeds": len(missing), "refine": pc.refine, "crf": pc.crf,
+               "crf_backend": backend if pc.crf else None}
+    if missing and progress:
+        print(f"pseudo: {len(missing)} of {len(ds)} images of split {split!r} have no seed file "
+              f"(first: {missing[0]}); they get no mask")
+    bar = tqdm(total=len(todo), desc="pseudo", unit="img", disable=not progress)
+
+    if pc.refine == "none":
+        if pc.workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=pc.workers, initializer=_worker_init) as pool:
+                for _ in pool.map(_worker, [(t, pc, crf, backend) for t in todo], chunksize=8):
+                    bar.update(1)
+        else:
+            for t in todo:
+                _run_task(t, pc, crf, backend)
+                bar.update(1)
+    elif pc.refine == "attention":
+        model, device = _load_classifier(cfg, checkpoint)
+        for t in todo:
+            image = np.asarray(load_rgb(t.image_path), dtype=np.uint8)
+            aff = attention_affinity(model, image, device, pc.attn_layers)
+            _run_task(t, pc, crf, backend, affinity=aff, image=image)
+            bar.update(1)
+    else:  # affinitynet
+        from .affinitynet import affinity_for_image, load_affinitynet, train_affinitynet
+
+        bar.close()
+        work = Path(work_dir) if work_dir else Path(cfg.output_dir) / "affinitynet"
+        ckpt = train_affinitynet(cfg, ds, [t.image_id for t in tasks], seeds, work, progress=progress)
+        device = resolve_device(pc.device)
+        net = load_affinitynet(ckpt).to(device)
+        summary["affinitynet"] = str(ckpt)
+        bar = tqdm(total=len(todo), desc="pseudo (random walk)", unit="img", disable=not progress)
+        for t in todo:
+            image = np.asarray(load_rgb(t.image_path), dtype=np.uint8)
+            aff = affinity_for_image(net, image, pc.aff_radius, device)
+            _run_task(t, pc, crf, backend, affinity=aff, image=image)
+            bar.update(1)
+    bar.close()
+    write_json_atomic(out / "pseudo_summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- attention affinity
+def _load_classifier(cfg: Config, checkpoint: str | Path | None):
+    from ..engine import load_model_from_checkpoint
+
+    ckpt = Path(checkpoint or cfg.pseudo.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
+    loaded = load_model_from_checkpoint(ckpt)
+    model = loaded[0]
+    device = resolve_device(cfg.pseudo.device)
+    return model.to(device).eval(), device
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_input(image: np.ndarray, size: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, h, w) ImageNet-normalised float, resized bicubically to ``size``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    if size is not None and tuple(size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def attention_affinity(model, image: np.ndarray, device: torch.device | str = "cpu",
+                       layers: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The classifier's patch affinity for one image at its own resolution (rounded to a multiple
+    of the patch): head-mean p2p attention summed over the last ``layers`` layers (0 = all)."""
+    device = torch.device(device)
+    p = model.patch_size
+    H, W = image.shape[:2]
+    size = (max(p, int(round(H / p)) * p), max(p, int(round(W / p)) * p))
+    x = to_input(image, size, device)
+    out = model.forward_maps(x, last_k=1, affinity=True, affinity_layers=layers)
+    return out.affinity[0].float().cpu(), tuple(out.grid)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False) -> dict:
+    """mIoU (%) of the label PNGs in ``mask_dir`` against ``dataset``'s ground truth.
+
+    Only images that have both a PNG and a ground-truth mask are scored (``missing`` counts the
+    rest). Predicted 255 (ignored) pixels count as wrong wherever the ground truth is labelled
+    (a column of their own in the confusion), so a confidence mask cannot inflate the score;
+    ``ignored_fraction`` reports how many labelled pixels were left out."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise TokensegError(f"{mask_dir}: mask folder not found")
+    n = dataset.num_classes + 1
+    conf = np.zeros((n + 1, n + 1), dtype=np.int64)
+    evaluated, missing = 0, 0
+    for i in tqdm(range(len(dataset)), desc="evaluate masks", unit="img", disable=not progress, leave=False):
+        path = mask_dir / f"{dataset.ids[i]}.png"
+        if not path.is_file() or dataset.mask_paths is None or dataset.mask_paths[i] is None:
+            missing += 1
+            continue
+        gt = dataset.load_mask(i)
+        pred = read_mask(path).astype(np.int64)
+        if pred.shape != gt.shape:
+            raise TokensegError(f"{path}: size {pred.shape} differs from the ground truth {gt.shape}")
+        bad = (pred != IGNORE_INDEX) & (pred >= n)
+        if bad.any():
+            raise TokensegError(f"{path}: label {int(pred[bad].max())} exceeds the {n - 1} classes")
+        pred = np.where(pred == IGNORE_INDEX, n, pred)
+        conf += confusion_matrix(pred, gt, n + 1)
+        evaluated += 1
+    if evaluated == 0:
+        raise TokensegError(f"{mask_dir}: no mask matches an image with ground truth in {dataset.name}")
+    tp = np.diag(conf)[:n].astype(np.float64)
+    gt_count = conf[:n].sum(1).astype(np.float64)  # includes pixels predicted as ignore
+    pred_count = conf[:, :n].sum(0).astype(np.float64)
+    union = gt_count + pred_count - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        fp = np.where(union > 0, (pred_count - tp) / union, np.nan)
+        fn = np.where(union > 0, (gt_count - tp) / union, np.nan)
+    names = ["background"] + list(dataset.class_names)
+    return {
+        "miou": float(np.nanmean(iou)) * 100 if np.isfinite(iou).any() else 0.0,
+        "iou": {name: (float(v) * 100 if np.isfinite(v) else None) for name, v in zip(names, iou)},
+        "fp": float(np.nanmean(fp)) * 100 if np.isfinite(fp).any() else 0.0,
+        "fn": float(np.nanmean(fn)) * 100 if np.isfinite(fn).any() else 0.0,
+        "pixel_acc": float(tp.sum() / max(gt_count.sum(), 1)) * 100,
+        "ignored_fraction": float(conf[:n, n].sum() / max(conf[:n].sum(), 1)),
+        "images": evaluated,
+        "missing": missing,
+    }
+
+
+def format_scores(title: str, res: dict) -> str:
+    """A per-class IoU table."""
+    lines = [f"{title}: mIoU {res['miou']:.2f}  (FP {res.get('fp', 0):.1f}, FN {res.get('fn', 0):.1f}, "
+             f"{res['images']} images)"]
+    width = max(len(k) for k in res["iou"])
+    for name, v in res["iou"].items():
+        lines.append(f"  {name:<{width}}  " + ("   n/a" if v is None else f"{v:6.2f}"))
+    return "\n".join(lines)
+
+
+__all__ = ["seed_scores", "normalise_scores", "label_from_probs", "pseudo_mask", "make_pseudo_masks",
+           "attention_affinity", "evaluate_masks", "format_scores", "resolve_seeds_dir", "find_seed_file"]

@@ -1,0 +1,282 @@
+"""Training a segmentation network on pseudo masks (``tokenseg segment train``; METHODS.md §7.4).
+
+The papers' recipe: SGD (momentum 0.9), poly learning rate (power 0.9) per step, 10× learning rate on
+the head, random scale 0.7–1.3, horizontal flip, random crop 321 (image padded with the mean colour,
+mask with 255), cross-entropy ignoring 255. AMP on CUDA. A checkpoint is written atomically at the end
+of every epoch (and every ``checkpoint_every`` steps); ``resume=True`` continues from it, visiting the
+remaining batches of the interrupted epoch in the same order.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..config import Config, SegmentConfig
+from ..io import IGNORE_INDEX, TokensegError, read_mask, write_bytes_atomic, write_json_atomic
+from .deeplab import build_segmenter
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
+
+
+def normalise_image(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std."""
+    x = (arr.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+class CropDataset(Dataset):
+    """Images with label masks, augmented as DeepLab: random scale, flip, pad, random crop.
+
+    Randomness comes from ``(seed, epoch, index)`` so a sample is the same however it is loaded."""
+
+    def __init__(self, dataset, indices: list[int], mask_dir: str | Path, crop: int,
+                 scale_range=(0.7, 1.3), flip: bool = True, seed: int = 0) -> None:
+        self.ds = dataset
+        self.indices = list(indices)
+        self.mask_dir = Path(mask_dir)
+        self.crop = int(crop)
+        self.scale_range = tuple(float(s) for s in scale_range)
+        self.flip = flip
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_pair(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        image = self.ds.load_image(i)
+        path = self.mask_dir / f"{self.ds.ids[i]}.png"
+        mask = read_mask(path)
+        if mask.shape != (image.height, image.width):
+            raise TokensegError(f"{path}: mask size {mask.shape} differs from image size "
+                                f"{(image.height, image.width)} of {self.ds.ids[i]!r}")
+        return image, mask
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        image, mask = self.load_pair(i)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        lo, hi = self.scale_range
+        s = rng.uniform(lo, hi) if hi > lo else lo
+        if s != 1.0:
+            size = (max(1, int(round(image.width * s))), max(1, int(round(image.height * s))))
+            image = image.resize(size, Image.BILINEAR)
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+        img = np.asarray(image, dtype=np.uint8)
+        if self.flip and rng.random() < 0.5:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        x = normalise_image(img)
+        c = self.crop
+        H, W = mask.shape
+        ph, pw = max(c - H, 0), max(c - W, 0)
+        if ph or pw:  # pad: image with 0 (= the mean colour after normalisation), mask with ignore
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
+            mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+            H, W = mask.shape
+        y0 = int(rng.integers(0, H - c + 1))
+        x0 = int(rng.integers(0, W - c + 1))
+        x = x[:, y0:y0 + c, x0:x0 + c]
+        mask = mask[y0:y0 + c, x0:x0 + c]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensegError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """AMP dtype: only on CUDA for ``auto`` (bf16 where supported, else fp16)."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - min(step, total) / max(total, 1)) ** power
+
+
+def save_segmentation_checkpoint(path: Path, model, optimizer, scaler, step: int, total: int, cfg: Config,
+                                 class_names: list[str], extra: dict | None = None) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "segmentation",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "total_steps": total,
+        "config": cfg.to_dict(),
+        "class_names": list(class_names),
+        **(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path]:
+    masks = Path(masks_dir or cfg.segment.masks or Path(cfg.output_dir) / "pseudo")
+    out = Path(out_dir or Path(cfg.output_dir) / "segment")
+    return masks, out
+
+
+def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                       resume: bool = False, progress: bool = True) -> dict:
+    """Python API of ``tokenseg segment train``: train ``cfg.segment`` on the PNG masks in ``masks_dir``
+    (default ``segment.masks`` or ``<output_dir>/pseudo``) for the images of ``segment.train_split``
+    (default ``data.train_split``) that have a mask. Writes ``<out_dir>/checkpoint.pt`` (default
+    ``<output_dir>/segment``), ``config.yaml``, ``log.jsonl`` and ``metrics.json``; returns the metrics."""
+    from ..data import build_dataset
+
+    sc: SegmentConfig = cfg.segment
+    masks, out = segment_paths(cfg, masks_dir, out_dir)
+    if not masks.is_dir():
+        raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
+    split = sc.train_split or cfg.data.train_split
+    ds = build_dataset(cfg.data, split)
+    indices = [i for i, k in enumerate(ds.ids) if (masks / f"{k}.png").is_file()]
+    if not indices:
+        raise TokensegError(f"{masks}: no mask matches an image of split {split!r} ({len(ds)} images)")
+    if progress and len(indices) < len(ds):
+        print(f"segment: {len(ds) - len(indices)} of {len(ds)} images of {split!r} have no mask; training on "
+              f"{len(indices)}")
+    num_classes = ds.num_classes + 1
+    device = resolve_device(sc.device)
+    torch.manual_seed(sc.seed)
+    model = build_segmenter(sc, num_classes).to(device)
+    bs = min(sc.batch_size, len(indices))
+    steps_per_epoch = max(len(indices) // bs, 1)
+    total = sc.max_steps if sc.max_steps > 0 else sc.epochs * steps_per_epoch
+    if total <= 0:
+        raise TokensegError("segment.epochs (or segment.max_steps) must be positive")
+    groups = [{"params": model.backbone_parameters(), "lr": sc.lr, "base_lr": sc.lr},
+              {"params": model.head_parameters(), "lr": sc.lr * sc.head_lr_mult, "base_lr": sc.lr * sc.head_lr_mult}]
+    if sc.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
+    amp = autocast_dtype(sc.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    step = 0
+    if resume and ckpt_path.is_file():
+        state = _read(ckpt_path)
+        model.load_state_dict(state["model"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if progress:
+            print(f"segment: resuming from {ckpt_path} at step {step}/{total}")
+    elif resume and progress:
+        print(f"segment: --resume given but {ckpt_path} does not exist; starting from scratch")
+    cfg.save(out / "config.yaml")
+
+    train_set = CropDataset(ds, indices, masks, sc.crop_size, sc.scale_range, sc.flip, sc.seed)
+    workers = cfg.data.num_workers if sc.num_workers < 0 else sc.num_workers
+    names = list(ds.class_names)
+
+    def checkpoint() -> None:
+        save_segmentation_checkpoint(ckpt_path, model, optimizer, scaler, step, total, cfg, names,
+                                     {"masks": str(masks), "train_split": split})
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="segment train", unit="step", disable=not progress)
+    t0, loss_sum, loss_n = time.time(), 0.0, 0
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
+        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
+        order = order[offset * bs:]
+        train_set.epoch = epoch
+        loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        for x, y in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(x)
+            if (y != IGNORE_INDEX).any():
+                loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+            else:
+                loss = logits.float().sum() * 0.0
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise TokensegError(f"segment train: loss is {lv} at step {step}; lower segment.lr")
+            loss_sum += lv
+            loss_n += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+            if sc.checkpoint_every and step % sc.checkpoint_every == 0:
+                checkpoint()
+            if step >= total:
+                break
+        checkpoint()
+        _append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
+                                          "time_s": round(time.time() - t0, 2)})
+        loss_sum, loss_n = 0.0, 0
+    bar.close()
+    if not ckpt_path.is_file():
+        checkpoint()
+    metrics = {"checkpoint": str(ckpt_path), "steps": step, "train_images": len(indices),
+               "train_split": split, "masks": str(masks)}
+    if sc.eval_at_end:
+        from .evaluate import evaluate_segmentation
+
+        val_split = sc.val_split or cfg.data.val_split
+        try:
+            val = build_dataset(cfg.data, val_split)
+        except TokensegError as exc:
+            val = None
+            metrics["val_error"] = str(exc)
+        if val is not None and val.has_masks:
+            metrics["val"] = evaluate_segmentation(cfg, model=model, class_names=names, dataset=val,
+                                                   progress=progress)
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def _read(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TokensegError(f"{path}: cannot read checkpoint ({exc})") from exc
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
