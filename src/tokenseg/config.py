@@ -106,6 +106,7 @@ class MapsConfig:
     dtype: str = "fp32"  # fp32 | bf16
     overlays: bool = False
     size_rounding: str = "round"  # round: resize to a multiple of the patch; floor: authors' crop
+    mode: str = "tokenseg"  # tokenseg (batched, fast) | authors (their inference exactly: tokenseg.maps_authors)
 
 
 @dataclass
@@ -271,6 +272,7 @@ def validate(cfg: Config) -> None:
     choice("maps.fusion", cfg.maps.fusion, ("sqrt", "product"))
     choice("maps.dtype", cfg.maps.dtype, ("fp32", "bf16"))
     choice("maps.size_rounding", cfg.maps.size_rounding, ("round", "floor"))
+    choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power"))
     for k in cfg.maps.kinds:
         choice("maps.kinds[]", k, MAP_KINDS)

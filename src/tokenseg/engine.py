@@ -132,7 +132,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, allow_foreign: bool = False) -> dict:
+    """Our checkpoint dict; with ``allow_foreign`` any dict is returned (the authors' layouts, which
+    :func:`load_model_from_checkpoint` converts)."""
     path = Path(path)
     if not path.is_file():
         raise TokensegError(f"{path}: checkpoint not found")
@@ -140,6 +142,8 @@ def read_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise TokensegError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if allow_foreign and isinstance(state, dict):
+        return state
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise TokensegError(f"{path}: not a tokenseg checkpoint (use `tokenseg convert` for authors' weights)")
     return state
@@ -175,8 +179,14 @@ def load_state_checked(model: torch.nn.Module, sd: dict, source: str) -> None:
 
 
 def load_model_from_checkpoint(path: str | Path, overrides=()) -> tuple[ClassTokenViT, Config, list[str]]:
-    """Rebuild the model a checkpoint was trained with and load its weights (on the CPU)."""
-    state = read_checkpoint(path)
+    """Rebuild the model a checkpoint was trained with and load its weights (on the CPU).
+
+    The authors' MCTformer-V1/V2/+ checkpoints are converted on the fly (see ``tokenseg convert``)."""
+    state = read_checkpoint(path, allow_foreign=True)
+    if "config" not in state or "model" not in state:
+        from .models.convert import model_from_state
+
+        return model_from_state(state, str(path), overrides=overrides, path=path)
     cfg = config_from_checkpoint(state, overrides)
     names = list(state.get("class_names") or [])
     model_cfg = cfg.model
@@ -318,8 +328,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
         sampler.set_epoch(epoch)
         tset.set_epoch(epoch)
         indices = list(sampler)[offset * per_rank: steps_per_epoch * per_rank]
+        # a private generator: creating the loader must not draw from the global RNG (drop-path uses
+        # it), or a run resumed mid-epoch would diverge from an uninterrupted one
+        gen = torch.Generator().manual_seed(tc.seed * 100003 + epoch)
         loader = DataLoader(tset, batch_size=per_rank, sampler=indices, num_workers=cfg.data.num_workers,
-                            drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda")
+                            drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda",
+                            generator=gen)
         train_model.train()
         for x, y, _ in loader:
             lr = lr_at(step, total_steps, warmup_steps, base_lr, tc.warmup_lr, min_lr)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .io import SeedMaps, save_seed, seed_path, write_json_atomic
+from .io import SeedMaps, TokensegError, save_seed, seed_path, write_json_atomic
 from .models import ClassTokenViT
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
@@ -118,12 +118,12 @@ class _ImageSet(Dataset):
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) after EXIF rotation, read from the header only."""
-    with Image.open(path) as img:
-        w, h = img.size
-        try:
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
-        except Exception:
-            orientation = 1
+    except Exception as exc:
+        raise TokensegError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -185,8 +185,6 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     split = split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
     if list(ds.class_names) != names:
-        from .io import TokensegError
-
         raise TokensegError(f"{ckpt}: trained on classes {names}, dataset has {ds.class_names}")
     dinfo = init_distributed("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     device = resolve_device(cfg.train.device, dinfo.local_rank)

@@ -70,8 +70,9 @@ class ThresholdSweep:
         keep = gt != IGNORE_INDEX
         gt = gt[keep]
         a = np.asarray(fg_arg).reshape(-1)[keep].astype(np.int64)
-        m = np.asarray(fg_max, dtype=np.float64).reshape(-1)[keep]
-        k = np.searchsorted(self.thresholds, m, side="left")  # thresholds strictly below m
+        m = np.asarray(fg_max, dtype=np.float32).reshape(-1)[keep]
+        # compare in float32, the precision maps are stored and argmax-ed in
+        k = np.searchsorted(self.thresholds.astype(np.float32), m, side="left")  # thresholds strictly below m
         n, T1 = self.num_classes, len(self.thresholds) + 1
         if gt.size and gt.max() >= n:
             raise ValueError(f"ground truth value {int(gt.max())} exceeds {n - 1} classes")

@@ -65,9 +65,12 @@ def ensure_synthetic(cfg: SyntheticConfig, cache_or_root: Path, exact: bool = Fa
     try:
         _write_dataset(cfg, tmp, progress)
         write_json_atomic(tmp / STAMP, _stamp(cfg))
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)  # also replaces an empty folder
+        except OSError:
+            if not stamp_path.is_file():  # not another process (a DDP rank) finishing first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

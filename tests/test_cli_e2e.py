@@ -1,0 +1,120 @@
+"""The core chain as a user runs it: train → maps → evaluate → run, and errors a user can make."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokenseg.cli import main
+from tokenseg.config import load_config
+from tokenseg.engine import train
+from tokenseg.io import TokensegError, load_seed
+
+
+def test_train_maps_evaluate_cli(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", *tiny_overrides, "--quiet"]) == 0
+    assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_map" in r for r in records)
+    assert main(["maps", "tiny", *tiny_overrides, "--split", "val", "--quiet"]) == 0
+    seeds = run / "seeds" / "val"
+    kinds = sorted(p.name for p in seeds.iterdir() if p.is_dir())
+    assert kinds == sorted(["attention", "attention_affinity", "patchcam", "fused", "fused_affinity"])
+    files = sorted((seeds / "fused").glob("*.npz"))
+    assert len(files) == 16
+    s = load_seed(files[0])
+    assert s.maps.dtype == np.float16 and s.maps.shape[1:] == (48, 48)
+    if len(s.classes):
+        assert s.maps.max() == pytest.approx(1.0, abs=1e-3) and s.maps.min() >= 0
+    assert not list(seeds.rglob("*.tmp"))
+    capsys.readouterr()
+    assert main(["evaluate", "tiny", *tiny_overrides, "--split", "val", "--json", str(tmp_path / "e.json"),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "background" in printed
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert set(res) == set(kinds)
+    for r in res.values():
+        assert 0 <= r["miou"] <= 100 and len(r["iou"]) == 4 and len(r["curve"]) == 100
+
+
+def test_maps_resume_skips_existing(tiny_overrides, tmp_path):
+    cfg = load_config("tiny", tiny_overrides + ["maps.kinds=[fused]", "train.max_steps=2"])
+    ckpt = train(cfg, progress=False)
+    from tokenseg.pipeline import maps_step
+
+    out = maps_step(cfg, checkpoint=ckpt, split="val", progress=False)
+    f = sorted((out / "fused").glob("*.npz"))[0]
+    before = f.stat().st_mtime_ns
+    f2 = sorted((out / "fused").glob("*.npz"))[1]
+    f2.unlink()
+    maps_step(cfg, checkpoint=ckpt, split="val", progress=False)
+    assert f.stat().st_mtime_ns == before and f2.is_file()
+
+
+def test_killed_and_resumed_training_matches_uninterrupted(tiny_overrides, tmp_path):
+    common = ["train.epochs=2", "train.checkpoint_every=2", "model.drop_path=0.1"]
+    a = load_config("tiny", tiny_overrides + common + [f"output_dir={tmp_path / 'a'}"])
+    b = load_config("tiny", tiny_overrides + common + [f"output_dir={tmp_path / 'b'}"])
+    train(a, progress=False)
+
+    def kill(step, _):
+        if step == 5:  # dies after step 5; the last checkpoint is from step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(b, progress=False, on_step=kill)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
+    train(b, resume=True, progress=False)
+    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 12
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+
+
+def test_unknown_config_key_is_named(capsys):
+    assert main(["train", "tiny", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch" in err and "train.epochs" in err
+    with pytest.raises(TokensegError, match="model.pooling"):
+        load_config("tiny", ["model.pooling=avg"])
+    with pytest.raises(TokensegError, match="expects int"):
+        load_config("tiny", ["train.epochs=lots"])
+
+
+def test_checkpoint_from_another_model_is_a_clear_error(tiny_overrides, tmp_path, capsys):
+    cfg = load_config("tiny", tiny_overrides + ["train.max_steps=1"])
+    ckpt = train(cfg, progress=False)
+    state = torch.load(ckpt, weights_only=False)
+    state["model"]["cls_tokens"] = torch.zeros(1, 7, 32)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    out = tmp_path / "seeds_bad"
+    assert main(["maps", "tiny", *tiny_overrides, "--checkpoint", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and "cls_tokens" in err
+    assert not out.exists()
+
+
+def test_corrupt_image_names_the_file_and_leaves_no_partial_output(tiny_overrides, tmp_path, capsys):
+    cfg = load_config("tiny", tiny_overrides + ["train.max_steps=1"])
+    ckpt = train(cfg, progress=False)
+    # a private copy of the dataset with one truncated image
+    from tokenseg.data import build_dataset
+    import shutil
+
+    ds = build_dataset(cfg.data, "val")
+    root = Path(ds.image_paths[0]).parents[1]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    victim = copy / "JPEGImages" / f"{ds.ids[3]}.jpg"
+    victim.write_bytes(victim.read_bytes()[:40])
+    out = tmp_path / "seeds"
+    code = main(["maps", "tiny", *tiny_overrides, f"data.root={copy}", "--checkpoint", str(ckpt),
+                 "--split", "val", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert victim.name in capsys.readouterr().err
+    assert not list(out.rglob("*.tmp"))
