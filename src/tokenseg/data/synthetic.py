@@ -91,7 +91,7 @@ def _write_dataset(cfg: SyntheticConfig, root: Path, progress: bool) -> None:
         for i in range(count):
             image_id = f"{split}_{i:05d}"
             rng = np.random.default_rng([cfg.seed, n])
-            img, mask = render_image(rng, cfg)
+            img, mask, _ = render_image(rng, cfg)
             Image.fromarray(img).save(root / "JPEGImages" / f"{image_id}.jpg", quality=92)
             save_palette_png(root / "SegmentationClass" / f"{image_id}.png", mask)
             present = sorted(set(np.unique(mask).tolist()) - {0, 255})
@@ -175,8 +175,9 @@ def _background(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
     return base[None, None] * (1 - t[..., None]) + other[None, None] * t[..., None]
 
 
-def render_image(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One (H, W, 3) uint8 image and its (H, W) uint8 mask (0 background, k+1 class k)."""
+def render_image(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One (H, W, 3) uint8 image, its (H, W) uint8 mask (0 background, k+1 class k, 255 ignore) and
+    what was drawn ({"background": kind, "classes": [...]}, the first class decides the home kind)."""
     K, S = cfg.num_classes, cfg.image_size
     n_cls = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])) if K >= 3 else int(rng.integers(1, K + 1))
     classes = rng.choice(K, size=min(n_cls, K), replace=False)
@@ -217,4 +218,5 @@ def render_image(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.nda
         if 0 < (mask == c).sum() < 0.004 * S * S:
             mask[mask == c] = 255  # a sliver left by occlusion: ignored, and not an image-level label
     img = img + rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), mask
+    info = {"background": home, "classes": [int(c) for c in classes]}
+    return np.clip(img, 0, 255).astype(np.uint8), mask, info
