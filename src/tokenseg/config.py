@@ -298,7 +298,7 @@ class PseudoConfig:
     A negative ``crf_*`` number means "take the value of ``crf_preset``"."""
 
     split: str = ""  # split the seeds cover; "" = maps.split
-    kind: str = ""  # seed kind folder under <output_dir>/seeds/; "" = first of maps.kinds
+    kind: str = ""  # seed kind under <output_dir>/seeds/[<split>/]; "" = fused_affinity if made, ...
     background: str = "constant"  # constant (score `threshold`) | power ((1 - max)^alpha)
     threshold: float = 0.39  # constant background score (PSA's bg_thr, "optimal for seeds")
     alpha: float = 1.0  # power background exponent (CLIP-ES: 1)

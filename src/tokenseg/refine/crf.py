@@ -11,8 +11,10 @@ Two backends compute the same model: Potts compatibility, a spatial Gaussian ker
   The bilateral kernel is computed exactly with explicit N×N pairwise weights (in row chunks) when the
   image has at most ``exact_pixels`` pixels. Larger images are approximated: the bilateral message is
   computed on an area-downsampled grid (each coarse pixel carries its mean colour and its pixel count,
-  so the sums still approximate the full-resolution sums) and upsampled bilinearly; unaries and the
-  Gaussian message stay at full resolution. Edges are then placed to within the downsampling factor.
+  so the sums still approximate the full-resolution sums). Each full-resolution pixel then receives
+  from the coarse senders directly where that fits in memory, else the message is computed on the
+  coarse grid and brought back by joint bilateral upsampling (3×3 coarse neighbours weighted by
+  distance and colour). Unaries and the Gaussian message stay at full resolution.
 
 ``backend="auto"`` uses pydensecrf when it is importable, otherwise torch.
 """
@@ -122,7 +124,8 @@ def _crf_pydensecrf(image: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.nd
     crf = dcrf.DenseCRF2D(W, H, L)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_probs(probs).reshape(L, -1)))
     crf.addPairwiseGaussian(sxy=p.gauss_sxy, compat=p.gauss_compat)
-    crf.addPairwiseBilateral(sxy=p.bi_sxy, srgb=p.bi_srgb, rgbim=image, compat=p.bi_compat)
+    rgb = np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # pydensecrf wants a writable buffer
+    crf.addPairwiseBilateral(sxy=p.bi_sxy, srgb=p.bi_srgb, rgbim=rgb, compat=p.bi_compat)
     q = crf.inference(p.iters)
     return np.asarray(q, dtype=np.float32).reshape(L, H, W)
 
@@ -166,6 +169,41 @@ class _DenseKernel:
         return torch.cat([self._block(a, min(a + self.chunk, n)) @ v for a in range(0, n, self.chunk)])
 
 
+class _JointUpsampler:
+    """Edge-aware upsampling of coarse-grid messages: pixel ``i`` averages the messages of the 3×3
+    coarse cells around its own, weighted by exp(−|p_i − p_J|²/2f² − |I_i − I_J|²/2σ_rgb²) (joint
+    bilateral upsampling), so a message does not bleed across a colour edge inside a coarse cell."""
+
+    def __init__(self, img: torch.Tensor, coarse_rgb: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
+                 factor: int, srgb: float) -> None:
+        _, H, W = img.shape
+        h2, w2 = cy.shape
+        ys = torch.arange(H)
+        xs = torch.arange(W)
+        by = (ys // factor)[:, None].expand(H, W)
+        bx = (xs // factor)[None, :].expand(H, W)
+        self.index, weights = [], []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                jy, jx = by + dy, bx + dx
+                valid = (jy >= 0) & (jy < h2) & (jx >= 0) & (jx < w2)
+                jy, jx = jy.clamp(0, h2 - 1), jx.clamp(0, w2 - 1)
+                d2 = (ys[:, None] - cy[jy, jx]) ** 2 + (xs[None, :] - cx[jy, jx]) ** 2
+                c2 = ((img - coarse_rgb[:, jy, jx]) ** 2).sum(0)
+                wgt = torch.exp(-0.5 * d2 / factor ** 2 - 0.5 * c2 / srgb ** 2) * valid
+                self.index.append((jy, jx))
+                weights.append(wgt)
+        total = torch.stack(weights).sum(0).clamp_min(1e-30)
+        self.weights = [w_ / total for w_ in weights]
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:  # (L, h2, w2) -> (L, H, W)
+        out = None
+        for (jy, jx), wgt in zip(self.index, self.weights):
+            term = m[:, jy, jx] * wgt
+            out = term if out is None else out + term
+        return out
+
+
 KERNEL_BUDGET = 1 << 25  # entries of a stored kernel (128 MiB in float32)
 
 
@@ -201,8 +239,13 @@ def crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: 
         senders = _DenseKernel(f_coarse, f_coarse, w, KERNEL_BUDGET)
         full_receivers = f_full.shape[0] * f_coarse.shape[0] <= KERNEL_BUDGET
         receivers = _DenseKernel(f_full, f_coarse, w, KERNEL_BUDGET) if full_receivers else senders
+        if not full_receivers:
+            upsample = _JointUpsampler(img, pool(img) / count, ys2, xs2, factor, p.bi_srgb)
     s_norm = senders.apply(torch.ones(senders.fs.shape[0], 1)).clamp_min(1e-20).rsqrt()  # (S, 1)
-    r_norm = s_norm if receivers is senders else receivers.apply(torch.ones(receivers.fs.shape[0], 1)).clamp_min(1e-20).rsqrt()
+    if receivers is senders:
+        r_norm = s_norm
+    else:
+        r_norm = receivers.apply(torch.ones(receivers.fs.shape[0], 1)).clamp_min(1e-20).rsqrt()
 
     def down(q: torch.Tensor) -> torch.Tensor:  # (L, H, W) -> (S, L) mean over each coarse cell
         if factor == 1:
@@ -213,8 +256,7 @@ def crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: 
     def to_image(m: torch.Tensor) -> torch.Tensor:  # (R, L) -> (L, H, W)
         if full_receivers:
             return m.T.reshape(L, H, W)
-        m = m.T.reshape(L, *count.shape)
-        return F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        return upsample(m.T.reshape(L, *count.shape))
 
     q = torch.softmax(-unary, dim=0)
     for _ in range(p.iters):

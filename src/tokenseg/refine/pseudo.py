@@ -158,14 +158,20 @@ def _worker(args) -> str:
     return task.image_id
 
 
+# the seed kind pseudo masks start from when pseudo.kind is empty: the paper's seeds first
+SEED_KIND_PREFERENCE = ("fused_affinity", "attention_affinity", "fused", "patchcam", "attention")
+
+
 def resolve_seeds_dir(cfg: Config, seeds_dir: str | Path | None = None) -> Path:
-    """``seeds_dir``, else ``<output_dir>/seeds/<split>/<kind>`` or ``<output_dir>/seeds/<kind>``."""
+    """``seeds_dir``, else ``<output_dir>/seeds/<split>/<kind>`` or ``<output_dir>/seeds/<kind>``, the kind
+    being ``pseudo.kind`` or the first of fused_affinity, attention_affinity, fused, patchcam, attention
+    in ``maps.kinds``."""
     if seeds_dir:
         p = Path(seeds_dir)
         if not p.is_dir():
             raise TokensegError(f"{p}: seeds folder not found")
         return p
-    kind = cfg.pseudo.kind or cfg.maps.kinds[0]
+    kind = cfg.pseudo.kind or next((k for k in SEED_KIND_PREFERENCE if k in cfg.maps.kinds), cfg.maps.kinds[0])
     split = cfg.pseudo.split or cfg.maps.split
     root = Path(cfg.output_dir) / "seeds"
     candidates = [root / split / kind, root / kind]
@@ -184,6 +190,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def refuse_dataset_folder(path: str | Path, cfg: Config) -> None:
+    """Outputs never go into the dataset folder."""
+    if not cfg.data.root:
+        return
+    root = Path(cfg.data.root).resolve()
+    target = Path(path).resolve()
+    if target == root or root in target.parents:
+        raise TokensegError(f"{path}: is inside the dataset folder {cfg.data.root}; write outputs elsewhere")
+
+
 def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir: str | Path | None = None,
                       checkpoint: str | Path | None = None, work_dir: str | Path | None = None,
                       overwrite: bool = False, progress: bool = True, ids: Iterable[str] | None = None) -> dict:
@@ -198,6 +214,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
     pc = cfg.pseudo
     seeds = resolve_seeds_dir(cfg, seeds_dir)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "pseudo"
+    refuse_dataset_folder(out, cfg)
     split = pc.split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
     wanted = set(ids) if ids is not None else None
@@ -279,7 +296,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_input(image: np.ndarray, size: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, h, w) ImageNet-normalised float, resized bicubically to ``size``."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255.0).to(device)
     if size is not None and tuple(size) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)

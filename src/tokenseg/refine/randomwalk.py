@@ -26,13 +26,13 @@ def transition_matrix(affinity: torch.Tensor, beta: float = 1.0, symmetric: bool
         if symmetric:
             idx = torch.cat([idx, idx.flip(0)], 1)
             val = torch.cat([val, val]) * 0.5
-            a = torch.sparse_coo_tensor(idx, val, a.shape).coalesce()
+            a = torch.sparse_coo_tensor(idx, val, a.shape, check_invariants=False).coalesce()
             idx, val = a.indices(), a.values()
         top = val.max().clamp_min(1e-12) if val.numel() else torch.tensor(1.0)
         val = (val / top) ** beta
         rows = torch.zeros(a.shape[0], dtype=val.dtype).index_add_(0, idx[0], val)
         val = val / rows[idx[0]].clamp_min(1e-12)
-        return torch.sparse_coo_tensor(idx, val, a.shape).coalesce()
+        return torch.sparse_coo_tensor(idx, val, a.shape, check_invariants=False).coalesce()
     a = affinity.float().clamp_min(0)
     if symmetric:
         a = 0.5 * (a + a.transpose(-1, -2))

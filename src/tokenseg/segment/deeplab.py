@@ -22,37 +22,69 @@ import torch.nn.functional as F
 from ..io import TokensegError
 
 
+def read_state_dict(path: str | Path, key: str = "segment") -> dict:
+    """A state dict from a local file: ``.safetensors`` or a torch file, possibly nested under
+    ``state_dict`` / ``model``, with ``module.`` prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokensegError(f"{key}.weights: file {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TokensegError(f"{key}.weights: cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    for k in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TokensegError(f"{key}.weights: {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_local_weights(model: nn.Module, path: str | Path, key: str = "segment") -> None:
+    """Load backbone weights from a file; every parameter of ``model`` must be found with the right
+    shape (classifier heads in the file are ignored), else a TokensegError names what is off."""
+    sd = read_state_dict(path, key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}" if missing else "",
+            f"shape mismatch {', '.join(wrong[:3])}" if wrong else ""]))
+        raise TokensegError(f"{key}.weights: {path} does not fit this backbone ({detail})")
+    model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
+
+
 def create_timm(name: str, pretrained: bool = False, weights: str | Path = "", key: str = "segment", **kwargs):
-    """``timm.create_model`` with clear errors: unknown name, no network, missing or unfit file."""
+    """``timm.create_model`` with clear errors: unknown name, no network, missing or unfit file.
+    ``weights`` (a local file) takes precedence over ``pretrained`` (a download)."""
     import timm
 
-    overlay = {}
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise TokensegError(f"{key}.weights: file {path} not found")
-        overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
-        pretrained = True
+        read_state_dict(weights, key)  # fail early on a missing/unreadable file
+        pretrained = False
     try:
-        return timm.create_model(name, pretrained=pretrained, **overlay, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise TokensegError(f"{key}.backbone: unknown timm model {name!r}") from exc
-        if weights:
-            raise TokensegError(f"{key}.weights: {weights} does not fit {name!r} ({exc})") from exc
-        raise
-    except TokensegError:
         raise
     except Exception as exc:
-        if weights:
-            raise TokensegError(f"{key}.weights: cannot load {weights} into {name!r} "
-                                f"({type(exc).__name__}: {exc})") from exc
         if pretrained:
             raise TokensegError(
                 f"{key}.pretrained=true: could not download ImageNet weights for {name!r} "
                 f"({type(exc).__name__}). Offline, download the weights elsewhere and set "
                 f"{key}.weights=/path/to/{name}.pth (or {key}.pretrained=false to start from scratch)") from exc
         raise
+    if weights:
+        load_local_weights(model, weights, key)
+    return model
 
 
 def create_feature_backbone(name: str, pretrained: bool = False, weights: str | Path = "",

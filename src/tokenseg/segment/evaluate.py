@@ -119,6 +119,10 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
 
     sc = cfg.segment
     device = resolve_device(sc.device)
+    if save_dir:
+        from ..refine.pseudo import refuse_dataset_folder
+
+        refuse_dataset_folder(save_dir, cfg)
     if model is None:
         ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "segment" / "checkpoint.pt"
         model, _, class_names = load_segmenter(ckpt, device)

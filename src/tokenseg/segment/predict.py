@@ -116,7 +116,7 @@ class _ClassifierPredictor:
         from ..maps import scaled_size
 
         H, W = image.shape[:2]
-        x = self.normalise(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(self.device))
+        x = self.normalise(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(self.device))
         p = self.model.patch_size
         hs, ws = scaled_size(H, W, 1.0, p, "round")
         xin = x if (hs, ws) == (H, W) else torch.nn.functional.interpolate(x, size=(hs, ws), mode="bicubic",

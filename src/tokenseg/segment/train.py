@@ -62,6 +62,10 @@ class CropDataset(Dataset):
         if mask.shape != (image.height, image.width):
             raise TokensegError(f"{path}: mask size {mask.shape} differs from image size "
                                 f"{(image.height, image.width)} of {self.ds.ids[i]!r}")
+        bad = (mask != IGNORE_INDEX) & (mask > self.ds.num_classes)
+        if bad.any():
+            raise TokensegError(f"{path}: label {int(mask[bad].max())} exceeds the {self.ds.num_classes} classes "
+                                f"(+ background 0, ignore 255) of the dataset")
         return image, mask
 
     def __getitem__(self, k: int):
@@ -152,6 +156,9 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
     masks, out = segment_paths(cfg, masks_dir, out_dir)
     if not masks.is_dir():
         raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
+    from ..refine.pseudo import refuse_dataset_folder
+
+    refuse_dataset_folder(out, cfg)
     split = sc.train_split or cfg.data.train_split
     ds = build_dataset(cfg.data, split)
     indices = [i for i, k in enumerate(ds.ids) if (masks / f"{k}.png").is_file()]
