@@ -2,4 +2,5 @@
 MODULES = [
     "tokenseg.commands.core",
     "tokenseg.commands.data",
+    "tokenseg.commands.post",
 ]
