@@ -118,3 +118,20 @@ def test_corrupt_image_names_the_file_and_leaves_no_partial_output(tiny_override
     assert code == 2
     assert victim.name in capsys.readouterr().err
     assert not list(out.rglob("*.tmp"))
+
+
+def test_evaluate_masks_cli_scores_ground_truth_as_perfect(tiny_overrides, tmp_path, capsys):
+    import shutil
+
+    from tokenseg.data import build_dataset
+
+    ds = build_dataset(load_config("tiny", tiny_overrides).data, "val")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, p in enumerate(ds.mask_paths):
+        shutil.copy(p, masks / f"{ds.ids[i]}.png")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "tiny", *tiny_overrides, "--masks", str(masks), "--split", "val",
+                 "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["miou"] == pytest.approx(100.0)
+    assert "mIoU 100.00" in capsys.readouterr().out

@@ -8,8 +8,8 @@ from tqdm import tqdm
 
 from .config import EvalConfig
 from .data import WSSSDataset
-from .io import TokensegError, load_seed, read_mask, write_json_atomic
-from .metrics import ThresholdSweep, confusion_matrix, pick_best, scores_from_confusion, seed_prediction, threshold_grid
+from .io import TokensegError, load_seed, write_json_atomic
+from .metrics import ThresholdSweep, pick_best, scores_from_confusion, seed_prediction, threshold_grid
 
 
 def _seed_file(folder: Path, image_id: str) -> Path:
@@ -58,42 +58,13 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
     }
 
 
-def evaluate_masks(mask_dir: str | Path, ds: WSSSDataset, progress: bool = True) -> dict:
-    """mIoU of label PNGs (pseudo masks or predictions; 255 = ignore counts as wrong where GT is set)."""
-    mask_dir = Path(mask_dir)
-    n = ds.num_classes + 1
-    conf = np.zeros((n + 1, n + 1), dtype=np.int64)
-    for i in tqdm(range(len(ds)), desc="evaluate", unit="img", disable=not progress, leave=False):
-        gt = ds.load_mask(i)
-        path = mask_dir / f"{ds.ids[i]}.png"
-        if not path.is_file():
-            raise TokensegError(f"{mask_dir}: no mask for image {ds.ids[i]!r}")
-        pred = read_mask(path).astype(np.int64)
-        if pred.shape != gt.shape:
-            raise TokensegError(f"{path}: size {pred.shape} differs from ground truth {gt.shape}")
-        pred = np.where(pred == 255, n, pred)  # ignored prediction: its own column, never correct
-        conf += confusion_matrix(pred, gt, n + 1)
-    s = scores_from_confusion(conf[:n, :n].copy())
-    # recompute with the ignore column counted as a miss for recall
-    tp = np.diag(conf[:n, :n]).astype(float)
-    union = conf[:n, :].sum(1) + conf[:, :n].sum(0)[:n] - tp
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return {
-        "miou": float(np.nanmean(iou)) * 100,
-        "iou": {name: float(v) * 100 for name, v in zip(["background"] + list(ds.class_names), iou)},
-        "fp": s["fp"] * 100, "fn": s["fn"] * 100,
-        "ignored_fraction": float(conf[:n, n].sum() / max(conf[:n].sum(), 1)),
-        "images": len(ds),
-    }
-
-
 def format_result(title: str, res: dict) -> str:
     lines = [f"{title}: mIoU {res['miou']:.2f}"
              + (f" at background threshold {res['threshold']:.2f}" if res.get("threshold") is not None else "")
-             + f"  (FP {res['fp']:.1f}, FN {res['fn']:.1f}, {res['images']} images)"]
+             + f"  (FP {res['fp']:.1f}, FN {res['fn']:.1f}, {res.get('images', '?')} images)"]
     width = max(len(k) for k in res["iou"])
     for name, v in res["iou"].items():
-        lines.append(f"  {name:<{width}}  {v:6.2f}")
+        lines.append(f"  {name:<{width}}  " + ("   n/a" if v is None else f"{v:6.2f}"))
     return "\n".join(lines)
 
 

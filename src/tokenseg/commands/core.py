@@ -19,7 +19,7 @@ def _load(args) -> "object":
 def cmd_demo(args) -> int:
     from ..pipeline import demo
 
-    demo(args.out, overrides=args.overrides, progress=not args.quiet)
+    demo(args.out, overrides=args.overrides, progress=not args.quiet, chain=not args.seeds_only)
     return 0
 
 
@@ -47,7 +47,8 @@ def cmd_evaluate(args) -> int:
     cfg = _load(args)
     if args.masks:
         from ..data import build_dataset
-        from ..evaluate import evaluate_masks, format_result, save_result
+        from ..evaluate import format_result, save_result
+        from ..refine.pseudo import evaluate_masks
 
         split = args.split or cfg.eval.split
         res = evaluate_masks(args.masks, build_dataset(cfg.data, split), progress=not args.quiet)
@@ -78,6 +79,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo preset")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seeds-only", action="store_true",
+                   help="stop after the seed table (skip pseudo masks and the segmentation network)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a class-token model (resumable)")
