@@ -135,3 +135,43 @@ def test_evaluate_masks_cli_scores_ground_truth_as_perfect(tiny_overrides, tmp_p
                  "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["miou"] == pytest.approx(100.0)
     assert "mIoU 100.00" in capsys.readouterr().out
+
+
+def test_overlays_are_written_with_the_seeds(tiny_overrides, tmp_path):
+    from PIL import Image
+
+    cfg = load_config("tiny", tiny_overrides + ["train.max_steps=1", "maps.kinds=[fused]", "maps.overlays=true"])
+    ckpt = train(cfg, progress=False)
+    from tokenseg.pipeline import maps_step
+
+    out = maps_step(cfg, checkpoint=ckpt, split="val", progress=False)
+    pngs = sorted((out / "fused_overlays").glob("*.png"))
+    assert len(pngs) == 16
+    with Image.open(pngs[0]) as im:
+        assert im.size == (48, 48) and im.mode == "RGB"
+
+
+def test_pretrained_weights_offline_error_and_local_file(tmp_path, monkeypatch):
+    import timm
+
+    from tokenseg.config import ModelConfig
+    from tokenseg.models import build_model
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    cfg = ModelConfig(backbone="vit_tiny_patch16_224", backbone_kwargs=kwargs, img_size=32, pretrained=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TokensegError, match="model.pretrained"):
+        build_model(cfg, 3)
+    # a local ImageNet-style checkpoint (wrapped in 'model', with a classifier head) works offline
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    path = tmp_path / "deit.pth"
+    torch.save({"model": ref.state_dict()}, path)
+    cfg.pretrained = str(path)
+    m = build_model(cfg, 3)
+    assert torch.equal(m.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    # the papers' init: every class token is a copy of the pretrained class token
+    assert torch.equal(m.cls_tokens[0, 2], ref.cls_token[0, 0])
+    cfg.pretrained = str(tmp_path / "missing.pth")
+    with pytest.raises(TokensegError, match="missing.pth"):
+        build_model(cfg, 3)

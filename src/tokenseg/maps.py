@@ -32,6 +32,7 @@ from .data import WSSSDataset, build_dataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .io import SeedMaps, TokensegError, save_seed, seed_path, write_json_atomic
 from .models import ClassTokenViT
+from .viz import overlay, save_png
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 
@@ -161,13 +162,17 @@ def generate_seeds(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, c
     batches = size_batches(ds, todo, cfg.batch_size)
     loader = DataLoader(_ImageSet(ds), batch_sampler=batches, num_workers=num_workers)
     bar = tqdm(total=len(todo), desc="maps", unit="img", disable=not progress)
-    for images, labels, idx in loader:
-        images = normalise(images.to(device))
+    for raw, labels, idx in loader:
+        images = normalise(raw.to(device))
         maps = compute_maps(model, images, labels.to(device), cfg, kinds)
         for kind, m in maps.items():
             m = m.cpu().numpy()
             for b, i in enumerate(idx.tolist()):
                 classes = np.asarray(ds.labels[i], dtype=np.int64)
+                if cfg.overlays:  # written first: a seed file's existence means its image is done
+                    rgb = raw[b].permute(1, 2, 0).numpy()
+                    top = m[b, classes].max(0) if len(classes) else np.zeros(rgb.shape[:2], np.float32)
+                    save_png(out_dir / f"{kind}_overlays" / f"{ds.ids[i]}.png", overlay(rgb, top))
                 save_seed(seed_path(out_dir / kind, ds.ids[i]),
                           SeedMaps(classes, m[b, classes], {"kind": kind, "image_id": ds.ids[i]}))
         bar.update(len(idx))
