@@ -175,3 +175,22 @@ def test_pretrained_weights_offline_error_and_local_file(tmp_path, monkeypatch):
     cfg.pretrained = str(tmp_path / "missing.pth")
     with pytest.raises(TokensegError, match="missing.pth"):
         build_model(cfg, 3)
+
+
+def test_authors_mode_cli_exports_npy_that_evaluate_reads(tiny_overrides, tmp_path):
+    cfg = load_config("tiny", tiny_overrides + ["train.max_steps=1"])
+    train(cfg, progress=False)
+    out = tmp_path / "npy"
+    args = ["tiny", *tiny_overrides, "maps.mode=authors", "maps.kinds=[fused_affinity]"]
+    assert main(["maps", *args, "--split", "val", "--out", str(out), "--export-npy", "--quiet"]) == 0
+    files = sorted((out / "fused_affinity").glob("*.npy"))
+    assert len(files) == 16
+    d = np.load(files[0], allow_pickle=True).item()  # their format: {class_index: H×W float}
+    assert all(v.shape == (48, 48) for v in d.values())
+    js = tmp_path / "e.json"
+    assert main(["evaluate", *args, "--seeds", str(out / "fused_affinity"), "--split", "val",
+                 "--json", str(js), "--quiet"]) == 0
+    assert 0 <= json.loads(js.read_text())["fused_affinity"]["miou"] <= 100
+    # .npy export is the authors' format only
+    assert main(["maps", "tiny", *tiny_overrides, "--split", "val", "--out", str(tmp_path / "x"),
+                 "--export-npy", "--quiet"]) == 2

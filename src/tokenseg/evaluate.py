@@ -21,10 +21,11 @@ def _seed_file(folder: Path, image_id: str) -> Path:
 
 
 def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, allow_pickle: bool = False) -> dict:
     """mIoU of seeds over a background-threshold grid in one pass (or with a (1-max)^α background).
 
-    Returns best mIoU (%), its threshold, per-class IoU, FP/FN rates and the whole curve."""
+    Returns best mIoU (%), its threshold, per-class IoU, FP/FN rates and the whole curve. The authors'
+    ``.npy`` seeds are read too (``allow_pickle``: unpickle anything, for trusted non-standard files)."""
     cfg = cfg or EvalConfig()
     seeds_dir = Path(seeds_dir)
     if not seeds_dir.is_dir():
@@ -35,7 +36,7 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
     sweep = ThresholdSweep(n, thresholds)
     for i in tqdm(range(len(ds)), desc="evaluate", unit="img", disable=not progress, leave=False):
         gt = ds.load_mask(i)
-        seed = load_seed(_seed_file(seeds_dir, ds.ids[i]))
+        seed = load_seed(_seed_file(seeds_dir, ds.ids[i]), allow_pickle=allow_pickle)
         if len(seed.classes) and seed.maps.shape[1:] != gt.shape:
             raise TokensegError(f"{ds.ids[i]}: seed size {seed.maps.shape[1:]} differs from mask size {gt.shape}")
         fg_max, fg_arg = seed_prediction(seed.maps, seed.classes, gt.shape)

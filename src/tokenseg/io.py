@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,12 +144,50 @@ def save_seed(path: str | os.PathLike, seed: SeedMaps) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def load_seed(path: str | os.PathLike) -> SeedMaps:
-    """Read a seed file: our ``.npz`` or the authors' ``.npy`` dict ({class_index: H×W float})."""
+_NPY_DICT_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                     for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _SeedUnpickler(pickle.Unpickler):
+    """Unpickles only what ``np.save(dict_of_arrays)`` writes: numpy arrays, dtypes and scalars."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NPY_DICT_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a seed file")
+
+
+def _load_npy_dict(path: Path, allow_pickle: bool) -> dict:
+    """The authors' seed file: a pickled 0-d object array holding a dict. Without ``allow_pickle``
+    a restricted unpickler refuses anything but numpy arrays/scalars (no code can run)."""
+    if allow_pickle:
+        return np.load(path, allow_pickle=True).item()
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        if not dtype.hasobject:
+            raise ValueError("a plain array, not the authors' {class_index: map} dict")
+        try:
+            obj = _SeedUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{exc}; if you trust the file, load it with allow_pickle=True "
+                             f"(--allow-pickle): unpickling can run code") from exc
+    d = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a {{class_index: map}} dict, found {type(d).__name__}")
+    return d
+
+
+def load_seed(path: str | os.PathLike, allow_pickle: bool = False) -> SeedMaps:
+    """Read a seed file: our ``.npz`` or the authors' ``.npy`` dict ({class_index: H×W float}).
+
+    The ``.npy`` dict is a pickle: by default only numpy arrays and scalars are unpickled from it;
+    ``allow_pickle=True`` unpickles anything (trusted files only)."""
     path = Path(path)
     try:
         if path.suffix == ".npy":
-            d = np.load(path, allow_pickle=True).item()
+            d = _load_npy_dict(path, allow_pickle)
             keys = sorted(int(k) for k in d)
             if not keys:
                 return SeedMaps(np.zeros(0, np.int64), np.zeros((0, 1, 1), np.float32), {})

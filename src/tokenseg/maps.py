@@ -181,12 +181,16 @@ def generate_seeds(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, c
 
 
 def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
-             out_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Python API of ``tokenseg maps``: load a checkpoint, generate seeds for a split."""
+             out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False) -> Path:
+    """Python API of ``tokenseg maps``: load a checkpoint (ours or the authors'), generate seeds for a
+    split with ``maps.mode`` (tokenseg: this module; authors: :mod:`tokenseg.maps_authors`).
+    ``export_npy`` (authors mode) writes the authors' ``.npy`` dicts instead of ``.npz``."""
     from .engine import init_distributed, load_model_from_checkpoint, resolve_device
 
     ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
-    model, _, names = load_model_from_checkpoint(ckpt)
+    model, ckpt_cfg, names = load_model_from_checkpoint(ckpt)
+    if export_npy and cfg.maps.mode != "authors":
+        raise TokensegError("--export-npy needs maps.mode=authors (the .npy dicts are the authors' format)")
     split = split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
     if list(ds.class_names) != names:
@@ -196,8 +200,15 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "seeds" / split
     meta = {"checkpoint": str(ckpt), "method": cfg.model.method, "split": split,
             "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0))}
-    generate_seeds(model, ds, out, cfg.maps, device=device, rank=dinfo.rank, world=dinfo.world,
-                   num_workers=cfg.data.num_workers, progress=progress and dinfo.is_main, meta=meta)
+    common = dict(device=device, rank=dinfo.rank, world=dinfo.world, num_workers=cfg.data.num_workers,
+                  progress=progress and dinfo.is_main, meta=meta)
+    if cfg.maps.mode == "authors":
+        from .maps_authors import generate_seeds_authors
+
+        generate_seeds_authors(model, ds, out, cfg.maps, **common, method=ckpt_cfg.model.method,
+                               export_npy=export_npy)
+    else:
+        generate_seeds(model, ds, out, cfg.maps, **common)
     if dinfo.world > 1:
         torch.distributed.barrier()
     return out

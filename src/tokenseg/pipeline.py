@@ -32,14 +32,15 @@ def train_step(cfg: Config, resume: bool = True, progress: bool = True) -> Path:
 
 
 def maps_step(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
-              out_dir: str | Path | None = None, progress: bool = True) -> Path:
+              out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False) -> Path:
     from .maps import run_maps
 
-    return run_maps(cfg, checkpoint=checkpoint, split=split, out_dir=out_dir, progress=progress)
+    return run_maps(cfg, checkpoint=checkpoint, split=split, out_dir=out_dir, progress=progress,
+                    export_npy=export_npy)
 
 
 def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | None = None,
-                  progress: bool = True, verbose: bool = True) -> dict[str, dict]:
+                  progress: bool = True, verbose: bool = True, allow_pickle: bool = False) -> dict[str, dict]:
     """Evaluate every seed kind found under ``seeds`` (default: the run's seeds of ``eval.split``).
 
     A folder holding ``.npz``/``.npy`` files directly is evaluated as one kind."""
@@ -56,7 +57,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
         raise TokensegError(f"{root}: no seed files (run `tokenseg maps` first)")
     results = {}
     for kind, folder in folders.items():
-        res = evaluate_seeds(folder, ds, cfg.eval, progress=progress)
+        res = evaluate_seeds(folder, ds, cfg.eval, progress=progress, allow_pickle=allow_pickle)
         save_result(folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json", res)
         results[kind] = res
         if verbose:

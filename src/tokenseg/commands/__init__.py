@@ -2,5 +2,6 @@
 MODULES = [
     "tokenseg.commands.core",
     "tokenseg.commands.data",
+    "tokenseg.commands.convert",
     "tokenseg.commands.post",
 ]

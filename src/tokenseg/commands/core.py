@@ -36,7 +36,8 @@ def cmd_maps(args) -> int:
     from ..pipeline import maps_step
 
     cfg = _load(args)
-    out = maps_step(cfg, checkpoint=args.checkpoint, split=args.split, out_dir=args.out, progress=not args.quiet)
+    out = maps_step(cfg, checkpoint=args.checkpoint, split=args.split, out_dir=args.out, progress=not args.quiet,
+                    export_npy=args.export_npy)
     print(f"seeds: {out}")
     return 0
 
@@ -56,7 +57,8 @@ def cmd_evaluate(args) -> int:
         if args.json:
             save_result(args.json, res)
         return 0
-    results = evaluate_step(cfg, seeds=args.seeds, split=args.split, progress=not args.quiet)
+    results = evaluate_step(cfg, seeds=args.seeds, split=args.split, progress=not args.quiet,
+                            allow_pickle=args.allow_pickle)
     if args.json:
         from ..evaluate import save_result
 
@@ -93,6 +95,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="checkpoint (default <output_dir>/checkpoint.pt)")
     p.add_argument("--split", help="dataset split (default maps.split)")
     p.add_argument("--out", help="output folder (default <output_dir>/seeds/<split>)")
+    p.add_argument("--export-npy", action="store_true",
+                   help="with maps.mode=authors: write the authors' .npy dicts instead of .npz")
     p.set_defaults(func=cmd_maps)
 
     p = sub.add_parser("evaluate", help="seed mIoU over a background-threshold grid (or mask mIoU)")
@@ -101,6 +105,9 @@ def register(sub) -> None:
     p.add_argument("--masks", help="evaluate label PNGs (pseudo masks, predictions) instead of seeds")
     p.add_argument("--split", help="dataset split (default eval.split)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read non-standard authors' .npy seeds with full unpickling (trusted files only: "
+                        "unpickling can run code)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("run", help="the whole chain on any dataset: train → maps → evaluate")

@@ -199,11 +199,26 @@ def _attention_with_maps(attn: nn.Module, x: torch.Tensor, num_cls: int, want_cl
     q, k = attn.q_norm(q), attn.k_norm(k)
     cls_rows = head_mean = None
     if want_full:
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-        out = probs @ v
-        head_mean = probs.mean(1)
+        # On the CPU one sample at a time: a batch's B×H×N×N probabilities overflow the last-level
+        # cache (H·N² floats are already ~32 MB at N≈1150); the result is bitwise the same.
+        step = 1 if x.device.type == "cpu" else B
+        outs, means = [], []
+        for b in range(0, B, step):
+            probs = ((q[b:b + step] * attn.scale) @ k[b:b + step].transpose(-2, -1)).softmax(dim=-1)
+            outs.append(probs @ v[b:b + step])
+            if probs.dtype == torch.float32:
+                means.append(probs.mean(1))
+            else:
+                # bf16/fp16 (maps.dtype=bf16): a dim-1 reduction of a half tensor first upcasts the whole
+                # tensor (~9× slower on the CPU); summing head by head into fp32 avoids that
+                hm = probs[:, 0].float()
+                for h in range(1, H):
+                    hm += probs[:, h]
+                means.append(hm.div_(H))
+            del probs
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        head_mean = means[0] if len(means) == 1 else torch.cat(means)
         cls_rows = head_mean[:, :num_cls] if want_cls_rows else None
-        del probs
     else:
         out = F.scaled_dot_product_attention(q, k, v)
         if want_cls_rows:

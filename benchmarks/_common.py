@@ -1,0 +1,96 @@
+"""Shared helpers for the benchmark scripts (not a test; nothing here asserts a timing)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def maxrss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 7) -> dict:
+    """Measured dense matmul throughput (GFLOP/s): median and best of ``repeats`` n×n×n products.
+    The machine may be shared, so the median is what the figures use."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return {"median": median(rates), "best": max(rates), "n": n}
+
+
+def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Run ``script --worker ...`` in a fresh process (so ru_maxrss is that variant's own peak) and
+    parse the JSON line it prints last."""
+    cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(line)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for j, r in enumerate(cells):
+        out.append("| " + " | ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)) + " |")
+        if j == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def busy_warning(threads: int) -> str | None:
+    """On a shared machine, OpenMP threads that get preempted stall every parallel op at its barrier:
+    multi-thread timings then measure the other jobs. Single-thread timings stay stable."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and load > 0.5:
+        return (f"note: load average {load:.1f} from other jobs; with {threads} threads each op waits for "
+                f"preempted threads, so timings are noisy. --threads 1 gives stable per-core figures.")
+    return None
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu or 'cpu'} ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"{gpu}; load average {load:.1f} at start)")

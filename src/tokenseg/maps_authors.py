@@ -1,0 +1,276 @@
+"""The authors' seed inference, reproduced exactly (``maps.mode=authors``; METHODS.md §2–§6).
+
+Per image (batch 1, as in their ``generate_attention_maps_ms``), for every scale ``s``:
+
+1. the uint8 image is resized with PIL bicubic to ``round(W·s) × round(H·s)``, normalised with the
+   ImageNet mean/std; it and its horizontal flip each go through the model alone (batch 1);
+2. the input is floored to a multiple of the patch (``w - w % 16``: the patch convolution drops the
+   rest); the patch position embedding is interpolated bicubically to the patch grid — V1/V2 with the
+   DINO ``+0.1`` offset (``scale_factor = (g' + 0.1) / g``; no interpolation when the grid is the
+   training grid and the input is square), MCTformer+ to the exact size;
+3. explicit attention in every layer; per layer the head mean ``Ā^l``; class-to-patch attention is
+   ``Σ`` (V1/V2, ``maps.layer_reduce=sum``) or mean (MCTformer+) over the last K layers, the patch
+   affinity ``Σ_{l=1..L} Ā^l[C:, C:]`` over **all** layers;
+4. fused map ``A_mct ⊙ ReLU(PatchCAM)`` (V2) or its sqrt (MCTformer+); refinement
+   ``A_ref[c, i] = Σ_j aff[i, j] A[c, j]``;
+5. bilinear upsampling (align_corners=False) to the original H×W, multiplication by the label vector,
+   un-flipping;
+
+then the sum over scales and flips and a per-class min–max ``(m - min)/(max - min + 1e-8)`` for the
+classes present. The attention of the L layers is reduced on the fly instead of being stacked
+(L×B×H×N×N); the result is the same up to float summation order (≤1e-6).
+
+Differences from our default (:mod:`tokenseg.maps`): the default resizes the *normalised* tensor with
+torch bicubic + antialias to the nearest multiple of the patch (no pixel dropped), interpolates the
+position embedding without the +0.1 offset, batches images of equal size, computes only the attention
+rows it needs with fused attention elsewhere, and can run in bf16. Seeds are written as our ``.npz``
+(float16) or, with ``export_npy``, in the authors' ``.npy`` dict format (float32) so their evaluation
+scripts read them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .config import MapsConfig
+from .data import WSSSDataset
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .io import SeedMaps, TokensegError, atomic_write, load_seed, save_seed, seed_path, write_json_atomic
+from .models import ClassTokenViT, MapOutputs
+
+AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
+
+
+# ------------------------------------------------------------------------------------ model pieces
+def uses_dino_offset(method: str | None, cfg: MapsConfig, model: torch.nn.Module | None = None) -> bool:
+    """V1/V2 interpolate position embeddings with DINO's +0.1 offset, MCTformer+ does not. Without a
+    method name, the layer reduction tells: V1/V2 sum over layers, MCTformer+ averages."""
+    method = method or getattr(model, "tokenseg_method", None)
+    if method:
+        return method in ("mctformer-v1", "mctformer-v2")
+    return cfg.layer_reduce == "sum"
+
+
+def authors_patch_pos(pos: torch.Tensor, grid: tuple[int, int], dino_offset: bool, square_input: bool
+                      ) -> torch.Tensor:
+    """(1, D, g0h, g0w) patch position embedding -> (1, gh·gw, D) as the authors interpolate it."""
+    g0 = tuple(pos.shape[-2:])
+    gh, gw = grid
+    if dino_offset:
+        if (gh, gw) == g0 and square_input:
+            out = pos
+        else:
+            out = F.interpolate(pos, scale_factor=((gh + 0.1) / g0[0], (gw + 0.1) / g0[1]), mode="bicubic",
+                                align_corners=False)
+            if tuple(out.shape[-2:]) != (gh, gw):  # float rounding of the scale factor
+                raise TokensegError(f"position embedding interpolation gave {tuple(out.shape[-2:])}, not {grid}")
+    else:
+        out = pos if (gh, gw) == g0 else F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
+    return out.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def authors_forward(model: ClassTokenViT, x: torch.Tensor, last_k: int, layer_reduce: str, dino_offset: bool,
+                    affinity: bool = True) -> MapOutputs:
+    """Their map forward: explicit attention in every layer, head mean per layer, class-to-patch over
+    the last ``last_k`` layers (``sum`` or ``mean``), patch affinity summed over all layers."""
+    p = model.patch_size
+    B, _, H, W = x.shape
+    x = x[..., : H - H % p, : W - W % p]
+    feat = model.patch_embed.proj(x)
+    gh, gw = feat.shape[-2:]
+    tokens = model.patch_embed.norm(feat.flatten(2).transpose(1, 2))
+    tokens = tokens + authors_patch_pos(model.pos_embed_pat, (gh, gw), dino_offset, H == W)
+    C = model.num_classes
+    cls = (model.cls_tokens + model.pos_embed_cls).expand(B, -1, -1)
+    tokens = torch.cat([cls, tokens], dim=1)
+    L = len(model.blocks)
+    last_k = min(max(int(last_k), 1), L)
+    c2p = p2p = None
+    for li, blk in enumerate(model.blocks):
+        attn = blk.attn
+        h = blk.norm1(tokens)
+        N, D = h.shape[1], h.shape[2]
+        nh = attn.num_heads
+        qkv = attn.qkv(h).reshape(B, N, 3, nh, D // nh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)  # (B, heads, N, N)
+        out = (a @ v).transpose(1, 2).reshape(B, N, D)
+        out = attn.proj(attn.norm(out) if hasattr(attn, "norm") else out)
+        tokens = tokens + blk.ls1(out)
+        tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+        a = a.mean(1)  # head mean Ā^l
+        if li >= L - last_k:
+            c2p = a[:, :C, C:] if c2p is None else c2p + a[:, :C, C:]
+        if affinity:
+            p2p = a[:, C:, C:] if p2p is None else p2p + a[:, C:, C:]
+    if layer_reduce == "mean":
+        c2p = c2p / last_k
+    tokens = model.norm(tokens)
+    fmap = model.patch_logits_map(tokens, (gh, gw))
+    return MapOutputs(attention=c2p.reshape(B, C, gh, gw), patchcam=None if fmap is None else F.relu(fmap),
+                      affinity=p2p, cls_logits=tokens[:, :C].mean(-1), grid=(gh, gw))
+
+
+def pil_to_input(img: Image.Image, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 PIL image -> (1, 3, H, W) ImageNet-normalised float32 (ToTensor + Normalize)."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).to(device)
+    x = arr.permute(2, 0, 1).float().div(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return ((x - mean) / std).unsqueeze(0)
+
+
+def scaled_pil(img: Image.Image, s: float) -> Image.Image:
+    """PIL bicubic resize to round(W·s) × round(H·s) (PIL returns a copy at the same size)."""
+    W, H = img.size
+    return img.resize((int(round(W * s)), int(round(H * s))), Image.BICUBIC)
+
+
+# ------------------------------------------------------------------------------------ one image
+@torch.no_grad()
+def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: MapsConfig,
+                         kinds: list[str] | None = None, dino_offset: bool | None = None, method: str | None = None,
+                         device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Seeds for one RGB image with multi-hot ``labels`` (C,), as the authors compute them.
+
+    Returns ``{kind: (len(present), H, W) float32}`` for the present classes (sorted), min–max normalised."""
+    kinds = list(kinds or cfg.kinds)
+    if dino_offset is None:
+        dino_offset = uses_dino_offset(method, cfg, model)
+    if model.head is None and any(k.startswith(("patchcam", "fused")) for k in kinds):
+        raise TokensegError(f"maps.kinds {kinds}: this model has no PatchCAM head (MCTformer-V1)")
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=device).flatten()
+    W, H = image.size
+    present = torch.nonzero(labels > 0).flatten()
+    need_aff = any(k in AFFINITY_KINDS for k in kinds)
+    acc: dict[str, torch.Tensor] = {k: torch.zeros(labels.numel(), H, W, device=device) for k in kinds}
+    for s in cfg.scales:
+        x = pil_to_input(scaled_pil(image, s), device)
+        for flipped in ((False, True) if cfg.flip else (False,)):
+            # batch 1 per view, as the authors: batching changes GEMM blocking, i.e. the last float bits,
+            # which the per-class min-max of near-uniform maps can amplify to ~1e-5
+            out = authors_forward(model, x.flip(-1) if flipped else x, cfg.layers, cfg.layer_reduce, dino_offset,
+                                  affinity=need_aff)
+            base = {"attention": out.attention}
+            if out.patchcam is not None:
+                base["patchcam"] = out.patchcam
+                fused = out.attention * out.patchcam
+                base["fused"] = torch.sqrt(fused) if cfg.fusion == "sqrt" else fused
+            for kind in kinds:
+                m = base[kind.removesuffix("_affinity")]
+                if kind in AFFINITY_KINDS:
+                    m = torch.matmul(out.affinity.unsqueeze(1), m.flatten(2).unsqueeze(-1)).reshape(m.shape)
+                m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+                m = m[0] * labels.view(-1, 1, 1)
+                acc[kind] += m.flip(-1) if flipped else m
+    result = {}
+    for kind, m in acc.items():
+        maps = np.zeros((len(present), H, W), np.float32)
+        for j, c in enumerate(present.tolist()):
+            cam = m[c]
+            lo, hi = cam.min(), cam.max()
+            maps[j] = ((cam - lo) / (hi - lo + 1e-8)).cpu().numpy()
+        result[kind] = maps
+    return result
+
+
+# ------------------------------------------------------------------------------------ seed files
+def npy_seed_path(folder: str | Path, image_id: str) -> Path:
+    return Path(folder) / f"{image_id}.npy"
+
+
+def save_seed_npy(path: str | Path, classes, maps: np.ndarray) -> None:
+    """The authors' seed format: ``np.save`` of ``{class_index: H×W float32}`` (a pickled dict)."""
+    d = {int(c): np.asarray(m, dtype=np.float32) for c, m in zip(classes, maps)}
+    with atomic_write(path, "wb") as f:
+        np.save(f, d, allow_pickle=True)
+
+
+def export_seeds_npy(src: str | Path, dst: str | Path, progress: bool = False) -> int:
+    """Rewrite a folder of our ``.npz`` seeds (sub-folders per kind are followed) as ``.npy`` dicts."""
+    src, dst = Path(src), Path(dst)
+    files = sorted(src.rglob("*.npz"))
+    if not files:
+        raise TokensegError(f"{src}: no .npz seed files")
+    for f in tqdm(files, desc="export npy", unit="img", disable=not progress):
+        seed = load_seed(f)
+        out = dst / f.relative_to(src).with_suffix(".npy")
+        save_seed_npy(out, seed.classes, seed.maps.astype(np.float32))
+    return len(files)
+
+
+def import_seeds_npy(src: str | Path, dst: str | Path, allow_pickle: bool = False, progress: bool = False) -> int:
+    """The reverse: a folder of the authors' ``.npy`` seeds -> our ``.npz``."""
+    src, dst = Path(src), Path(dst)
+    files = sorted(src.rglob("*.npy"))
+    if not files:
+        raise TokensegError(f"{src}: no .npy seed files")
+    for f in tqdm(files, desc="import npy", unit="img", disable=not progress):
+        seed = load_seed(f, allow_pickle=allow_pickle)
+        save_seed(dst / f.relative_to(src).with_suffix(".npz"),
+                  SeedMaps(seed.classes, seed.maps, {"image_id": f.stem, "source": "authors-npy"}))
+    return len(files)
+
+
+def _identity(x):
+    return x
+
+
+class _PILSet(Dataset):
+    def __init__(self, ds: WSSSDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds.load_image(i), self.ds.multi_hot(i), i
+
+
+def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, cfg: MapsConfig,
+                           device: torch.device | str = "cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
+                           progress: bool = True, meta: dict | None = None, *, method: str | None = None,
+                           export_npy: bool = False) -> Path:
+    """``maps.mode=authors``: same contract as :func:`tokenseg.maps.generate_seeds` (``out_dir/<kind>/
+    <image_id>.npz``, resumable, rank-sharded), the authors' inference; ``export_npy`` writes their
+    ``.npy`` dicts (float32) instead. ``method`` (``model.method``) picks the position-embedding
+    interpolation (V1/V2: +0.1 offset); without it ``maps.layer_reduce=sum`` means V1/V2.
+
+    ``maps.dtype``, ``maps.batch_size`` and ``maps.size_rounding`` do not apply (fp32, batch 1, floor)."""
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    kinds = list(cfg.kinds)
+    path_of = npy_seed_path if export_npy else seed_path
+    dino = uses_dino_offset(method, cfg, model)
+    todo = [i for i in range(rank, len(ds), world)
+            if not all(path_of(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
+    if rank == 0:
+        info = {"maps": dict(vars(cfg)), "mode": "authors", "dino_pos_offset": dino,
+                "format": "npy" if export_npy else "npz", **(meta or {})}
+        write_json_atomic(out_dir / "maps_meta.json", info)
+    loader = DataLoader(_PILSet(ds), batch_size=None, sampler=todo, num_workers=num_workers,
+                        collate_fn=_identity)
+    for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img", disable=not progress):
+        maps = compute_maps_authors(model, image, labels, cfg, kinds, dino_offset=dino, device=device)
+        classes = np.flatnonzero(np.asarray(labels) > 0).astype(np.int64)
+        for kind, m in maps.items():
+            if export_npy:
+                save_seed_npy(npy_seed_path(out_dir / kind, ds.ids[i]), classes, m)
+            else:
+                save_seed(seed_path(out_dir / kind, ds.ids[i]),
+                          SeedMaps(classes, m, {"kind": kind, "image_id": ds.ids[i], "mode": "authors"}))
+    return out_dir
+
+
+__all__ = ["authors_forward", "authors_patch_pos", "compute_maps_authors", "generate_seeds_authors",
+           "export_seeds_npy", "import_seeds_npy", "save_seed_npy", "uses_dino_offset", "scaled_pil", "pil_to_input"]

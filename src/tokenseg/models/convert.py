@@ -1,0 +1,454 @@
+"""Checkpoint compatibility with the authors' MCTformer code (METHODS.md §2).
+
+Layouts this module reads (``detect_layout``):
+
+``mctformer-v1`` / ``mctformer-v2``
+    ``cls_token`` (1, C, D), one ``pos_embed`` (1, C+M, D) (class part first), ``patch_embed.proj.*``,
+    ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``; V2 adds the PatchCAM
+    conv ``head.weight`` (C, D, 3, 3). A V1 file may carry timm's unused linear ``head`` (C, D): dropped.
+``mctformer-plus``
+    the same, with ``pos_embed_cls`` (1, C, D) and ``pos_embed_pat`` (1, M, D) instead of ``pos_embed``
+    (M = 784, a 28×28 grid, for the 448 px training size).
+``imagenet``
+    a DeiT / DINO / timm ViT checkpoint with one class token: used as backbone initialisation as the
+    authors do (:func:`tokenseg.models.build_model` with ``model.pretrained=PATH``: the class token and
+    its position embedding are repeated C times, the patch grid is resized, the head re-initialised).
+``tokenseg``
+    our own checkpoint (``{'model', 'config', 'class_names', ...}``).
+
+Any of them may be wrapped in ``{'model': ...}`` / ``{'state_dict': ...}`` and carry a DDP ``module.``
+prefix. The authors' training checkpoints also pickle their ``argparse.Namespace``: it is allowed when
+loading with ``weights_only=True``; anything else needs ``allow_pickle=True`` (unpickling can run code).
+
+Only the position embeddings and the class tokens change name and shape; every other tensor keeps
+its key, so ours → authors' → ours round-trips bit for bit (:func:`export_authors_state`).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, apply_overrides, load_config, validate
+from ..io import TokensegError
+
+METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus")
+_METHOD_ALIASES = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus", "+": "mctformer-plus",
+                   "mctformer+": "mctformer-plus"}
+# (embed dim, depth, patch) -> (timm name, heads) for the standard DeiT backbones the authors use
+_STANDARD = {(192, 12, 16): ("deit_tiny_patch16_224", 3), (384, 12, 16): ("deit_small_patch16_224", 6),
+             (768, 12, 16): ("deit_base_patch16_224", 12)}
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+_SHARED_PREFIXES = ("patch_embed.proj.", "norm.")
+
+
+def canonical_method(method: str | None) -> str | None:
+    if method is None:
+        return None
+    m = _METHOD_ALIASES.get(method.lower(), method.lower())
+    if m not in METHOD_NAMES:
+        raise TokensegError(f"unknown method {method!r}; use one of {', '.join(METHOD_NAMES)}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _safe_globals() -> list:
+    """Besides tensors: the authors' ``argparse.Namespace`` and plain numpy arrays (our checkpoints'
+    RNG state). None of these can run code when unpickled."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    out = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType", "Float32DType")
+                if hasattr(dtypes, n)]
+    return out
+
+
+def read_weights(path: str | Path, allow_pickle: bool = False) -> Any:
+    """``torch.load`` on the CPU, tensors-only unless ``allow_pickle`` (the authors' ``args`` Namespace
+    is accepted either way)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokensegError(f"{path}: checkpoint not found")
+    try:
+        if allow_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = str(exc).lower()
+        if not allow_pickle and ("weights only" in msg or "weights_only" in msg):
+            raise TokensegError(
+                f"{path}: the file holds Python objects besides tensors; if you trust it, pass --allow-pickle "
+                f"(allow_pickle=True): unpickling can run arbitrary code") from exc
+        raise TokensegError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: ``model`` / ``state_dict`` wrappers and ``module.`` removed."""
+    sd = obj
+    for _ in range(3):
+        if isinstance(sd, dict):
+            inner = next((sd[k] for k in ("model", "state_dict", "teacher") if isinstance(sd.get(k), dict)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) and k in ("cls_token", "cls_tokens")
+                                             for k, v in sd.items()):
+                sd = inner
+                continue
+        break
+    if not isinstance(sd, dict) or not sd:
+        raise TokensegError(f"{source}: no state dict found (expected a dict of tensors, maybe under 'model')")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        k = str(k)
+        for prefix in ("module.", "backbone."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    if not out:
+        raise TokensegError(f"{source}: the state dict holds no tensors")
+    return out
+
+
+@dataclass
+class LayoutInfo:
+    """What a state dict says about its model."""
+
+    layout: str  # mctformer-v1 | mctformer-v2 | mctformer-plus | imagenet | tokenseg
+    num_classes: int
+    embed_dim: int
+    depth: int
+    patch_size: int
+    grid: tuple[int, int]  # training patch grid of the position embedding
+    mlp_ratio: float
+    qkv_bias: bool
+    has_head: bool
+
+
+def _grid_of(m: int, source: str) -> tuple[int, int]:
+    g = int(round(math.sqrt(m)))
+    if g * g != m:
+        raise TokensegError(f"{source}: {m} patch position embeddings do not form a square grid")
+    return g, g
+
+
+def detect_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> LayoutInfo:
+    """Which of the layouts above ``sd`` is, with the model dimensions it implies."""
+    if "cls_tokens" in sd and "pos_embed_pat" in sd:
+        layout = "tokenseg"
+        cls = sd["cls_tokens"]
+        grid = tuple(sd["pos_embed_pat"].shape[-2:])
+    elif "cls_token" in sd:
+        cls = sd["cls_token"]
+        if cls.ndim != 3:
+            raise TokensegError(f"{source}: cls_token has shape {tuple(cls.shape)}, expected (1, C, D)")
+        head = sd.get("head.weight")
+        if "pos_embed_cls" in sd and "pos_embed_pat" in sd:
+            layout = "mctformer-plus"
+            grid = _grid_of(sd["pos_embed_pat"].shape[1], source)
+        elif "pos_embed" in sd:
+            C = cls.shape[1]
+            if "dist_token" in sd:
+                raise TokensegError(f"{source}: distilled DeiT checkpoints (dist_token) are not supported")
+            if C == 1 and (head is None or head.ndim == 2):
+                layout = "imagenet"
+            else:
+                layout = "mctformer-v2" if head is not None and head.ndim == 4 else "mctformer-v1"
+            grid = _grid_of(sd["pos_embed"].shape[1] - C, source)
+        else:
+            raise TokensegError(f"{source}: has cls_token but no pos_embed / pos_embed_cls+pos_embed_pat")
+    else:
+        raise TokensegError(
+            f"{source}: not a ViT checkpoint of a known layout (no cls_token / cls_tokens; first keys: "
+            f"{', '.join(list(sd)[:5])})")
+    if "patch_embed.proj.weight" not in sd:
+        raise TokensegError(f"{source}: missing key patch_embed.proj.weight (a conv-stem model cannot be converted)")
+    proj = sd["patch_embed.proj.weight"]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))), default=-1)
+    if depth == 0:
+        raise TokensegError(f"{source}: no transformer blocks (blocks.0.attn.qkv.weight) found")
+    D = cls.shape[-1]
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    head = sd.get("head.weight")
+    return LayoutInfo(
+        layout=layout, num_classes=int(cls.shape[1]), embed_dim=int(D), depth=depth,
+        patch_size=int(proj.shape[-1]), grid=(int(grid[0]), int(grid[1])),
+        mlp_ratio=float(fc1.shape[0]) / D if fc1 is not None else 4.0,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, has_head=head is not None and head.ndim == 4)
+
+
+# ---------------------------------------------------------------------------------------- key mapping
+def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, source: str = "checkpoint"
+                              ) -> dict[str, torch.Tensor]:
+    """Authors' V1/V2/+ keys -> :class:`ClassTokenViT` keys (position embeddings split / reshaped)."""
+    C, D = info.num_classes, info.embed_dim
+    gh, gw = info.grid
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for k, v in sd.items():
+        if k in ("cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat"):
+            continue
+        if k.startswith("head."):
+            if v.ndim == 4 or (k == "head.bias" and info.has_head):
+                out[k] = v
+            continue  # V1: timm's unused linear classifier
+        if _BLOCK_KEY.match(k) or k.startswith(_SHARED_PREFIXES):
+            out[k] = v
+        else:
+            unexpected.append(k)
+    if unexpected:
+        raise TokensegError(f"{source}: unexpected keys for {info.layout}: {', '.join(unexpected[:6])}"
+                            + (" ..." if len(unexpected) > 6 else ""))
+    out["cls_tokens"] = sd["cls_token"].reshape(1, C, D)
+    if info.layout == "mctformer-plus":
+        cls_pos, pat_pos = sd["pos_embed_cls"], sd["pos_embed_pat"]
+        if tuple(cls_pos.shape) != (1, C, D):
+            raise TokensegError(f"{source}: pos_embed_cls has shape {tuple(cls_pos.shape)}, expected (1, {C}, {D})")
+    else:
+        pe = sd["pos_embed"]
+        cls_pos, pat_pos = pe[:, :C], pe[:, C:]
+    if tuple(pat_pos.shape) != (1, gh * gw, D):
+        raise TokensegError(f"{source}: patch position embedding has shape {tuple(pat_pos.shape)}, "
+                            f"expected (1, {gh * gw}, {D})")
+    out["pos_embed_cls"] = cls_pos.reshape(1, C, D).clone()
+    out["pos_embed_pat"] = pat_pos.reshape(1, gh, gw, D).permute(0, 3, 1, 2).contiguous()
+    return out
+
+
+def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``)."""
+    method = canonical_method(method)
+    if any(k.startswith("patch_embed.proj.") and k.count(".") > 3 for k in sd) or \
+            "patch_embed.proj.weight" not in sd:
+        raise TokensegError("this model has a convolutional stem (model.stem=conv), which the authors' "
+                            "layout cannot hold")
+    extra = [k for k in sd if k.startswith("patch_embed.norm.")]
+    if extra:
+        raise TokensegError(f"the authors' layout has no patch-embedding norm ({extra[0]})")
+    pos_pat = sd["pos_embed_pat"]
+    _, D, gh, gw = pos_pat.shape
+    if gh != gw:
+        raise TokensegError(f"the authors' code needs a square position grid, this model has {gh}×{gw}")
+    cls = sd["cls_tokens"]
+    pat = pos_pat.permute(0, 2, 3, 1).reshape(1, gh * gw, D)
+    out: dict[str, torch.Tensor] = {"cls_token": cls.clone()}
+    if method == "mctformer-plus":
+        out["pos_embed_cls"] = sd["pos_embed_cls"].clone()
+        out["pos_embed_pat"] = pat.contiguous()
+    else:
+        out["pos_embed"] = torch.cat([sd["pos_embed_cls"], pat], dim=1)
+    for k, v in sd.items():
+        if k in ("cls_tokens", "pos_embed_cls", "pos_embed_pat"):
+            continue
+        if k.startswith("head.") and method == "mctformer-v1":
+            continue
+        out[k] = v.clone()
+    if method != "mctformer-v1" and "head.weight" not in sd:
+        raise TokensegError(f"{method} needs a PatchCAM head, this model has none (it is mctformer-v1)")
+    return out
+
+
+def export_authors_state(model: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """A :class:`ClassTokenViT`'s weights in the authors' layout of ``method``."""
+    return tokenseg_to_authors_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, method)
+
+
+# ---------------------------------------------------------------------------------------- building
+def resolve_class_names(spec: str | list[str] | None, num_classes: int | None) -> list[str]:
+    """``voc`` / ``coco`` / a class names file / a list; default by count (20: VOC, 80: COCO)."""
+    from ..data import COCO_CLASSES, VOC_CLASSES
+
+    if isinstance(spec, (list, tuple)):
+        names = list(spec)
+    elif spec in (None, ""):
+        if num_classes is None:
+            raise TokensegError("give the number of classes (--num-classes) or their names (--class-names)")
+        names = {20: VOC_CLASSES, 80: COCO_CLASSES}.get(num_classes) or [f"class_{i}" for i in range(num_classes)]
+    elif str(spec).lower() in ("voc", "coco"):
+        names = VOC_CLASSES if str(spec).lower() == "voc" else COCO_CLASSES
+    else:
+        from ..data import read_class_names
+
+        names = read_class_names(spec)
+    names = list(names)
+    if num_classes is not None and len(names) != num_classes:
+        raise TokensegError(f"{len(names)} class names given for {num_classes} classes")
+    return names
+
+
+def config_for(info: LayoutInfo, method: str, num_heads: int | None = None, overrides=()) -> Config:
+    """A config that rebuilds the model ``info`` describes: the ``method`` preset, the right backbone."""
+    cfg = load_config(method)
+    cfg.name = f"converted-{method}"
+    cfg.output_dir = f"runs/converted-{method}"
+    m = cfg.model
+    key = (info.embed_dim, info.depth, info.patch_size)
+    std = _STANDARD.get(key)
+    if std and (num_heads in (None, std[1])) and info.mlp_ratio == 4.0 and info.qkv_bias:
+        m.backbone, m.backbone_kwargs = std[0], {}
+    else:
+        if num_heads is None:
+            if info.embed_dim % 64:
+                raise TokensegError(f"cannot tell the number of attention heads for embed dim {info.embed_dim}: "
+                                    "pass --num-heads")
+            num_heads = info.embed_dim // 64
+        if info.embed_dim % num_heads:
+            raise TokensegError(f"embed dim {info.embed_dim} is not divisible by {num_heads} heads")
+        m.backbone = "vit_small_patch16_224"
+        m.backbone_kwargs = {"embed_dim": info.embed_dim, "depth": info.depth, "num_heads": num_heads,
+                             "patch_size": info.patch_size, "img_size": info.grid[0] * info.patch_size}
+        if info.mlp_ratio != 4.0:
+            m.backbone_kwargs["mlp_ratio"] = info.mlp_ratio
+        if not info.qkv_bias:
+            m.backbone_kwargs["qkv_bias"] = False
+    m.method = method
+    m.pretrained = False
+    m.stem = "patch"
+    if info.layout != "imagenet":
+        m.img_size = info.grid[0] * info.patch_size
+    if method == "mctformer-v1":
+        cfg.maps.kinds = [k for k in cfg.maps.kinds if k.startswith("attention")] or ["attention_affinity"]
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _check_method(info: LayoutInfo, method: str | None, source: str) -> str:
+    method = canonical_method(method)
+    if info.layout == "imagenet":
+        return method or "mctformer-plus"
+    if method is None:
+        return info.layout
+    if method == "mctformer-v1" and info.has_head:
+        raise TokensegError(f"{source}: has a PatchCAM conv head, so it is not mctformer-v1 "
+                            f"(detected {info.layout})")
+    if method != "mctformer-v1" and not info.has_head:
+        raise TokensegError(f"{source}: {method} needs the PatchCAM conv head (head.weight, C×D×3×3), "
+                            f"which this checkpoint lacks (detected {info.layout})")
+    return method
+
+
+def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = None,
+                     num_classes: int | None = None, class_names: str | list[str] | None = None,
+                     num_heads: int | None = None, overrides=(), path: str | Path | None = None):
+    """Build our model from an already loaded authors' (or ImageNet) checkpoint object.
+
+    Returns ``(model, cfg, class_names)``. ``num_classes`` / ``class_names`` are checked against the
+    checkpoint (and required for an ImageNet checkpoint, which has one class token)."""
+    from . import build_model
+    from ..engine import load_state_checked
+
+    sd = unwrap_state_dict(obj, source)
+    info = detect_layout(sd, source)
+    if info.layout == "tokenseg":
+        raise TokensegError(f"{source}: already a tokenseg state dict; load it with load_model_from_checkpoint")
+    method = _check_method(info, method, source)
+    if info.layout == "imagenet":
+        if num_classes is None and class_names in (None, ""):
+            raise TokensegError(f"{source}: an ImageNet backbone checkpoint (one class token): give the number "
+                                "of classes (--num-classes) or --class-names to initialise C class tokens from it")
+        names = resolve_class_names(class_names, num_classes)
+        if path is None:
+            raise TokensegError(f"{source}: an ImageNet checkpoint needs its file path")
+        cfg = config_for(info, method, num_heads, overrides)
+        if cfg.model.backbone_kwargs:
+            cfg.model.backbone_kwargs["img_size"] = info.grid[0] * info.patch_size
+        cfg.model.pretrained = str(path)
+        model = build_model(cfg.model, len(names))  # class token repeated C times (METHODS.md §2)
+        model.tokenseg_method = method
+        return model.eval(), cfg, names
+    C = info.num_classes
+    if num_classes is not None and num_classes != C:
+        raise TokensegError(f"{source}: the checkpoint has {C} class tokens, but {num_classes} classes were asked for")
+    head = sd.get("head.weight")
+    if info.has_head and head.shape[0] != C:
+        raise TokensegError(f"{source}: head.weight has {head.shape[0]} outputs for {C} class tokens")
+    names = resolve_class_names(class_names, C)
+    ours = authors_to_tokenseg_state(sd, info, source)
+    cfg = config_for(info, method, num_heads, overrides)
+    model = build_model(cfg.model, C)
+    try:
+        load_state_checked(model, ours, source)
+    except TokensegError as exc:
+        raise TokensegError(f"{exc} [layout {info.layout}, depth {info.depth}, dim {info.embed_dim}, "
+                            f"{C} classes]") from None
+    model.tokenseg_method = method  # maps.mode=authors: V1/V2 interpolate position embeddings with +0.1
+    model.eval()
+    return model, cfg, names
+
+
+def load_authors_checkpoint(path: str | Path, method: str | None = None, *, num_classes: int | None = None,
+                            class_names: str | list[str] | None = None, num_heads: int | None = None,
+                            allow_pickle: bool = False, overrides=()):
+    """Load the authors' MCTformer-V1/V2/+ weights (or an ImageNet ViT as initialisation) from ``path``.
+
+    The layout is detected (``method`` forces one; it must fit the weights). Returns ``(model, cfg)``;
+    the class names are the returned model's ``class_names`` attribute (VOC for 20 classes, COCO for 80,
+    unless ``class_names`` says otherwise)."""
+    obj = read_weights(path, allow_pickle)
+    model, cfg, names = model_from_state(obj, str(path), method, num_classes, class_names, num_heads,
+                                         overrides, path=path)
+    model.class_names = names
+    return model, cfg
+
+
+# ---------------------------------------------------------------------------------------- files
+def is_tokenseg_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and "model" in obj and "config" in obj
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, method: str | None = None,
+                       num_classes: int | None = None, class_names: str | list[str] | None = None,
+                       num_heads: int | None = None, allow_pickle: bool = False) -> dict:
+    """``tokenseg convert``: authors' (or ImageNet) weights -> a tokenseg checkpoint, or a tokenseg
+    checkpoint -> the authors' layout (``{'model': state_dict}``). ``to``: ``tokenseg`` | ``authors``
+    (default: the other side of what ``src`` is). Returns a summary."""
+    from ..engine import config_from_checkpoint, save_checkpoint
+    from ..io import write_bytes_atomic
+
+    src, dst = Path(src), Path(dst)
+    obj = read_weights(src, allow_pickle)
+    ours = is_tokenseg_checkpoint(obj)
+    to = to or ("authors" if ours else "tokenseg")
+    if to not in ("tokenseg", "authors"):
+        raise TokensegError(f"--to must be tokenseg or authors, got {to!r}")
+    if ours:
+        cfg = config_from_checkpoint(obj)
+        names = list(obj.get("class_names") or [])
+        method = canonical_method(method) or cfg.model.method
+        if to == "tokenseg":
+            raise TokensegError(f"{src}: is already a tokenseg checkpoint")
+        if num_classes is not None and num_classes != len(names):
+            raise TokensegError(f"{src}: has {len(names)} classes, not {num_classes}")
+        if cfg.model.stem != "patch":
+            raise TokensegError(f"{src}: model.stem={cfg.model.stem}: the authors' layout has only the linear "
+                                "patch embedding")
+        sd = tokenseg_to_authors_state(obj["model"], method)
+        import io as _io
+
+        buf = _io.BytesIO()
+        torch.save({"model": sd}, buf)
+        write_bytes_atomic(dst, buf.getvalue())
+        return {"from": "tokenseg", "to": f"authors {method}", "classes": len(names), "keys": len(sd),
+                "output": str(dst)}
+    if to == "authors":
+        sd = unwrap_state_dict(obj, str(src))
+        info = detect_layout(sd, str(src))
+        raise TokensegError(f"{src}: is already in the authors' layout ({info.layout})")
+    model, cfg, names = model_from_state(obj, str(src), method, num_classes, class_names, num_heads, path=src)
+    save_checkpoint(dst, model, None, None, 0, cfg, names)
+    info = detect_layout(unwrap_state_dict(obj, str(src)), str(src))
+    return {"from": info.layout, "to": f"tokenseg {cfg.model.method}", "classes": len(names),
+            "backbone": cfg.model.backbone, "img_size": cfg.model.img_size, "output": str(dst)}
+
+
+__all__ = ["LayoutInfo", "detect_layout", "unwrap_state_dict", "read_weights", "authors_to_tokenseg_state",
+           "tokenseg_to_authors_state", "export_authors_state", "model_from_state", "load_authors_checkpoint",
+           "convert_checkpoint", "resolve_class_names", "config_for", "canonical_method", "is_tokenseg_checkpoint"]
