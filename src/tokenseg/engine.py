@@ -51,11 +51,12 @@ def init_distributed(device_kind: str) -> DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when available (this rank's GPU under torchrun), else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensegError(f"device {name!r} requested but no CUDA device is available")
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise TokensegError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

@@ -31,6 +31,7 @@ from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, read_mask, sa
 from ..metrics import confusion_matrix
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
 from .randomwalk import walk_maps
+from ..engine import resolve_device
 
 # ----------------------------------------------------------------------------- per-image steps
 
@@ -180,14 +181,6 @@ def resolve_seeds_dir(cfg: Config, seeds_dir: str | Path | None = None) -> Path:
             return c
     raise TokensegError(f"no seeds folder found (looked for {candidates[0]} and {candidates[1]}); "
                         "run `tokenseg maps` first or pass --seeds DIR")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TokensegError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def refuse_dataset_folder(path: str | Path, cfg: Config) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..config import Config, SegmentConfig
 from ..io import IGNORE_INDEX, TokensegError, read_mask, write_bytes_atomic, write_json_atomic
 from .deeplab import build_segmenter
+from ..engine import resolve_device
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -94,14 +95,6 @@ class CropDataset(Dataset):
         x = x[:, y0:y0 + c, x0:x0 + c]
         mask = mask[y0:y0 + c, x0:x0 + c]
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TokensegError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
