@@ -50,7 +50,8 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     if any(root.glob("*.np[yz]")):
         folders = {root.name: root}
     else:
-        folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+        folders = {p.name: p for p in sorted(root.iterdir())
+                   if p.is_dir() and any(p.glob("*.np[yz]"))} if root.is_dir() else {}  # not *_overlays/
     if not folders:
         from .io import TokensegError
 
