@@ -22,14 +22,11 @@ from .train import autocast_dtype, normalise_image, resolve_device
 
 
 def read_segmentation_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise TokensegError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read checkpoint ({exc})") from exc
-    if not isinstance(state, dict) or "model" not in state:
+    """A tokenseg checkpoint (segmentation or classification) as a dict with a 'model' entry."""
+    from ..engine import read_checkpoint
+
+    state = read_checkpoint(path, allow_foreign=True)
+    if "model" not in state:
         raise TokensegError(f"{path}: not a tokenseg checkpoint")
     return state
 
