@@ -249,8 +249,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
     ``resume``: continue from ``<output_dir>/checkpoint.pt`` exactly where it stopped (same weights as
     an uninterrupted run on the CPU). ``on_step(step, losses)`` is called after every step (tests use it
     to simulate a kill)."""
-    device_kind = "cuda" if (cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
-    dinfo = init_distributed(device_kind)
+    dinfo = init_distributed(resolve_device(cfg.train.device).type)
     device = resolve_device(cfg.train.device, dinfo.local_rank)
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME

@@ -195,7 +195,7 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     ds = build_dataset(cfg.data, split)
     if list(ds.class_names) != names:
         raise TokensegError(f"{ckpt}: trained on classes {names}, dataset has {ds.class_names}")
-    dinfo = init_distributed("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    dinfo = init_distributed(resolve_device(cfg.train.device).type)
     device = resolve_device(cfg.train.device, dinfo.local_rank)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "seeds" / split
     meta = {"checkpoint": str(ckpt), "method": cfg.model.method, "split": split,
