@@ -194,3 +194,35 @@ def test_authors_mode_cli_exports_npy_that_evaluate_reads(tiny_overrides, tmp_pa
     # .npy export is the authors' format only
     assert main(["maps", "tiny", *tiny_overrides, "--split", "val", "--out", str(tmp_path / "x"),
                  "--export-npy", "--quiet"]) == 2
+
+
+def test_run_cli_chains_train_maps_evaluate_and_resumes(tiny_overrides, tmp_path, capsys):
+    args = ["run", "tiny", *tiny_overrides, "train.max_steps=2", "maps.kinds=[fused]", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fused" in out and "mIoU" in out
+    seeds = tmp_path / "run" / "seeds" / "val" / "fused"
+    assert len(list(seeds.glob("*.npz"))) == 16
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    assert main(args) == 0  # a second run resumes: nothing to train, seeds reused
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_demo_cli_prints_the_table_and_writes_the_gallery(tmp_path, capsys):
+    tiny = ["data.synthetic={num_classes: 3, image_size: 48, train_images: 48, val_images: 16, seed: 1}",
+            "model.backbone_kwargs={img_size: 48, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+            "model.img_size=48", "train.max_steps=3", "train.batch_size=8", f"data.cache_dir={tmp_path / 'c'}",
+            "segment.epochs=1"]
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *tiny, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("class-token attention", "attention + patch affinity", "PatchCAM", "fused (attention x PatchCAM)",
+                "fused + patch affinity", "background everywhere", "pseudo masks", "segmentation network"):
+        assert row in printed, row
+    res = json.loads((out / "demo_results.json").read_text())
+    assert len(res["seeds"]) == 5 and res["chain"]["seg_miou_val"] is not None
+    from PIL import Image
+
+    with Image.open(out / "gallery.png") as g:
+        assert g.size[0] > 8 * 100  # input, ground truth, 5 maps, argmax
