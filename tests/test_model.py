@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tokenseg.config import ModelConfig
 from tokenseg.losses import contrastive_class_token_loss
 from tokenseg.models import build_model, gwrp, resize_pos_grid
+from tokenseg.models import classtoken
 
 
 def tiny_model(method="mctformer-plus", C=3, depth=3, **kw):
@@ -108,6 +109,26 @@ def test_attention_reduction_matches_stacked_reference(affinity):
     assert torch.allclose(out.patchcam, F.relu(m.head(pat)), atol=1e-5)
     train_out = m(x)
     assert torch.allclose(out.cls_logits, train_out["cls_logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_attention_matches_whole_product(monkeypatch, dtype, blocked):
+    """The CPU path works on blocks of query rows, head by head (N = 37 rows in blocks of 8 leaves a
+    ragged last block); the GPU path in one product."""
+    monkeypatch.setattr(classtoken, "_CPU_BLOCK_FLOATS", 8 * 37)
+    torch.manual_seed(0)
+    B, H, N, d = 2, 3, 37, 16
+    q, k, v = (torch.randn(B, H, N, d).to(dtype).float() for _ in range(3))
+    q = q * d ** -0.5  # callers pass q already scaled
+    probs = (q @ k.transpose(-2, -1)).softmax(-1)  # fp32 reference on the same (rounded) inputs
+    ref_out = (probs @ v).transpose(1, 2).reshape(B, N, H * d)
+    out, head_mean = classtoken.explicit_attention(q.to(dtype), k.to(dtype), v.to(dtype), blocked)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and head_mean.dtype == torch.float32
+    assert torch.allclose(out.float(), ref_out, atol=tol)
+    assert torch.allclose(head_mean, probs.mean(1), atol=tol / 10)
+    assert torch.allclose(head_mean.sum(-1), torch.ones(B, N), atol=tol)
 
 
 def test_v1_has_no_patch_head_and_distinct_tokens_from_scratch():

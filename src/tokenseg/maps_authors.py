@@ -42,7 +42,7 @@ from .config import MapsConfig
 from .data import WSSSDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .io import SeedMaps, TokensegError, atomic_write, load_seed, save_seed, seed_path, write_json_atomic
-from .models import ClassTokenViT, MapOutputs
+from .models import ClassTokenViT, MapOutputs, explicit_attention
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 
@@ -102,12 +102,12 @@ def authors_forward(model: ClassTokenViT, x: torch.Tensor, last_k: int, layer_re
         q, k, v = qkv[0], qkv[1], qkv[2]
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)  # (B, heads, N, N)
-        out = (a @ v).transpose(1, 2).reshape(B, N, D)
+        # softmax(q kᵀ · scale) v and the head mean Ā^l, blocked on the CPU; scaling q instead of the
+        # product is exact for power-of-two scales (1/8 for DeiT's 64-dim heads)
+        out, a = explicit_attention(q * attn.scale, k, v)
         out = attn.proj(attn.norm(out) if hasattr(attn, "norm") else out)
         tokens = tokens + blk.ls1(out)
         tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
-        a = a.mean(1)  # head mean Ā^l
         if li >= L - last_k:
             c2p = a[:, :C, C:] if c2p is None else c2p + a[:, :C, C:]
         if affinity:

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..io import TokensegError
-from .classtoken import ClassTokenViT, MapOutputs, gwrp, pool_patch_scores, resize_pos_grid
+from .classtoken import ClassTokenViT, MapOutputs, explicit_attention, gwrp, pool_patch_scores, resize_pos_grid
 
-__all__ = ["ClassTokenViT", "MapOutputs", "build_model", "gwrp", "pool_patch_scores", "resize_pos_grid",
+__all__ = ["ClassTokenViT", "MapOutputs", "build_model", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
            "load_backbone_weights"]
 
 

@@ -166,8 +166,8 @@ class ClassTokenViT(nn.Module):
             want_p2p = affinity and li >= aff_from
             h = blk.norm1(tokens)
             attn_out, cls_rows, head_mean = _attention_with_maps(blk.attn, h, C, want_c2p, want_p2p)
-            tokens = tokens + blk.drop_path1(blk.ls1(attn_out))
-            tokens = tokens + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(tokens))))
+            tokens += blk.drop_path1(blk.ls1(attn_out))  # in place: no grad here, one buffer less per layer
+            tokens += blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(tokens))))
             if want_c2p:
                 rows = cls_rows[:, :, C:].float()
                 c2p = rows if c2p is None else c2p + rows
@@ -185,6 +185,58 @@ class ClassTokenViT(nn.Module):
                           cls_logits=tokens[:, :C].float().mean(-1), grid=grid)
 
 
+# Rows per block on the CPU: one head's rows×N scores take about this many floats (4 MiB), so QKᵀ,
+# softmax, AV and the head sum run on data that stays in cache, in buffers allocated once. Computing the
+# whole H×N×N at once (N≈1150 at 1.25× VOC size) writes 32 MB per layer into fresh memory: QKᵀ then runs
+# at about half the machine's matmul rate and every page is faulted in (~1.7× slower per layer).
+_CPU_BLOCK_FLOATS = 1 << 20
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       blocked: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ) v as (B, N, H·d) with the head-mean probabilities (B, N, N) in fp32; q is already
+    scaled.
+
+    ``blocked`` (default: on the CPU) runs per sample, block of query rows and head (each row's softmax
+    is independent, so this equals the whole product up to float rounding); otherwise (GPUs) one
+    batched product."""
+    B, H, N, d = q.shape
+    if not (q.device.type == "cpu" if blocked is None else blocked):
+        probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return (probs @ v).transpose(1, 2).reshape(B, N, H * d), _head_mean(probs)
+    out = torch.empty(B, H, N, d, dtype=q.dtype, device=q.device)
+    head_mean = torch.empty(B, N, N, dtype=torch.float32, device=q.device)
+    rows = max(16, _CPU_BLOCK_FLOATS // N)
+    scratch = torch.empty(min(rows, N) * N, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for r0 in range(0, N, rows):
+            r1 = min(r0 + rows, N)
+            acc = head_mean[b, r0:r1]  # the head sum, accumulated in fp32
+            for h in range(H):
+                first = h == 0 and q.dtype == torch.float32
+                probs = acc if first else scratch[: (r1 - r0) * N].view(r1 - r0, N)
+                torch.mm(q[b, h, r0:r1], k[b, h].T, out=probs)
+                torch.softmax(probs, -1, out=probs)
+                torch.mm(probs, v[b, h], out=out[b, h, r0:r1])
+                if h == 0 and not first:
+                    acc.copy_(probs)
+                elif h > 0:
+                    acc += probs
+            acc.mul_(1.0 / H)
+    return out.transpose(1, 2).reshape(B, N, H * d), head_mean
+
+
+def _head_mean(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over heads (dim 1) in fp32. A half-precision tensor is summed head by head into fp32: a
+    dim-1 reduction of a bf16 tensor first upcasts all of it (~9× slower on the CPU)."""
+    if probs.dtype == torch.float32:
+        return probs.mean(1)
+    hm = probs[:, 0].float()
+    for h in range(1, probs.shape[1]):
+        hm += probs[:, h]
+    return hm.div_(probs.shape[1])
+
+
 def _attention_with_maps(attn: nn.Module, x: torch.Tensor, num_cls: int, want_cls_rows: bool,
                          want_full: bool):
     """timm ``Attention`` forward that also returns attention probabilities, head-averaged.
@@ -199,31 +251,12 @@ def _attention_with_maps(attn: nn.Module, x: torch.Tensor, num_cls: int, want_cl
     q, k = attn.q_norm(q), attn.k_norm(k)
     cls_rows = head_mean = None
     if want_full:
-        # On the CPU one sample at a time: a batch's B×H×N×N probabilities overflow the last-level
-        # cache (H·N² floats are already ~32 MB at N≈1150); the result is bitwise the same.
-        step = 1 if x.device.type == "cpu" else B
-        outs, means = [], []
-        for b in range(0, B, step):
-            probs = ((q[b:b + step] * attn.scale) @ k[b:b + step].transpose(-2, -1)).softmax(dim=-1)
-            outs.append(probs @ v[b:b + step])
-            if probs.dtype == torch.float32:
-                means.append(probs.mean(1))
-            else:
-                # bf16/fp16 (maps.dtype=bf16): a dim-1 reduction of a half tensor first upcasts the whole
-                # tensor (~9× slower on the CPU); summing head by head into fp32 avoids that
-                hm = probs[:, 0].float()
-                for h in range(1, H):
-                    hm += probs[:, h]
-                means.append(hm.div_(H))
-            del probs
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        head_mean = means[0] if len(means) == 1 else torch.cat(means)
+        out, head_mean = explicit_attention(q * attn.scale, k, v)
         cls_rows = head_mean[:, :num_cls] if want_cls_rows else None
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
         if want_cls_rows:
             cls_rows = ((q[:, :, :num_cls] * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)
-    out = out.transpose(1, 2).reshape(B, N, -1)
     if hasattr(attn, "norm"):
         out = attn.norm(out)
     out = attn.proj(out)
@@ -256,4 +289,5 @@ def num_patches_for(img_size: int, patch: int) -> int:
     return (img_size // patch) ** 2
 
 
-__all__ = ["ClassTokenViT", "MapOutputs", "gwrp", "pool_patch_scores", "resize_pos_grid", "num_patches_for"]
+__all__ = ["ClassTokenViT", "MapOutputs", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
+           "num_patches_for"]
