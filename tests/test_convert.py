@@ -159,6 +159,10 @@ def test_untrusted_pickle_needs_allow_pickle(tmp_path):
         load_authors_checkpoint(p, num_heads=2)
     m, _ = load_authors_checkpoint(p, num_heads=2, allow_pickle=True)
     assert same_state(model, m)
+    # `tokenseg maps --checkpoint` reads through read_checkpoint: tensors-only as well
+    with pytest.raises(TokensegError, match="tokenseg convert .* --allow-pickle"):
+        read_checkpoint(p, allow_foreign=True)
+    assert read_checkpoint(p, allow_foreign=True, allow_pickle=True)["extra"] == Fraction(1, 3)
 
 
 def deit_like(tmp_path, layout="deit"):

@@ -229,3 +229,16 @@ def test_both_backends_agree_on_the_fixture(coco_root, tmp_path):
 def test_coco_class_list():
     assert len(COCO_CLASSES) == 80 and len(set(COCO_CLASSES)) == 80
     assert COCO_CLASSES[0] == "person" and COCO_CLASSES[-1] == "toothbrush"
+
+
+def test_coco_preset(coco_root, tmp_path, capsys):
+    """The shipped COCO preset: the MCTformer+ recipe on the COCO reader's splits."""
+    cfg = load_config("mctformer-plus-coco", [f"data.root={coco_root}"])
+    plus = load_config("mctformer-plus")
+    assert (cfg.data.format, cfg.data.train_split, cfg.data.val_split) == ("coco", "train2014", "val2014")
+    assert cfg.maps.split == cfg.eval.split == "train2014"
+    assert cfg.model == plus.model and cfg.train == plus.train
+    rc = main(["data", "check", "mctformer-plus-coco", f"data.root={coco_root}", "data.val_split=train2014",
+               f"data.cache_dir={tmp_path / 'c'}"])
+    assert rc == 0
+    assert "split train2014: 3 images" in capsys.readouterr().out

@@ -133,16 +133,15 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def read_checkpoint(path: str | Path, allow_foreign: bool = False) -> dict:
+def read_checkpoint(path: str | Path, allow_foreign: bool = False, allow_pickle: bool = False) -> dict:
     """Our checkpoint dict; with ``allow_foreign`` any dict is returned (the authors' layouts, which
-    :func:`load_model_from_checkpoint` converts)."""
+    :func:`load_model_from_checkpoint` converts). Read tensors-only (``weights_only``) with an allow-list
+    that covers our own checkpoints (config dicts, optimizer state, numpy RNG state) and the authors'
+    ``args``; anything else needs ``allow_pickle``, since unpickling a file can run code."""
+    from .models.convert import read_weights
+
     path = Path(path)
-    if not path.is_file():
-        raise TokensegError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read checkpoint ({exc})") from exc
+    state = read_weights(path, allow_pickle)
     if allow_foreign and isinstance(state, dict):
         return state
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -86,8 +86,9 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> Any:
         msg = str(exc).lower()
         if not allow_pickle and ("weights only" in msg or "weights_only" in msg):
             raise TokensegError(
-                f"{path}: the file holds Python objects besides tensors; if you trust it, pass --allow-pickle "
-                f"(allow_pickle=True): unpickling can run arbitrary code") from exc
+                f"{path}: the file holds Python objects besides tensors; if you trust it, convert it once with "
+                f"`tokenseg convert {path} OUT.pth --allow-pickle` (Python: allow_pickle=True): unpickling can "
+                f"run arbitrary code") from exc
         raise TokensegError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
