@@ -36,7 +36,7 @@ def median(xs) -> float:
 
 def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 7) -> dict:
     """Measured dense matmul throughput (GFLOP/s): median and best of ``repeats`` n×n×n products.
-    The machine may be shared, so the median is what the figures use."""
+    The bound uses the best: on a shared machine other jobs can only slow a product down."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):

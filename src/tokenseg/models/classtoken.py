@@ -213,15 +213,16 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             r1 = min(r0 + rows, N)
             acc = head_mean[b, r0:r1]  # the head sum, accumulated in fp32
             for h in range(H):
-                first = h == 0 and q.dtype == torch.float32
-                probs = acc if first else scratch[: (r1 - r0) * N].view(r1 - r0, N)
+                # fp32: the first head's probabilities are written straight into the sum
+                direct = h == 0 and q.dtype == torch.float32
+                probs = acc if direct else scratch[: (r1 - r0) * N].view(r1 - r0, N)
                 torch.mm(q[b, h, r0:r1], k[b, h].T, out=probs)
                 torch.softmax(probs, -1, out=probs)
                 torch.mm(probs, v[b, h], out=out[b, h, r0:r1])
-                if h == 0 and not first:
-                    acc.copy_(probs)
-                elif h > 0:
+                if h > 0:
                     acc += probs
+                elif not direct:
+                    acc.copy_(probs)
             acc.mul_(1.0 / H)
     return out.transpose(1, 2).reshape(B, N, H * d), head_mean
 
