@@ -94,3 +94,23 @@ def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu or 'cpu'} ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
             f"{gpu}; load average {load:.1f} at start)")
+
+
+def authors_blocks(model, tokens: torch.Tensor, num_cls: int) -> tuple[torch.Tensor, list, list]:
+    """The authors' transformer blocks: attention computed explicitly (softmax(QKᵀ·scale)·V) in every
+    layer and every layer's B×H×N×N probabilities kept in a list, as their forward returns them.
+    Returns the final tokens (before the last norm), that list, and every layer's class tokens."""
+    attn_weights, layer_cls = [], []
+    for blk in model.blocks:
+        a = blk.attn
+        y = blk.norm1(tokens)
+        B, N, D = y.shape
+        qkv = a.qkv(y).reshape(B, N, 3, a.num_heads, D // a.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = a.attn_drop(((q @ k.transpose(-2, -1)) * a.scale).softmax(dim=-1))
+        attn_weights.append(attn)
+        out = a.proj_drop(a.proj((attn @ v).transpose(1, 2).reshape(B, N, D)))
+        tokens = tokens + blk.drop_path1(out)
+        tokens = tokens + blk.drop_path2(blk.mlp(blk.norm2(tokens)))
+        layer_cls.append(tokens[:, :num_cls])
+    return tokens, attn_weights, layer_cls

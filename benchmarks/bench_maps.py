@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (busy_warning, machine, matmul_rate, maxrss_mb, median, pick_device, run_worker,  # noqa: E402
-                     sync, table)
+from _common import (authors_blocks, busy_warning, machine, matmul_rate, maxrss_mb, median,  # noqa: E402
+                     pick_device, run_worker, sync, table)
 
 H_IMG, W_IMG = 375, 500
 SCALES = [1.0, 0.75, 1.25]
@@ -94,19 +94,9 @@ def authors_forward_stacked(model, x: torch.Tensor, K: int):
     tokens = tokens + pos.flatten(2).transpose(1, 2)
     C = model.num_classes
     x = torch.cat([model.cls_tokens + model.pos_embed_cls, tokens], dim=1)
-    attn_weights = []
-    for blk in model.blocks:
-        a_mod = blk.attn
-        y = blk.norm1(x)
-        B, N, D = y.shape
-        qkv = a_mod.qkv(y).reshape(B, N, 3, a_mod.num_heads, D // a_mod.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * a_mod.scale
-        attn = attn.softmax(dim=-1)
-        attn_weights.append(attn)
-        x = x + a_mod.proj((attn @ v).transpose(1, 2).reshape(B, N, D))
-        x = x + blk.mlp(blk.norm2(x))
+    x, attn_weights, _ = authors_blocks(model, x, C)
     x = model.norm(x)
+    B, _, D = x.shape
     attn_weights = torch.stack(attn_weights)  # 12 × B × H × N × N
     attn_weights = torch.mean(attn_weights, dim=2)  # 12 × B × N × N
     mtatt = attn_weights[-K:].mean(0)[:, :C, C:].reshape(B, C, gh, gw)

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, maxrss_mb, median, pick_device, run_worker, sync, table  # noqa: E402
+from _common import (authors_blocks, busy_warning, machine, maxrss_mb, median, pick_device,  # noqa: E402
+                     run_worker, sync, table)
 
 VARIANTS = ("authors", "ours-fp32", "ours-bf16")
 
@@ -38,20 +39,7 @@ def authors_forward(model, x: torch.Tensor) -> dict:
 
     tokens, grid = model.embed(x)
     C = model.num_classes
-    attn_weights, layer_cls = [], []
-    for blk in model.blocks:
-        a = blk.attn
-        y = blk.norm1(tokens)
-        B, N, D = y.shape
-        qkv = a.qkv(y).reshape(B, N, 3, a.num_heads, D // a.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * a.scale
-        attn = a.attn_drop(attn.softmax(dim=-1))
-        attn_weights.append(attn)
-        out = a.proj_drop(a.proj((attn @ v).transpose(1, 2).reshape(B, N, D)))
-        tokens = tokens + blk.drop_path1(out)
-        tokens = tokens + blk.drop_path2(blk.mlp(blk.norm2(tokens)))
-        layer_cls.append(tokens[:, :C])
+    tokens, attn_weights, layer_cls = authors_blocks(model, tokens, C)
     tokens = model.norm(tokens)
     fmap = model.patch_logits_map(tokens, grid)
     return {"cls_logits": tokens[:, :C].float().mean(-1), "patch_map": fmap,

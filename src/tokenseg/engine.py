@@ -24,6 +24,7 @@ from .data.transforms import ClassificationSet, build_eval_transform, build_trai
 from .io import TokensegError, write_bytes_atomic
 from .losses import contrastive_class_token_loss, multilabel_soft_margin
 from .models import ClassTokenViT, build_model
+from .models.convert import model_from_state, read_weights
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -138,8 +139,6 @@ def read_checkpoint(path: str | Path, allow_foreign: bool = False, allow_pickle:
     :func:`load_model_from_checkpoint` converts). Read tensors-only (``weights_only``) with an allow-list
     that covers our own checkpoints (config dicts, optimizer state, numpy RNG state) and the authors'
     ``args``; anything else needs ``allow_pickle``, since unpickling a file can run code."""
-    from .models.convert import read_weights
-
     path = Path(path)
     state = read_weights(path, allow_pickle)
     if allow_foreign and isinstance(state, dict):
@@ -184,8 +183,6 @@ def load_model_from_checkpoint(path: str | Path, overrides=()) -> tuple[ClassTok
     The authors' MCTformer-V1/V2/+ checkpoints are converted on the fly (see ``tokenseg convert``)."""
     state = read_checkpoint(path, allow_foreign=True)
     if "config" not in state or "model" not in state:
-        from .models.convert import model_from_state
-
         return model_from_state(state, str(path), overrides=overrides, path=path)
     cfg = config_from_checkpoint(state, overrides)
     names = list(state.get("class_names") or [])
