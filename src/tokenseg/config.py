@@ -292,6 +292,13 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------------------------
 
 @dataclass
+class IRNConfig:
+    """IRN mask step (``pseudo.refine=irn``, ``pseudo.irn.*``; Ahn et al., CVPR 2019; METHODS.md §7.2)."""
+
+    variant: str = "irn"  # irn (threshold the walked maps) | pot (POT's own background channel, cams^1.5)
+
+
+@dataclass
 class PseudoConfig:
     """Seeds -> pseudo masks (``tokenseg pseudo``). Recipes: see README "Pseudo masks".
 
@@ -337,6 +344,7 @@ class PseudoConfig:
     rw_beta: float = 8.0
     rw_logt: int = 6  # 2^logt random-walk steps
     rw_bg: float = 0.39  # constant background score before the walk
+    irn: "IRNConfig" = field(default_factory=lambda: IRNConfig())  # refine=irn (METHODS.md §7.2)
 
 
 @dataclass
@@ -393,7 +401,7 @@ def validate_post(cfg: Config) -> None:
             raise TokensegError(f"config key {key!r} must be one of {list(options)}, got {value!r}")
 
     choice("pseudo.background", p.background, ("constant", "power"))
-    choice("pseudo.refine", p.refine, ("none", "attention", "affinitynet"))
+    choice("pseudo.refine", p.refine, ("none", "attention", "affinitynet", "irn"))
     choice("pseudo.crf_preset", p.crf_preset, CRF_PRESET_NAMES)
     choice("pseudo.crf_backend", p.crf_backend, ("auto", "pydensecrf", "torch"))
     choice("segment.arch", s.arch, ("deeplabv2", "vit"))
