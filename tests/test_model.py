@@ -87,7 +87,7 @@ def naive_attention_stack(model, x):
         p = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
         attns.append(p)
         tokens = blk(tokens)  # timm's own forward (fused attention) for the token path
-    return torch.stack(attns), model.norm(tokens), grid
+    return torch.stack(attns), model.output_norm(tokens), grid  # no final norm, as the authors
 
 
 @pytest.mark.parametrize("affinity", [True, False])

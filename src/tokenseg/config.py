@@ -63,6 +63,9 @@ class ModelConfig:
     img_size: int = 448
     stem: str = "patch"  # patch (timm's linear patch embedding) | conv (conv stem, for training from scratch)
     drop_path: float = 0.1
+    final_norm: bool = False  # apply the ViT's final LayerNorm; the authors' MCTformer/CTI never do (§16.1)
+    token_init: str = "auto"  # class tokens: copy (the backbone's token repeated C times, as the papers) |
+    # independent (C random draws) | auto (copy with pretrained weights, independent from scratch)
     pooling: str = "gwrp"  # gap | gmp | gwrp (patch-token class scores; V2 uses gap)
     gwrp_decay: float = 0.996
     cls_loss_weight: float = 1.0  # alpha in Eq. 6/12
@@ -81,8 +84,12 @@ class TrainConfig:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    augment: str = "deit"  # deit (RandomResizedCrop+RandAugment+ColorJitter+RandomErasing) | simple
+    augment: str = "deit"  # deit (RandomResizedCrop+flip+RandAugment+RandomErasing, as timm) | simple (crop+flip)
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    color_jitter: float = 0.0  # the authors' 0.4 is inert under RandAugment in timm (§16.2); > 0 adds it
+    lr_schedule: str = "epoch"  # epoch: timm's cosine stepped after each epoch, as the authors (§16.4) | step
+    decay_pos_embed: str = "auto"  # weight decay on position embeddings: auto (as the authors' code: decayed
+    # for MCTformer+, not for V1/V2, §16.3) | true | false
     amp: str = "auto"  # auto (bf16 on CUDA/CPU-off) | bf16 | fp16 | none
     grad_clip: float = 0.0  # 0 = off (as the authors)
     seed: int = 0
@@ -107,6 +114,7 @@ class MapsConfig:
     overlays: bool = False
     size_rounding: str = "round"  # round: resize to a multiple of the patch; floor: authors' crop
     mode: str = "tokenseg"  # tokenseg (batched, fast) | authors (their inference exactly: tokenseg.maps_authors)
+    save_dtype: str = "float16"  # float16 (half the disk) | float32 (exact; the authors save float32 .npy)
 
 
 @dataclass
@@ -115,7 +123,9 @@ class EvalConfig:
     t_min: float = 0.0
     t_max: float = 0.99
     t_step: float = 0.01
-    early_stop: bool = False  # stop at the first decrease, as the authors' evaluation.py
+    early_stop: bool = False  # stop at the first threshold that does not improve, as the authors' --curve
+    miou_classes: str = "all"  # all (every class, IoU 0 if never seen: MCTformer) | present (classes with gt or
+    # prediction pixels) | gt (classes with ground-truth pixels: CLIP-ES)
     background: str = "constant"  # constant (threshold grid) | power ((1-max)^alpha, CLIP-ES)
     alpha: float = 2.0
 
@@ -167,6 +177,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     """Check a value against the default's type (ints widen to floats)."""
     if current is None or value is None or key == "model.pretrained":
         return value
+    if isinstance(current, str) and isinstance(value, bool):  # e.g. decay_pos_embed: true
+        return "true" if value else "false"
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise TokensegError(f"config key {key!r} expects true/false, got {value!r}")
@@ -268,12 +280,19 @@ def validate(cfg: Config) -> None:
     choice("model.pooling", cfg.model.pooling, ("gap", "gmp", "gwrp"))
     choice("train.augment", cfg.train.augment, ("deit", "simple"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "fp16", "none"))
+    choice("train.lr_schedule", cfg.train.lr_schedule, ("epoch", "step"))
+    choice("train.decay_pos_embed", str(cfg.train.decay_pos_embed).lower(), ("auto", "true", "false"))
+    choice("model.token_init", cfg.model.token_init, ("auto", "copy", "independent"))
+    if cfg.train.epochs < 1:
+        raise TokensegError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     choice("maps.layer_reduce", cfg.maps.layer_reduce, ("mean", "sum"))
     choice("maps.fusion", cfg.maps.fusion, ("sqrt", "product"))
     choice("maps.dtype", cfg.maps.dtype, ("fp32", "bf16"))
     choice("maps.size_rounding", cfg.maps.size_rounding, ("round", "floor"))
     choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power"))
+    choice("eval.miou_classes", cfg.eval.miou_classes, ("all", "present", "gt"))
+    choice("maps.save_dtype", cfg.maps.save_dtype, ("float16", "float32"))
     for k in cfg.maps.kinds:
         choice("maps.kinds[]", k, MAP_KINDS)
     if cfg.model.method == "mctformer-v1":
@@ -296,6 +315,41 @@ class IRNConfig:
     """IRN mask step (``pseudo.refine=irn``, ``pseudo.irn.*``; Ahn et al., CVPR 2019; METHODS.md §7.2)."""
 
     variant: str = "irn"  # irn (threshold the walked maps) | pot (POT's own background channel, cams^1.5)
+    # 1. IR labels: confident foreground / background = argmax of [background, maps], CRF'd; disagreement -> 255
+    fg_threshold: float = 0.30  # irn: background score of the confident-foreground labels (conf_fg_thres)
+    bg_threshold: float = 0.05  # irn: background score of the confident-background labels (conf_bg_thres)
+    pot_fg_scale: float = 1.0  # pot: seed background x this for the confident-foreground labels [I]
+    pot_bg_scale: float = 1.0  # pot: ... for the confident-background labels; 1 and 1 = POT's code (no 255 band)
+    label_crf: bool = True  # DenseCRF on each label map (IRN's crf_inference_label)
+    crf_preset: str = "irn"  # t=10, Gaussian 3/3, bilateral 50/5/10; pseudo.crf_* values >= 0 override it
+    crf_gt_prob: float = 0.7  # unary: the label's probability (the rest shared by the other labels)
+    # 2. the network (frozen timm ResNet + boundary and displacement branches)
+    backbone: str = "resnet50"  # any timm ResNet
+    pretrained: bool = False  # timm ImageNet weights (online); the papers start from ImageNet
+    weights: str = ""  # local ImageNet weights file for the backbone (offline alternative)
+    freeze_backbone: bool = True  # as IRN (detached features, frozen BN); false also trains the backbone [I]
+    displacement: bool = True  # train the displacement branch too (only instance masks use it)
+    crop: int = 512
+    scale_range: list = field(default_factory=lambda: [0.5, 1.5])
+    batch_size: int = 32
+    epochs: int = 3
+    max_steps: int = 0  # stop after this many steps (0 = all epochs)
+    lr: float = 0.1  # boundary branch (and backbone if trained); the displacement branch gets 10x
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # the papers' intent; 1e-4 = what their PolyOptimizer runs (METHODS.md §16.16)
+    poly_power: float = 0.9
+    train_radius: int = 10  # pair radius of the loss (IRN's PathIndex radius=10)
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (0 = end of every epoch only)
+    num_workers: int = -1  # data loader processes; -1 = data.num_workers
+    # 3. random walk on boundary affinities -> masks
+    beta: float = 10.0  # affinity exponent
+    exp_times: int = 8  # 2^exp_times walk steps
+    radius: int = 5  # neighbourhood of the walk
+    sem_bg_threshold: float = 0.25  # irn: background score after rw / max(rw)
+    pot_power: float = 1.5  # pot: the walked maps are [background, maps]^pot_power
+    walk: str = "banded"  # banded (shifted-tensor products) | sparse (torch CSR matmul); same result
+    infer_batch: int = 4  # images per network batch / walk batch
 
 
 @dataclass

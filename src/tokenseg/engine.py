@@ -81,14 +81,28 @@ def lr_at(step: int, total: int, warmup: int, base: float, warmup_lr: float, min
     return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def lr_at_epoch(epoch: int, epochs: int, warmup_epochs: float, base: float, warmup_lr: float, min_lr: float) -> float:
+    """The authors' schedule: timm's ``CosineLRScheduler`` stepped once per epoch *after* it
+    (``lr_scheduler.step(epoch)``), so epoch ``e`` runs at the scheduler's value for ``t = max(e - 1, 0)``:
+    epochs 0 and 1 both at ``warmup_lr`` (METHODS.md §16.4). The cosine runs over ``t / epochs``
+    (timm's default, no warm-up prefix), its floor ``min_lr`` from ``epochs`` on."""
+    t = max(epoch - 1, 0)
+    if t < warmup_epochs:
+        return warmup_lr + t * (base - warmup_lr) / warmup_epochs
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, class tokens and position embeddings (as timm/DeiT)."""
+    """No weight decay on 1-D parameters (biases, norms) and on what the model's ``no_weight_decay()``
+    names (timm's convention, which the authors' optimizer follows)."""
+    skip_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name in ("cls_tokens", "pos_embed_cls", "pos_embed_pat")
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in skip_names else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -107,13 +121,22 @@ def compute_losses(model_out: dict, targets: torch.Tensor, cfg: Config) -> dict[
     return losses
 
 
+def decays_pos_embed(cfg: Config) -> bool:
+    """The authors' weight-decay skip list is timm's {'pos_embed', 'cls_token'}: MCTformer+'s
+    ``pos_embed_cls``/``pos_embed_pat`` are therefore decayed, V1/V2's ``pos_embed`` is not (§16.3)."""
+    value = str(cfg.train.decay_pos_embed).lower()
+    return cfg.model.method == "mctformer-plus" if value == "auto" else value == "true"
+
+
 def uses_cct(cfg: Config) -> bool:
     return cfg.model.method == "mctformer-plus" and cfg.model.cct_weight > 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step: int, cfg: Config,
-                    class_names: list[str]) -> None:
+                    class_names: list[str], class_names_source: str = "checkpoint") -> None:
+    """``class_names_source="default"`` marks names made up for a file that had none (converted authors'
+    weights): a dataset with the same class count may then supply its own."""
     state = {
         "format": "tokenseg-checkpoint/1",
         "model": _unwrap(model).state_dict(),
@@ -122,6 +145,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step:
         "step": step,
         "config": cfg.to_dict(),
         "class_names": list(class_names),
+        "class_names_source": class_names_source,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -177,13 +201,17 @@ def load_state_checked(model: torch.nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd)
 
 
-def load_model_from_checkpoint(path: str | Path, overrides=()) -> tuple[ClassTokenViT, Config, list[str]]:
+def load_model_from_checkpoint(path: str | Path, overrides=(), num_heads: int | None = None
+                               ) -> tuple[ClassTokenViT, Config, list[str]]:
     """Rebuild the model a checkpoint was trained with and load its weights (on the CPU).
 
-    The authors' MCTformer-V1/V2/+ checkpoints are converted on the fly (see ``tokenseg convert``)."""
+    The authors' MCTformer-V1/V2/+ checkpoints are converted on the fly (see ``tokenseg convert``);
+    ``num_heads`` is needed for them when the embedding width is not a multiple of 64. Their files hold
+    no class names: the model's ``class_names_source`` is then ``default`` and a dataset with the same
+    class count may supply its own names."""
     state = read_checkpoint(path, allow_foreign=True)
     if "config" not in state or "model" not in state:
-        return model_from_state(state, str(path), overrides=overrides, path=path)
+        return model_from_state(state, str(path), overrides=overrides, path=path, num_heads=num_heads)
     cfg = config_from_checkpoint(state, overrides)
     names = list(state.get("class_names") or [])
     model_cfg = cfg.model
@@ -191,6 +219,7 @@ def load_model_from_checkpoint(path: str | Path, overrides=()) -> tuple[ClassTok
     model = build_model(model_cfg, num_classes=len(names))
     model_cfg.pretrained = pretrained
     load_state_checked(model, state["model"], str(path))
+    model.class_names_source = state.get("class_names_source", "checkpoint")
     model.eval()
     return model, cfg, names
 
@@ -270,7 +299,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
-    model = build_model(cfg.model, train_ds.num_classes).to(device)
+    model = build_model(cfg.model, train_ds.num_classes, decay_pos_embed=decays_pos_embed(cfg)).to(device)
     for blk in model.blocks:
         blk.attn.fused_attn = True  # never materialise attention while training
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, eps=1e-8)
@@ -306,7 +335,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
     base_lr = tc.lr * tc.batch_size / tc.lr_base_batch
     min_lr = tc.min_lr  # DeiT scales the peak lr by batch/512 but not the floor
     warmup_steps = int(round(tc.warmup_epochs * steps_per_epoch))
-    tset = ClassificationSet(train_ds, build_train_transform(tc.augment, cfg.model.img_size, tc.crop_scale), seed=tc.seed)
+    tset = ClassificationSet(train_ds, build_train_transform(tc.augment, cfg.model.img_size, tc.crop_scale, tc.color_jitter), seed=tc.seed)
     sampler = DistributedSampler(tset, num_replicas=dinfo.world, rank=dinfo.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)
     val_ds = None
@@ -332,7 +361,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
                             generator=gen)
         train_model.train()
         for x, y, _ in loader:
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, tc.warmup_lr, min_lr)
+            if tc.lr_schedule == "epoch":
+                lr = lr_at_epoch(epoch, tc.epochs, tc.warmup_epochs, base_lr, tc.warmup_lr, min_lr)
+            else:
+                lr = lr_at(step, total_steps, warmup_steps, base_lr, tc.warmup_lr, min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -45,9 +45,10 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
             fg_max = np.where(fg_max > (1.0 - fg_max) ** cfg.alpha, 1.0, 0.0)
         sweep.update(fg_max, fg_arg, gt)
     confs = sweep.confusions()
-    curve = [scores_from_confusion(c)["miou"] * 100 for c in confs]
+    scores = [scores_from_confusion(c, cfg.miou_classes) for c in confs]
+    curve = [s["miou"] * 100 for s in scores]
     best = pick_best(curve, cfg.early_stop)
-    s = scores_from_confusion(confs[best])
+    s = scores[best]
     return {
         "miou": curve[best],
         "threshold": None if power else float(thresholds[best]),
@@ -55,6 +56,10 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
         "fp": s["fp"] * 100, "fn": s["fn"] * 100,
         "iou": {name: float(v) * 100 for name, v in zip(["background"] + list(ds.class_names), s["iou"])},
         "curve": {f"{t:.2f}": round(v, 3) for t, v in zip(thresholds, curve)} if not power else {},
+        "per_threshold": [{"threshold": None if power else float(t), "miou": sc["miou"] * 100,
+                           "fp": sc["fp"] * 100, "fn": sc["fn"] * 100,
+                           "iou": [None if np.isnan(v) else float(v) * 100 for v in sc["iou"]]}
+                          for t, sc in zip(thresholds, scores)],
         "images": len(ds),
     }
 

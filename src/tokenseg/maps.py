@@ -174,10 +174,20 @@ def generate_seeds(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, c
                     top = m[b, classes].max(0) if len(classes) else np.zeros(rgb.shape[:2], np.float32)
                     save_png(out_dir / f"{kind}_overlays" / f"{ds.ids[i]}.png", overlay(rgb, top))
                 save_seed(seed_path(out_dir / kind, ds.ids[i]),
-                          SeedMaps(classes, m[b, classes], {"kind": kind, "image_id": ds.ids[i]}))
+                          SeedMaps(classes, m[b, classes], {"kind": kind, "image_id": ds.ids[i]}), cfg.save_dtype)
         bar.update(len(idx))
     bar.close()
     return out_dir
+
+
+def check_kinds(model: ClassTokenViT, method: str, kinds: list[str], source: str | Path) -> None:
+    """A checkpoint without a PatchCAM head (MCTformer-V1) makes only the attention kinds."""
+    if model.head is None:
+        bad = [k for k in kinds if not k.startswith("attention")]
+        if bad:
+            raise TokensegError(
+                f"{source}: a {method} checkpoint (no PatchCAM head) makes only the map kinds attention, "
+                f"attention_affinity; maps.kinds asks for {', '.join(bad)} (set maps.kinds=[attention_affinity])")
 
 
 def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
@@ -188,17 +198,23 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     from .engine import init_distributed, load_model_from_checkpoint, resolve_device
 
     ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
-    model, ckpt_cfg, names = load_model_from_checkpoint(ckpt)
+    model, ckpt_cfg, names = load_model_from_checkpoint(ckpt, num_heads=cfg.model.backbone_kwargs.get("num_heads"))
     if export_npy and cfg.maps.mode != "authors":
         raise TokensegError("--export-npy needs maps.mode=authors (the .npy dicts are the authors' format)")
+    check_kinds(model, ckpt_cfg.model.method, cfg.maps.kinds, ckpt)
     split = split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
+    if getattr(model, "class_names_source", "") == "default" and len(names) == ds.num_classes:
+        names = list(ds.class_names)  # the authors' files hold no names: take the dataset's
+    if len(names) != ds.num_classes:
+        raise TokensegError(f"{ckpt}: has {len(names)} class tokens, but the dataset has {ds.num_classes} "
+                            f"classes ({', '.join(ds.class_names[:6])}{', ...' if ds.num_classes > 6 else ''})")
     if list(ds.class_names) != names:
         raise TokensegError(f"{ckpt}: trained on classes {names}, dataset has {ds.class_names}")
     dinfo = init_distributed(resolve_device(cfg.train.device).type)
     device = resolve_device(cfg.train.device, dinfo.local_rank)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "seeds" / split
-    meta = {"checkpoint": str(ckpt), "method": cfg.model.method, "split": split,
+    meta = {"checkpoint": str(ckpt), "method": ckpt_cfg.model.method, "split": split,
             "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0))}
     common = dict(device=device, rank=dinfo.rank, world=dinfo.world, num_workers=cfg.data.num_workers,
                   progress=progress and dinfo.is_main, meta=meta)

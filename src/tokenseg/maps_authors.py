@@ -114,7 +114,7 @@ def authors_forward(model: ClassTokenViT, x: torch.Tensor, last_k: int, layer_re
             p2p = a[:, C:, C:] if p2p is None else p2p + a[:, C:, C:]
     if layer_reduce == "mean":
         c2p = c2p / last_k
-    tokens = model.norm(tokens)
+    tokens = model.output_norm(tokens)
     fmap = model.patch_logits_map(tokens, (gh, gw))
     return MapOutputs(attention=c2p.reshape(B, C, gh, gw), patchcam=None if fmap is None else F.relu(fmap),
                       affinity=p2p, cls_logits=tokens[:, :C].mean(-1), grid=(gh, gw))
@@ -268,7 +268,8 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
                 save_seed_npy(npy_seed_path(out_dir / kind, ds.ids[i]), classes, m)
             else:
                 save_seed(seed_path(out_dir / kind, ds.ids[i]),
-                          SeedMaps(classes, m, {"kind": kind, "image_id": ds.ids[i], "mode": "authors"}))
+                          SeedMaps(classes, m, {"kind": kind, "image_id": ds.ids[i], "mode": "authors"}),
+                          cfg.save_dtype)
     return out_dir
 
 

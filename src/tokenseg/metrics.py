@@ -28,24 +28,35 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
 
 
-def scores_from_confusion(conf: np.ndarray) -> dict:
-    """IoU per class, mIoU, and the FP/FN rates of MCTformer's Fig. 9 from an (n, n) confusion."""
+def scores_from_confusion(conf: np.ndarray, classes: str = "present") -> dict:
+    """IoU per class, mIoU, and the FP/FN rates of MCTformer's Fig. 9 from an (n, n) confusion.
+
+    ``classes`` says which classes the means run over: ``all`` (every class; one never seen counts as
+    IoU 0, as MCTformer's ``evaluation.py`` with its ``+1e-10``), ``present`` (classes with ground-truth
+    or predicted pixels) or ``gt`` (classes with ground-truth pixels, as CLIP-ES). Excluded classes are NaN."""
     conf = conf.astype(np.float64)
     tp = np.diag(conf)
     gt_count = conf.sum(1)  # T
     pred_count = conf.sum(0)  # P
     union = gt_count + pred_count - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        fp = np.where(union > 0, (pred_count - tp) / union, np.nan)
-        fn = np.where(union > 0, (gt_count - tp) / union, np.nan)
-    return {
-        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
-        "iou": iou,
-        "fp": float(np.nanmean(fp)) if np.isfinite(fp).any() else 0.0,
-        "fn": float(np.nanmean(fn)) if np.isfinite(fn).any() else 0.0,
-        "pixel_acc": float(tp.sum() / max(conf.sum(), 1.0)),
-    }
+    if classes == "all":
+        keep = np.ones_like(union, dtype=bool)
+    elif classes == "gt":
+        keep = gt_count > 0
+    elif classes == "present":
+        keep = union > 0
+    else:
+        raise ValueError(f"unknown class selection {classes!r}")
+    denom = union + 1e-10 if classes == "all" else np.where(union > 0, union, 1.0)
+    iou = np.where(keep, tp / denom, np.nan)
+    fp = np.where(keep, (pred_count - tp) / denom, np.nan)
+    fn = np.where(keep, (gt_count - tp) / denom, np.nan)
+
+    def mean(v: np.ndarray) -> float:
+        return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
+
+    return {"miou": mean(iou), "iou": iou, "fp": mean(fp), "fn": mean(fn),
+            "pixel_acc": float(tp.sum() / max(conf.sum(), 1.0))}
 
 
 @dataclass
@@ -107,10 +118,14 @@ def seed_prediction(maps: np.ndarray, classes: np.ndarray, shape: tuple[int, int
 
 
 def pick_best(curve: list[float], early_stop: bool) -> int:
-    """Index of the best mIoU; with ``early_stop`` the last one before the first decrease (authors)."""
+    """Index of the best mIoU; with ``early_stop`` the authors' ``--curve`` rule: walk the grid while each
+    threshold improves on the best so far (``>``) and stop at the first one that does not."""
     if early_stop:
+        best, best_value = 0, curve[0] if curve else 0.0
         for j in range(1, len(curve)):
-            if curve[j] < curve[j - 1]:
-                return j - 1
-        return len(curve) - 1
+            if curve[j] > best_value:
+                best, best_value = j, curve[j]
+            else:
+                break
+        return best
     return int(np.argmax(curve))

@@ -18,24 +18,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_train_transform(kind: str, img_size: int, crop_scale=(0.08, 1.0)):
+def build_train_transform(kind: str, img_size: int, crop_scale=(0.08, 1.0), color_jitter: float = 0.0):
     """``deit``: the timm ImageNet recipe the authors train with (RandomResizedCrop bicubic, flip,
-    RandAugment rand-m9-mstd0.5-inc1, ColorJitter 0.4, RandomErasing 0.25); ``simple``: crop + flip."""
+    RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 pixel mode); ``simple``: crop + flip.
+
+    The authors pass colour jitter 0.4 too, but timm applies it only without an auto-augment policy,
+    so their effective recipe has none (METHODS.md §16.2): ``color_jitter`` > 0 adds it explicitly."""
+    from torchvision import transforms as T
+
     if kind == "deit":
         from timm.data import create_transform
 
-        return create_transform(
-            input_size=img_size, is_training=True, scale=tuple(crop_scale), color_jitter=0.4,
+        tf = create_transform(
+            input_size=img_size, is_training=True, scale=tuple(crop_scale), color_jitter=None,
             auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel",
             re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+        if color_jitter > 0:
+            tf.transforms.insert(2, T.ColorJitter(color_jitter, color_jitter, color_jitter))
+        return tf
+    steps = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip()]
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def build_eval_transform(img_size: int):

@@ -65,7 +65,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
+def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = False) -> ClassTokenViT:
     """Create the class-token ViT for ``cfg.method`` on the timm backbone ``cfg.backbone``.
 
     ``cfg.pretrained``: False (random init), True (timm weights, needs network), or a local file."""
@@ -85,4 +85,5 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
     return ClassTokenViT(
         backbone, num_classes=num_classes, train_grid=grid,
         patch_head=cfg.method != "mctformer-v1", pooling=cfg.pooling, gwrp_decay=cfg.gwrp_decay,
-        distinct_init=not pretrained)
+        distinct_init=cfg.token_init == "independent" or (cfg.token_init == "auto" and not pretrained),
+        final_norm=cfg.final_norm, decay_pos_embed=decay_pos_embed)

@@ -57,7 +57,8 @@ class ClassTokenViT(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, train_grid: tuple[int, int],
                  patch_head: bool = True, pooling: str = "gwrp", gwrp_decay: float = 0.996,
-                 pos_resize: str = "auto", distinct_init: bool = False) -> None:
+                 pos_resize: str = "auto", distinct_init: bool = False, final_norm: bool = False,
+                 decay_pos_embed: bool = False) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "norm", "cls_token", "pos_embed"):
             if getattr(backbone, attr, None) is None:
@@ -69,7 +70,9 @@ class ClassTokenViT(nn.Module):
         self.patch_size = _patch_size(backbone)
         self.patch_embed = backbone.patch_embed
         self.blocks = backbone.blocks
-        self.norm = backbone.norm
+        self.norm = backbone.norm  # kept in the state dict (lossless conversion) even when not applied
+        self.final_norm = final_norm
+        self.decay_pos_embed = decay_pos_embed
         self.pooling = pooling
         self.gwrp_decay = gwrp_decay
         self.train_grid = tuple(train_grid)
@@ -92,9 +95,6 @@ class ClassTokenViT(nn.Module):
         self.pos_embed_cls = nn.Parameter(cls_pos.clone().expand(1, C, D).contiguous())
         if distinct_init:
             nn.init.trunc_normal_(self.pos_embed_cls, std=0.02)
-            if getattr(self.norm, "weight", None) is not None:
-                # likewise a unit LayerNorm scale makes mean_D(norm(token)) exactly 0 for every token
-                nn.init.normal_(self.norm.weight, mean=1.0, std=0.5)
         self.pos_embed_pat = nn.Parameter(resize_pos_grid(pat_pos, self.train_grid, pos_resize).contiguous())
         self.head = nn.Conv2d(D, C, kernel_size=3, stride=1, padding=1) if patch_head else None
         if self.head is not None:
@@ -119,6 +119,16 @@ class ClassTokenViT(nn.Module):
         cls = (self.cls_tokens + self.pos_embed_cls).expand(x.shape[0], -1, -1).to(tokens.dtype)
         return torch.cat([cls, tokens], dim=1), (h, w)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer must not decay (besides 1-D ones): the class tokens, and the position
+        embeddings unless ``decay_pos_embed`` (the authors' MCTformer+ decays them, V1/V2 do not)."""
+        return {"cls_tokens"} | (set() if self.decay_pos_embed else {"pos_embed_cls", "pos_embed_pat"})
+
+    def output_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The backbone's final LayerNorm when ``final_norm`` is set. The authors' MCTformer-V1/V2/+ and
+        CTI never apply it (METHODS.md §16.1): class scores and the PatchCAM see the raw residual stream."""
+        return self.norm(tokens) if self.final_norm else tokens
+
     def patch_logits_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.head is None:
             return None
@@ -136,7 +146,7 @@ class ClassTokenViT(nn.Module):
             tokens = blk(tokens)
             if return_layer_tokens:
                 layer_cls.append(tokens[:, : self.num_classes])
-        tokens = self.norm(tokens)
+        tokens = self.output_norm(tokens)
         out = {"cls_logits": tokens[:, : self.num_classes].float().mean(-1)}
         fmap = self.patch_logits_map(tokens, grid)
         if fmap is not None:
@@ -176,7 +186,7 @@ class ClassTokenViT(nn.Module):
                 p2p = pp if p2p is None else p2p + pp
         if layer_reduce == "mean":
             c2p = c2p / last_k
-        tokens = self.norm(tokens)
+        tokens = self.output_norm(tokens)
         B = x.shape[0]
         attention = c2p.reshape(B, C, grid[0], grid[1])
         fmap = self.patch_logits_map(tokens, grid)

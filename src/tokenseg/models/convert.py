@@ -364,6 +364,7 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
         cfg.model.pretrained = str(path)
         model = build_model(cfg.model, len(names))  # class token repeated C times (METHODS.md §2)
         model.tokenseg_method = method
+        model.class_names_source = "given" if class_names not in (None, "") else "default"
         return model.eval(), cfg, names
     C = info.num_classes
     if num_classes is not None and num_classes != C:
@@ -381,6 +382,8 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
         raise TokensegError(f"{exc} [layout {info.layout}, depth {info.depth}, dim {info.embed_dim}, "
                             f"{C} classes]") from None
     model.tokenseg_method = method  # maps.mode=authors: V1/V2 interpolate position embeddings with +0.1
+    # the authors' files carry no class names: a dataset with C classes may supply its own
+    model.class_names_source = "given" if class_names not in (None, "") else "default"
     model.eval()
     return model, cfg, names
 
@@ -444,7 +447,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = Non
         info = detect_layout(sd, str(src))
         raise TokensegError(f"{src}: is already in the authors' layout ({info.layout})")
     model, cfg, names = model_from_state(obj, str(src), method, num_classes, class_names, num_heads, path=src)
-    save_checkpoint(dst, model, None, None, 0, cfg, names)
+    save_checkpoint(dst, model, None, None, 0, cfg, names, model.class_names_source)
     info = detect_layout(unwrap_state_dict(obj, str(src)), str(src))
     return {"from": info.layout, "to": f"tokenseg {cfg.model.method}", "classes": len(names),
             "backbone": cfg.model.backbone, "img_size": cfg.model.img_size, "output": str(dst)}
