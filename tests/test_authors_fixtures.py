@@ -15,7 +15,8 @@ import torch
 from tokenseg.cli import main
 from tokenseg.config import EvalConfig, MapsConfig
 from tokenseg.data import WSSSDataset
-from tokenseg.engine import compute_losses, load_model_from_checkpoint, uses_cct
+from tokenseg.checkpoint import load_model_from_checkpoint
+from tokenseg.methods.mctformer import compute_losses, uses_cct
 from tokenseg.evaluate import evaluate_seeds
 from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed
 from tokenseg.maps_authors import generate_seeds_authors

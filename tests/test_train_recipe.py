@@ -4,7 +4,9 @@ import torch
 
 from tokenseg.config import load_config
 from tokenseg.data.transforms import build_train_transform
-from tokenseg.engine import decays_pos_embed, lr_at_epoch, param_groups
+from tokenseg.engine import lr_at_epoch
+from tokenseg.methods.base import default_param_groups
+from tokenseg.methods.mctformer import decays_pos_embed
 from tokenseg.models import build_model
 
 
@@ -23,7 +25,7 @@ def test_per_epoch_schedule_equals_timm_cosine_stepped_after_each_epoch():
 
 def _decayed(cfg):
     model = build_model(cfg.model, 3, decay_pos_embed=decays_pos_embed(cfg))
-    groups = param_groups(model, 0.05)
+    groups = default_param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)] for p in groups[0]["params"]}, {names[id(p)] for p in groups[1]["params"]}
 

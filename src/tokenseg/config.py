@@ -98,6 +98,10 @@ class TrainConfig:
     eval_every: int = 1  # epochs between val mAP evaluations; 0 = never
     max_steps: int = 0  # stop after this many optimiser steps (0 = run all epochs)
     compile: bool = False
+    optimizer: str = "auto"  # auto (the method's) | adamw (warm-up + cosine) | sgd (poly decay)
+    momentum: float = 0.9  # sgd
+    poly_power: float = 0.9  # sgd
+    tensorboard: bool = False  # scalars under <output_dir>/tensorboard (pip install "tokenseg[tensorboard]")
 
 
 @dataclass
@@ -112,9 +116,11 @@ class MapsConfig:
     batch_size: int = 8
     dtype: str = "fp32"  # fp32 | bf16
     overlays: bool = False
-    size_rounding: str = "round"  # round: resize to a multiple of the patch; floor: authors' crop
+    size_rounding: str = "auto"  # auto (the method's) | round (nearest multiple of the patch) | floor (authors) | ceil | none
     mode: str = "tokenseg"  # tokenseg (batched, fast) | authors (their inference exactly: tokenseg.maps_authors)
     save_dtype: str = "float16"  # float16 (half the disk) | float32 (exact; the authors save float32 .npy)
+    max_side: int = 0  # cap the longest side of the largest view (px; 0 = no cap); seeds stay at image size
+    memory_mb: int = 2048  # batch images by this estimated peak memory as well as by maps.batch_size
 
 
 @dataclass
@@ -141,9 +147,26 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pseudo: "PseudoConfig" = field(default_factory=lambda: PseudoConfig())
     segment: "SegmentConfig" = field(default_factory=lambda: SegmentConfig())
+    # the methods' own sections (``cti``, ``otpl``, ...), declared by each method module
+    sections: dict = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.cti`` etc.: a method's section, created with its defaults on first use."""
+        sections = self.__dict__.get("sections")
+        if name.startswith("__") or sections is None:
+            raise AttributeError(name)
+        if name not in sections:
+            cls = _section_class(name)
+            if cls is None:
+                raise AttributeError(f"config has no section {name!r}")
+            sections[name] = cls()
+        return sections[name]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(self, f.name)) else v
+               for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -156,13 +179,26 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _section_class(name: str) -> type | None:
+    from .methods import section_config
+
+    return section_config(name)
+
+
 def _merge(obj: Any, updates: dict, where: str) -> None:
     if not isinstance(updates, dict):
         raise TokensegError(f"config section {where or '<root>'!r} must be a mapping")
-    names = {f.name: f for f in dataclasses.fields(obj)}
+    names = {f.name: f for f in dataclasses.fields(obj) if f.name != "sections"}
     for key, value in updates.items():
         full = f"{where}.{key}" if where else key
+        if isinstance(obj, Config) and key not in names and _section_class(key) is not None:
+            _merge(getattr(obj, key), value, key)  # a method's own section
+            continue
         if key not in names:
+            if isinstance(obj, Config):
+                from .methods import available_methods, get_method
+
+                names = {**names, **{s: None for m in available_methods() if (s := get_method(m).section)}}
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
             raise TokensegError(f"unknown config key {full!r}{hint}")
@@ -265,22 +301,24 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
     return cfg
 
 
-METHODS = ("mctformer-v1", "mctformer-v2", "mctformer-plus")
-MAP_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")
-
-
 def validate(cfg: Config) -> None:
+    from .methods import get_method
+
     def choice(key: str, value: Any, options: Sequence[Any]) -> None:
         if value not in options:
             raise TokensegError(f"config key {key!r} must be one of {list(options)}, got {value!r}")
 
-    choice("data.format", cfg.data.format, ("voc", "coco", "folder", "synthetic"))
-    choice("model.method", cfg.model.method, METHODS)
+    choice("data.format", cfg.data.format, ("voc", "coco", "folder", "synthetic", "openimages"))
+    method = get_method(cfg.model.method)
+    for section in (method.section, *method.uses_sections):
+        if section:
+            getattr(cfg, section)  # the method's own section is always written out with the config
     choice("model.stem", cfg.model.stem, ("patch", "conv"))
     choice("model.pooling", cfg.model.pooling, ("gap", "gmp", "gwrp"))
     choice("train.augment", cfg.train.augment, ("deit", "simple"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "fp16", "none"))
     choice("train.lr_schedule", cfg.train.lr_schedule, ("epoch", "step"))
+    choice("train.optimizer", cfg.train.optimizer, ("auto", "adamw", "sgd"))
     choice("train.decay_pos_embed", str(cfg.train.decay_pos_embed).lower(), ("auto", "true", "false"))
     choice("model.token_init", cfg.model.token_init, ("auto", "copy", "independent"))
     if cfg.train.epochs < 1:
@@ -288,17 +326,14 @@ def validate(cfg: Config) -> None:
     choice("maps.layer_reduce", cfg.maps.layer_reduce, ("mean", "sum"))
     choice("maps.fusion", cfg.maps.fusion, ("sqrt", "product"))
     choice("maps.dtype", cfg.maps.dtype, ("fp32", "bf16"))
-    choice("maps.size_rounding", cfg.maps.size_rounding, ("round", "floor"))
+    choice("maps.size_rounding", cfg.maps.size_rounding, ("auto", "round", "floor", "ceil", "none"))
     choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power"))
     choice("eval.miou_classes", cfg.eval.miou_classes, ("all", "present", "gt"))
     choice("maps.save_dtype", cfg.maps.save_dtype, ("float16", "float32"))
-    for k in cfg.maps.kinds:
-        choice("maps.kinds[]", k, MAP_KINDS)
-    if cfg.model.method == "mctformer-v1":
-        for k in cfg.maps.kinds:
-            if k not in ("attention", "attention_affinity"):
-                raise TokensegError(f"maps.kinds: {k!r} needs a PatchCAM head, which mctformer-v1 has not")
+    method.recipe.check_kinds(cfg.maps.kinds, f"maps.kinds ({method.name})")
+    if method.validate is not None:
+        method.validate(cfg)
     if not cfg.maps.scales or any(s <= 0 for s in cfg.maps.scales):
         raise TokensegError("maps.scales must be a non-empty list of positive numbers")
     if cfg.train.batch_size < 1 or cfg.maps.batch_size < 1:
@@ -349,6 +384,8 @@ class IRNConfig:
     sem_bg_threshold: float = 0.25  # irn: background score after rw / max(rw)
     pot_power: float = 1.5  # pot: the walked maps are [background, maps]^pot_power
     walk: str = "banded"  # banded (shifted-tensor products) | sparse (torch CSR matmul); same result
+    walk_dtype: str = "float64"  # float64: the exact walk (1e-12 of a dense reference) | float32: ~1.5x faster on
+    # a CPU, drifts up to ~1e-4 over 256 steps (the authors' float32 dense squaring: ~3e-5)
     infer_batch: int = 4  # images per network batch / walk batch
 
 

@@ -1,23 +1,24 @@
-"""Seed generation: the MCTformer inference pipeline (METHODS.md §6), batched on the device.
+"""Seed generation for every method, batched on the device (METHODS.md §6).
 
-For every scale (and its horizontal flip) one forward pass gives class-to-patch attention (last K
-layers), the PatchCAM, and the patch affinity (head-mean p2p attention summed over all layers). The
-map kinds are
+For each scale (and its horizontal flip, in the same batch) the method's :class:`MapRecipe` turns one
+forward pass into maps of the classes present in the batch; this module does the rest, the same for
+every method: upsampling to the image, keeping only the (image, present class) pairs, un-flipping, the
+sum over scales and flips, the recipe's normalisation (min–max, CTI's max-norm, SIPE's max) and the seed
+files (``out/<kind>/<image_id>.npz``, with the background channel when the method makes one).
 
-* ``attention``           class-to-patch attention (MCTformer-V1 seeds),
-* ``attention_affinity``  attention refined by the patch affinity,
-* ``patchcam``            ReLU of the 3×3 conv head on patch tokens,
-* ``fused``               attention ⊙ PatchCAM (V2) or sqrt of it (MCTformer+),
-* ``fused_affinity``      fused refined by the patch affinity (the paper's seeds).
-
-Each is upsampled bilinearly to the image size, masked by the image labels, un-flipped, summed over
-scales and flips, and min–max normalised per present class. Images of equal size are batched together;
-only the classes present in a batch are upsampled.
+Memory grows with the classes *present* and with one image's maps, not with C or the batch: the
+accumulators hold one (H, W) map per (image, present class) pair, and batches are formed by a memory
+budget (``maps.memory_mb``) as well as a count. ``maps.max_side`` caps the input resolution (maps are
+still written at the image's size), and a warning names images whose token count makes explicit
+attention huge.
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,83 +26,154 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .io import SeedMaps, TokensegError, save_seed, seed_path, write_json_atomic
-from .models import ClassTokenViT
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise_images
+from .io import SeedMaps, TokensegError, save_seed, seed_path
+from .methods import BACKGROUND, MapRecipe, get_method
+from .progress import progress_bar
 from .viz import overlay, save_png
 
-AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
+WARN_TOKENS = 4096  # explicit attention over more tokens than this needs > 64 MB per view and layer
 
 
 def minmax_per_class(maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """(m - min)/(max - min + 1e-8) per image and class over H×W; absent classes set to 0."""
-    flat = maps.flatten(2)
+    return normalise_maps(maps, "minmax") * present[..., None, None]
+
+
+def normalise_maps(maps: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-map normalisation over the last two dims: ``minmax`` (MCTformer), ``maxnorm`` (CTI:
+    ReLU(x − min − 1e-5)/(max − min + 1e-5) on ReLU(x)), ``max`` (SIPE/POT: x/(max + 1e-5)), ``none``."""
+    if how == "none":
+        return maps
+    flat = maps.flatten(-2)
+    if how == "maxnorm":
+        flat = F.relu(flat)
     lo = flat.amin(-1, keepdim=True)
     hi = flat.amax(-1, keepdim=True)
-    out = (flat - lo) / (hi - lo + 1e-8)
-    return out.view_as(maps) * present[..., None, None]
+    if how == "minmax":
+        out = (flat - lo) / (hi - lo + 1e-8)
+    elif how == "maxnorm":
+        out = F.relu(flat - lo - 1e-5) / (hi - lo + 1e-5)
+    elif how == "max":
+        out = flat / (hi + 1e-5)
+    else:
+        raise ValueError(f"unknown normalisation {how!r}")
+    return out.view_as(maps)
 
 
 def scaled_size(h: int, w: int, s: float, patch: int, rounding: str) -> tuple[int, int]:
-    """Input size at scale ``s``. ``round``: nearest multiple of the patch (no pixel dropped);
-    ``floor``: round(h·s) as the authors, leaving the patch convolution to drop the remainder."""
-    if rounding == "floor":
+    """Input size at scale ``s``. ``round``: nearest multiple of the patch (no pixel dropped); ``floor``:
+    round(h·s) as the authors, leaving the patch convolution to drop the remainder; ``ceil``: the next
+    multiple of the patch (CLIP-ES); ``none``: round(h·s) (CNNs)."""
+    if rounding in ("floor", "none"):
         return max(int(round(h * s)), patch), max(int(round(w * s)), patch)
+    if rounding == "ceil":
+        return (max(math.ceil(round(h * s, 6) / patch) * patch, patch),
+                max(math.ceil(round(w * s, 6) / patch) * patch, patch))
     return max(int(round(h * s / patch)) * patch, patch), max(int(round(w * s / patch)) * patch, patch)
 
 
-@torch.no_grad()
-def compute_maps(model: ClassTokenViT, images: torch.Tensor, labels: torch.Tensor, cfg: MapsConfig,
-                 kinds: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Seeds for a batch of same-size normalised images (B,3,H,W) with multi-hot ``labels`` (B,C).
+@dataclass
+class MapBatch:
+    """Maps of a batch of same-size images, one (H, W) map per (image, present class) pair."""
 
-    Returns ``{kind: (B, C, H, W)}`` min–max normalised per present class (absent classes are 0)."""
-    kinds = list(kinds or cfg.kinds)
+    pairs: torch.Tensor  # (P, 2) long: image index in the batch, class index; sorted
+    maps: dict[str, torch.Tensor]  # kind -> (P, H, W)
+    background: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (B, H, W), channel methods
+
+    def dense(self, kind: str, batch: int, num_classes: int) -> torch.Tensor:
+        """(B, C, H, W) with zeros for absent classes."""
+        m = self.maps[kind]
+        out = m.new_zeros(batch, num_classes, *m.shape[-2:])
+        out[self.pairs[:, 0], self.pairs[:, 1]] = m
+        return out
+
+
+def _as_config(cfg) -> Config:
+    return cfg if isinstance(cfg, Config) else Config(maps=cfg)
+
+
+def recipe_of(model) -> MapRecipe:
+    """The recipe of the method that built ``model`` (MCTformer's for a bare :class:`ClassTokenViT`)."""
+    return get_method(getattr(model, "tokenseg_method", None) or "mctformer-plus").recipe
+
+
+def rounding_of(cfg: MapsConfig, recipe: MapRecipe) -> str:
+    return recipe.size_rounding if cfg.size_rounding == "auto" else cfg.size_rounding
+
+
+def input_scales(cfg: MapsConfig, size: tuple[int, int]) -> list[float]:
+    """``maps.scales``, shrunk so that the largest view's longest side stays within ``maps.max_side``."""
+    scales = list(cfg.scales)
+    if cfg.max_side > 0:
+        r = cfg.max_side / (max(size) * max(scales))
+        if r < 1:
+            scales = [s * r for s in scales]
+    return scales
+
+
+def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
+                      recipe: MapRecipe | None = None) -> MapBatch:
+    """Seeds of a batch of same-size normalised images (B,3,H,W) with multi-hot ``labels`` (B,C)."""
+    cfg = _as_config(cfg)
+    mc = cfg.maps
+    recipe = recipe or recipe_of(model)
+    kinds = list(kinds or mc.kinds)
     B, _, H, W = images.shape
-    present = labels.float()
-    cls_idx = torch.nonzero(present.any(0)).flatten()  # classes present anywhere in this batch
-    mask = present[:, cls_idx]
-    need_aff = any(k in AFFINITY_KINDS for k in kinds)
-    acc = {k: torch.zeros(B, len(cls_idx), H, W, device=images.device) for k in kinds}
-    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
-    for s in cfg.scales:
-        hs, ws = scaled_size(H, W, s, model.patch_size, cfg.size_rounding)
+    pairs = torch.nonzero(labels > 0)  # (P, 2), row-major: images in order, classes ascending
+    classes = torch.unique(pairs[:, 1]) if len(pairs) else pairs.new_zeros(0)
+    local = torch.full((labels.shape[1],), -1, dtype=torch.long, device=images.device)
+    local[classes] = torch.arange(len(classes), device=images.device)
+    b_idx, k_idx = pairs[:, 0], local[pairs[:, 1]] if len(pairs) else pairs[:, 1]
+    P = len(pairs)
+    channel = recipe.background == "channel"
+    acc = {k: images.new_zeros(P, H, W, dtype=torch.float32) for k in kinds}
+    bg = {k: images.new_zeros(B, H, W, dtype=torch.float32) for k in kinds} if channel else {}
+    if P == 0 and not channel:
+        return MapBatch(pairs, acc, bg)
+    patch = recipe.size_multiple or getattr(model, "patch_size", 16)
+    rounding = rounding_of(mc, recipe)
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=mc.dtype == "bf16")
+    for s in input_scales(mc, (H, W)):
+        hs, ws = scaled_size(H, W, s, patch, rounding)
         x = images if (hs, ws) == (H, W) else F.interpolate(
             images, size=(hs, ws), mode="bicubic", align_corners=False, antialias=True)
-        if cfg.flip:
-            x = torch.cat([x, x.flip(-1)])
-        with autocast:
-            out = model.forward_maps(x, last_k=cfg.layers, affinity=need_aff, layer_reduce=cfg.layer_reduce)
-        grid = out.grid
-        att = out.attention[:, cls_idx].float()
-        base = {"attention": att}
-        if out.patchcam is not None:
-            pc = out.patchcam[:, cls_idx].float()
-            base["patchcam"] = pc
-            fused = att * pc
-            base["fused"] = fused.sqrt() if cfg.fusion == "sqrt" else fused
+        lab = labels
+        if mc.flip:
+            x, lab = torch.cat([x, x.flip(-1)]), labels.repeat(2, 1)
+        with autocast, (torch.enable_grad() if recipe.needs_grad else torch.no_grad()):
+            out = recipe.combine(model, x, lab, classes, cfg, kinds)
         for kind in kinds:
-            src = kind.removesuffix("_affinity")
-            m = base[src]
-            if kind in AFFINITY_KINDS:
-                # A_ref[c, i] = Σ_j aff[i, j] A[c, j]
-                m = (m.flatten(2) @ out.affinity.float().transpose(1, 2)).view(m.shape[0], -1, *grid)
-            m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
-            mflip = mask.repeat(2, 1) if cfg.flip else mask
-            m = m * mflip[..., None, None]
-            if cfg.flip:
-                m = m[:B] + m[B:].flip(-1)
-            acc[kind] += m
-    result = {}
-    for kind, m in acc.items():
-        full = torch.zeros(B, labels.shape[1], H, W, device=images.device)
-        full[:, cls_idx] = minmax_per_class(m, mask)
-        result[kind] = full
-    return result
+            m = out[kind].float()
+            views = (b_idx, b_idx + B) if mc.flip else (b_idx,)
+            sel = torch.cat([m[v, k_idx] for v in views])  # (P or 2P, h, w)
+            acc[kind] += _add_views(_upsample(sel, (H, W)), P, mc.flip)
+            if channel:
+                b = out[kind + BACKGROUND].float()[:, 0]
+                bg[kind] += _add_views(_upsample(b, (H, W)), B, mc.flip)
+    maps = {k: normalise_maps(v, recipe.normalise) for k, v in acc.items()}
+    bgs = {k: normalise_maps(v, recipe.normalise) for k, v in bg.items()}
+    return MapBatch(pairs, maps, bgs)
+
+
+def _upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _add_views(m: torch.Tensor, n: int, flip: bool) -> torch.Tensor:
+    return m[:n] + m[n:].flip(-1) if flip else m
+
+
+def compute_maps(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
+                 recipe: MapRecipe | None = None) -> dict[str, torch.Tensor]:
+    """Like :func:`compute_map_batch`, as dense ``{kind: (B, C, H, W)}`` (absent classes 0)."""
+    mb = compute_map_batch(model, images, labels, cfg, kinds, recipe)
+    return {k: mb.dense(k, images.shape[0], labels.shape[1]) for k in mb.maps}
 
 
 # ------------------------------------------------------------------------------ data feeding
@@ -128,82 +200,172 @@ def image_size(path: Path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def size_batches(ds: WSSSDataset, indices: list[int], batch_size: int) -> list[list[int]]:
-    """Group images of equal size into batches (VOC has few distinct sizes)."""
+def image_bytes(size: tuple[int, int], pairs: int, cfg: MapsConfig, patch: int, prefix: int) -> int:
+    """An estimate of one image's peak map memory: its accumulators and upsampled views, and the
+    explicit-attention buffers (head mean, affinity, scratch) of its largest view."""
+    H, W = size
+    views = 2 if cfg.flip else 1
+    maps = len(cfg.kinds) * (pairs + 1) * H * W * 4 * (1 + views)
+    s = max(input_scales(cfg, size))
+    n = prefix + math.ceil(H * s / patch) * math.ceil(W * s / patch)
+    return maps + views * 3 * n * n * 4
+
+
+def size_batches(ds: WSSSDataset, indices: list[int], batch_size: int, budget_bytes: int = 0,
+                 cost=None) -> list[list[int]]:
+    """Group images of equal size into batches (VOC has few distinct sizes) of at most ``batch_size``
+    images and, when ``budget_bytes`` is set, at most that much estimated memory (``cost(i, size)``)."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    sizes = {}
     for i in indices:
-        groups[image_size(ds.image_paths[i])].append(i)
+        sizes[i] = image_size(ds.image_paths[i])
+        groups[sizes[i]].append(i)
     batches = []
     for _, idx in sorted(groups.items()):
-        batches.extend(idx[j:j + batch_size] for j in range(0, len(idx), batch_size))
+        current, used = [], 0
+        for i in idx:
+            c = cost(i, sizes[i]) if (budget_bytes and cost) else 0
+            if current and (len(current) >= batch_size or (budget_bytes and used + c > budget_bytes)):
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += c
+        if current:
+            batches.append(current)
     return batches
 
 
-def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images_uint8.device).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255.0 - mean) / std
+def normalise(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    return normalise_images(images_uint8, mean, std)
 
 
-def generate_seeds(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, cfg: MapsConfig,
-                   device: torch.device | str = "cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
-                   progress: bool = True, meta: dict | None = None) -> Path:
+def _is_alloc_error(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg or "can't allocate" in msg
+
+
+def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: torch.device | str = "cpu",
+                   rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
+                   meta: dict | None = None, recipe: MapRecipe | None = None) -> Path:
     """Write ``out_dir/<kind>/<image_id>.npz`` for every image of ``ds`` (this rank's share when
     sharded); images whose files all exist are skipped, so an interrupted run resumes."""
+    cfg = _as_config(cfg)
+    mc = cfg.maps
+    recipe = recipe or recipe_of(model)
     out_dir = Path(out_dir)
     device = torch.device(device)
     model = model.to(device).eval()
-    kinds = list(cfg.kinds)
+    kinds = list(mc.kinds)
     todo = [i for i in range(rank, len(ds), world)
             if not all(seed_path(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    info = {"maps": {k: v for k, v in vars(cfg).items()}, **(meta or {})}
-    if rank == 0:
-        write_json_atomic(out_dir / "maps_meta.json", info)
-    batches = size_batches(ds, todo, cfg.batch_size)
+    patch = recipe.size_multiple or getattr(model, "patch_size", 16)
+    prefix = getattr(model, "num_prefix", 0)
+    budget = int(mc.memory_mb * 2 ** 20)
+
+    def cost(i: int, size: tuple[int, int]) -> int:
+        return image_bytes(size, len(ds.labels[i]), mc, patch, prefix)
+
+    batches = size_batches(ds, todo, mc.batch_size, budget, cost)
+    _warn_tokens(ds, todo, mc, patch)
     loader = DataLoader(_ImageSet(ds), batch_sampler=batches, num_workers=num_workers)
-    bar = tqdm(total=len(todo), desc="maps", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
     for raw, labels, idx in loader:
-        images = normalise(raw.to(device))
-        maps = compute_maps(model, images, labels.to(device), cfg, kinds)
-        for kind, m in maps.items():
-            m = m.cpu().numpy()
-            for b, i in enumerate(idx.tolist()):
-                classes = np.asarray(ds.labels[i], dtype=np.int64)
-                if cfg.overlays:  # written first: a seed file's existence means its image is done
-                    rgb = raw[b].permute(1, 2, 0).numpy()
-                    top = m[b, classes].max(0) if len(classes) else np.zeros(rgb.shape[:2], np.float32)
-                    save_png(out_dir / f"{kind}_overlays" / f"{ds.ids[i]}.png", overlay(rgb, top))
-                save_seed(seed_path(out_dir / kind, ds.ids[i]),
-                          SeedMaps(classes, m[b, classes], {"kind": kind, "image_id": ds.ids[i]}), cfg.save_dtype)
+        images = normalise(raw.to(device), recipe.mean, recipe.std)
+        try:
+            mb = compute_map_batch(model, images, labels.to(device), cfg, kinds, recipe)
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_alloc_error(exc):
+                raise
+            names = ", ".join(ds.ids[i] for i in idx.tolist()[:4])
+            raise TokensegError(
+                f"out of memory on image(s) {names} ({raw.shape[-1]}×{raw.shape[-2]} px): set maps.max_side "
+                f"(e.g. maps.max_side=800) or lower maps.memory_mb / maps.batch_size; finished images are "
+                f"kept and a re-run resumes") from exc
+        _save_batch(mb, raw, idx.tolist(), ds, out_dir, mc)
         bar.update(len(idx))
     bar.close()
     return out_dir
 
 
-def check_kinds(model: ClassTokenViT, method: str, kinds: list[str], source: str | Path) -> None:
-    """A checkpoint without a PatchCAM head (MCTformer-V1) makes only the attention kinds."""
-    if model.head is None:
-        bad = [k for k in kinds if not k.startswith("attention")]
-        if bad:
-            raise TokensegError(
-                f"{source}: a {method} checkpoint (no PatchCAM head) makes only the map kinds attention, "
-                f"attention_affinity; maps.kinds asks for {', '.join(bad)} (set maps.kinds=[attention_affinity])")
+def _save_batch(mb: MapBatch, raw: torch.Tensor, idx: list[int], ds: WSSSDataset, out_dir: Path, mc: MapsConfig):
+    pairs = mb.pairs.cpu().numpy()
+    for kind, m in mb.maps.items():
+        m = m.cpu().numpy()
+        bgk = mb.background[kind].cpu().numpy() if kind in mb.background else None
+        for b, i in enumerate(idx):
+            rows = np.flatnonzero(pairs[:, 0] == b)
+            classes = pairs[rows, 1].astype(np.int64)
+            maps = m[rows]
+            if mc.overlays:  # written first: a seed file's existence means its image is done
+                rgb = raw[b].permute(1, 2, 0).numpy()
+                top = maps.max(0) if len(classes) else np.zeros(rgb.shape[:2], np.float32)
+                save_png(out_dir / f"{kind}_overlays" / f"{ds.ids[i]}.png", overlay(rgb, top))
+            seed = SeedMaps(classes, maps, {"kind": kind, "image_id": ds.ids[i]},
+                            None if bgk is None else bgk[b])
+            save_seed(seed_path(out_dir / kind, ds.ids[i]), seed, mc.save_dtype)
+
+
+def _warn_tokens(ds: WSSSDataset, todo: list[int], mc: MapsConfig, patch: int) -> None:
+    big = []
+    for i in todo[:2000]:  # header reads are cheap, but a COCO-sized split needs no full scan to warn
+        h, w = image_size(ds.image_paths[i])
+        s = max(input_scales(mc, (h, w)))
+        n = math.ceil(h * s / patch) * math.ceil(w * s / patch)
+        if n > WARN_TOKENS:
+            big.append((ds.ids[i], n))
+    if big:
+        worst = max(big, key=lambda t: t[1])
+        warnings.warn(f"{len(big)} image(s) give more than {WARN_TOKENS} tokens (e.g. {worst[0]}: {worst[1]} tokens; "
+                      f"explicit attention needs ~{worst[1] ** 2 * 4 / 2 ** 20:.0f} MB per view and layer): set "
+                      f"maps.max_side to cap the input size", stacklevel=3)
+
+
+def map_settings(cfg: Config, method: str, checkpoint: str) -> dict:
+    """The settings that shape the seeds (what a resumed run must share)."""
+    mc = cfg.maps
+    keep = ("scales", "flip", "layers", "layer_reduce", "fusion", "dtype", "size_rounding", "mode", "save_dtype",
+            "max_side")
+    settings = {k: getattr(mc, k) for k in keep}
+    settings.update(method=method, checkpoint=str(checkpoint))
+    section = get_method(method).section
+    if section:
+        settings[section] = vars(getattr(cfg, section))
+    return settings
 
 
 def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
-             out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False) -> Path:
-    """Python API of ``tokenseg maps``: load a checkpoint (ours or the authors'), generate seeds for a
-    split with ``maps.mode`` (tokenseg: this module; authors: :mod:`tokenseg.maps_authors`).
-    ``export_npy`` (authors mode) writes the authors' ``.npy`` dicts instead of ``.npz``."""
-    from .engine import init_distributed, load_model_from_checkpoint, resolve_device
+             out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False,
+             overwrite: bool = False) -> Path:
+    """Python API of ``tokenseg maps``: load a checkpoint (ours or the authors'; none for a training-free
+    method), generate seeds for a split with ``maps.mode`` (tokenseg: this module; authors: the method's
+    own inference, e.g. :mod:`tokenseg.maps_authors`). ``export_npy`` (authors mode) writes the authors'
+    ``.npy`` dicts instead of ``.npz``. Resuming into a folder made with other settings is an error
+    unless ``overwrite``."""
+    from .checkpoint import load_model_from_checkpoint
+    from .device import barrier, setup
+    from .resume import check_settings
 
-    ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
-    model, ckpt_cfg, names = load_model_from_checkpoint(ckpt, num_heads=cfg.model.backbone_kwargs.get("num_heads"))
-    if export_npy and cfg.maps.mode != "authors":
-        raise TokensegError("--export-npy needs maps.mode=authors (the .npy dicts are the authors' format)")
-    check_kinds(model, ckpt_cfg.model.method, cfg.maps.kinds, ckpt)
+    method = get_method(cfg.model.method)
     split = split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
+    if method.trainable:
+        ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
+        if not ckpt.is_file():
+            raise TokensegError(f"{ckpt}: checkpoint not found; train first: `tokenseg train {cfg.name} ...` "
+                                f"(or pass --checkpoint)")
+        model, ckpt_cfg, names = load_model_from_checkpoint(ckpt, num_heads=cfg.model.backbone_kwargs.get("num_heads"))
+        method = get_method(ckpt_cfg.model.method)  # the checkpoint's method makes the maps
+    else:
+        ckpt, ckpt_cfg, names = "", cfg, list(ds.class_names)
+        model = method.build(cfg, ds.num_classes)
+    model.tokenseg_method = method.name
+    recipe = method.recipe
+    recipe.check_kinds(cfg.maps.kinds, f"{ckpt or method.name}: a {method.name} model")
+    if export_npy and cfg.maps.mode != "authors":
+        raise TokensegError("--export-npy needs maps.mode=authors (the .npy dicts are the authors' format)")
+    if cfg.maps.mode == "authors" and recipe.authors is None:
+        raise TokensegError(f"maps.mode=authors: {method.name} has no separate authors' inference (its default "
+                            f"pipeline follows their code; see README)")
     if getattr(model, "class_names_source", "") == "default" and len(names) == ds.num_classes:
         names = list(ds.class_names)  # the authors' files hold no names: take the dataset's
     if len(names) != ds.num_classes:
@@ -211,21 +373,20 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
                             f"classes ({', '.join(ds.class_names[:6])}{', ...' if ds.num_classes > 6 else ''})")
     if list(ds.class_names) != names:
         raise TokensegError(f"{ckpt}: trained on classes {names}, dataset has {ds.class_names}")
-    dinfo = init_distributed(resolve_device(cfg.train.device).type)
-    device = resolve_device(cfg.train.device, dinfo.local_rank)
+    dinfo, device = setup(cfg.train.device)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "seeds" / split
-    meta = {"checkpoint": str(ckpt), "method": ckpt_cfg.model.method, "split": split,
-            "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0))}
+    meta = {"checkpoint": str(ckpt), "method": method.name, "split": split, "background": recipe.background,
+            "normalise": recipe.normalise, "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0)),
+            "maps": {k: v for k, v in vars(cfg.maps).items()}}
+    if dinfo.is_main:
+        check_settings(out, map_settings(cfg, method.name, str(ckpt)), overwrite, "maps_meta.json", "seeds",
+                       clear=tuple(cfg.maps.kinds), info=meta)
+    barrier(dinfo)
     common = dict(device=device, rank=dinfo.rank, world=dinfo.world, num_workers=cfg.data.num_workers,
-                  progress=progress and dinfo.is_main, meta=meta)
+                  progress=progress and dinfo.is_main)
     if cfg.maps.mode == "authors":
-        from .maps_authors import generate_seeds_authors
-
-        generate_seeds_authors(model, ds, out, cfg.maps, **common, method=ckpt_cfg.model.method,
-                               export_npy=export_npy)
+        recipe.authors(model, ds, out, cfg.maps, **common, meta=meta, method=method.name, export_npy=export_npy)
     else:
-        generate_seeds(model, ds, out, cfg.maps, **common)
-    if dinfo.world > 1:
-        torch.distributed.barrier()
+        generate_seeds(model, ds, out, cfg, **common, recipe=recipe)
+    barrier(dinfo)
     return out
-

@@ -29,6 +29,7 @@ scripts read them.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -254,10 +255,12 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
     dino = uses_dino_offset(method, cfg, model)
     todo = [i for i in range(rank, len(ds), world)
             if not all(path_of(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    if rank == 0:
-        info = {"maps": dict(vars(cfg)), "mode": "authors", "dino_pos_offset": dino,
-                "format": "npy" if export_npy else "npz", **(meta or {})}
-        write_json_atomic(out_dir / "maps_meta.json", info)
+    if rank == 0:  # added to what run_maps recorded (the settings a resumed run must share)
+        path = out_dir / "maps_meta.json"
+        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        info.update({"maps": dict(vars(cfg)), **(meta or {}), "mode": "authors", "dino_pos_offset": dino,
+                     "format": "npy" if export_npy else "npz"})
+        write_json_atomic(path, info)
     loader = DataLoader(_PILSet(ds), batch_size=None, sampler=todo, num_workers=num_workers,
                         collate_fn=_identity)
     for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img", disable=not progress):

@@ -16,6 +16,15 @@ from .base import WSSSDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise_images(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(B, 3, H, W) uint8 (or 0–255 float) on any device -> normalised float32, as ToTensor + Normalize."""
+    m = torch.tensor(mean, device=images_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255.0 - m) / s
 
 
 def build_train_transform(kind: str, img_size: int, crop_scale=(0.08, 1.0), color_jitter: float = 0.0):
@@ -51,6 +60,51 @@ def build_eval_transform(img_size: int):
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def _seeded(seed_parts: list[int], fn, *args):
+    """Run ``fn(*args)`` with torch/random/numpy seeded from ``seed_parts``, leaving the global RNGs as
+    they were (drop-path draws from the global torch RNG: augmentation must not move it)."""
+    s = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s)
+        out = fn(*args)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    return out
+
+
+class TrainSet(Dataset):
+    """A training sample as a dict: one tensor per named view, ``labels`` (C,), ``index``, and the
+    method's extra inputs (e.g. a precomputed CAM, co-augmented with its view).
+
+    View ``v`` of sample ``i`` in ``epoch`` draws its randomness from (seed, epoch, i) for the first view
+    and (seed, epoch, i, v) for the others, so resumed and multi-process runs see the same samples."""
+
+    def __init__(self, ds: WSSSDataset, views: dict, seed: int = 0, extras=None) -> None:
+        self.ds, self.views, self.seed, self.extras = ds, views, seed, extras
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.ds.load_image(i)
+        extras = self.extras(i) if self.extras is not None else {}
+        sample = {"labels": torch.from_numpy(self.ds.multi_hot(i)), "index": i}
+        for v, (name, view) in enumerate(self.views.items()):
+            parts = [self.seed, self.epoch, i] if v == 0 else [self.seed, self.epoch, i, v]
+            x, out_extras = _seeded(parts, view, img, extras)
+            sample[name] = x
+            for k, val in out_extras.items():
+                sample[k if v == 0 else f"{k}_{name}"] = val
+        return sample
 
 
 class ClassificationSet(Dataset):

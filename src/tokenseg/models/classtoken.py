@@ -11,6 +11,10 @@ Two forward paths:
   (``F.scaled_dot_product_attention``); no attention matrix is ever materialised.
 * :meth:`ClassTokenViT.forward_maps` for map generation: explicit attention only in the layers a
   recipe needs, reduced on the fly (head mean, layer sum) instead of stacking L×B×H×N×N.
+
+Methods with other token groups (CTI: a background token and tokens from a tokenizer MLP; MMCST:
+textual tokens) subclass it and override :meth:`ClassTokenViT.prefix_tokens`; every forward goes
+through :func:`tokenseg.models.attention.run_blocks`.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .attention import explicit_attention, run_blocks
 
 
 def gwrp(scores: torch.Tensor, decay: float) -> torch.Tensor:
@@ -71,7 +77,11 @@ class ClassTokenViT(nn.Module):
         self.patch_embed = backbone.patch_embed
         self.blocks = backbone.blocks
         self.norm = backbone.norm  # kept in the state dict (lossless conversion) even when not applied
+        # CLIP-style towers normalise the embedded tokens before the first block (timm's norm_pre)
+        self.norm_pre = getattr(backbone, "norm_pre", None) or nn.Identity()
         self.final_norm = final_norm
+        if not final_norm:  # unused: frozen, so the optimizer and DDP leave it alone (as the authors' code)
+            self.norm.requires_grad_(False)
         self.decay_pos_embed = decay_pos_embed
         self.pooling = pooling
         self.gwrp_decay = gwrp_decay
@@ -103,21 +113,34 @@ class ClassTokenViT(nn.Module):
         for blk in self.blocks:
             if not hasattr(blk, "attn") or not hasattr(blk.attn, "qkv"):
                 raise ValueError("only standard timm ViT blocks (attn.qkv) are supported")
+            blk.attn.fused_attn = True  # untapped layers never materialise attention
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image (B,3,H,W) -> tokens (B, C+M, D). Sizes that are not a multiple of the patch are floored
-        by the patch convolution, as in the authors' code."""
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patch tokens (C class tokens here; subclasses may add more)."""
+        return self.num_classes
+
+    def prefix_tokens(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (B, num_prefix, D) tokens placed before the patches, position embedding included."""
+        return (self.cls_tokens + self.pos_embed_cls).expand(batch, -1, -1).to(dtype)
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image (B,3,H,W) -> patch tokens (B, M, D) with their position embedding (bicubic to the grid).
+        Sizes that are not a multiple of the patch are floored by the patch convolution, as the authors."""
         p = self.patch_embed.proj(x)  # (B, D, h, w)
         h, w = p.shape[-2:]
-        tokens = p.flatten(2).transpose(1, 2)
-        tokens = self.patch_embed.norm(tokens)
+        tokens = self.patch_embed.norm(p.flatten(2).transpose(1, 2))
         pos = self.pos_embed_pat
         if (h, w) != tuple(pos.shape[-2:]):
             pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
-        tokens = tokens + pos.flatten(2).transpose(1, 2).to(tokens.dtype)
-        cls = (self.cls_tokens + self.pos_embed_cls).expand(x.shape[0], -1, -1).to(tokens.dtype)
-        return torch.cat([cls, tokens], dim=1), (h, w)
+        return tokens + pos.flatten(2).transpose(1, 2).to(tokens.dtype), (h, w)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image (B,3,H,W) -> tokens (B, num_prefix + M, D) and the patch grid."""
+        tokens, grid = self.embed_patches(x)
+        tokens = torch.cat([self.prefix_tokens(x.shape[0], tokens.dtype), tokens], dim=1)
+        return self.norm_pre(tokens), grid
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the optimizer must not decay (besides 1-D ones): the class tokens, and the position
@@ -133,7 +156,7 @@ class ClassTokenViT(nn.Module):
         if self.head is None:
             return None
         B, _, D = tokens.shape
-        pat = tokens[:, self.num_classes:].transpose(1, 2).reshape(B, D, grid[0], grid[1])
+        pat = tokens[:, self.num_prefix:].transpose(1, 2).reshape(B, D, grid[0], grid[1])
         return self.head(pat)
 
     # ------------------------------------------------------------------ training
@@ -141,19 +164,15 @@ class ClassTokenViT(nn.Module):
         """Training forward with fused attention. Returns class-token logits (mean over D, Eq. 4),
         PatchCAM logits pooled to class scores (V2/+), and optionally every layer's class tokens (CCT)."""
         tokens, grid = self.embed(x)
-        layer_cls = []
-        for blk in self.blocks:
-            tokens = blk(tokens)
-            if return_layer_tokens:
-                layer_cls.append(tokens[:, : self.num_classes])
-        tokens = self.output_norm(tokens)
+        res = run_blocks(self.blocks, tokens, self.num_classes, keep_layer_tokens=return_layer_tokens)
+        tokens = self.output_norm(res.tokens)
         out = {"cls_logits": tokens[:, : self.num_classes].float().mean(-1)}
         fmap = self.patch_logits_map(tokens, grid)
         if fmap is not None:
             out["patch_map"] = fmap
             out["patch_logits"] = pool_patch_scores(fmap, self.pooling, self.gwrp_decay)
         if return_layer_tokens:
-            out["layer_cls_tokens"] = layer_cls
+            out["layer_cls_tokens"] = res.layer_tokens
         return out
 
     # ------------------------------------------------------------------ maps
@@ -169,110 +188,19 @@ class ClassTokenViT(nn.Module):
         C, L = self.num_classes, len(self.blocks)
         last_k = min(max(last_k, 1), L)
         aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
-        c2p = None
-        p2p = None
-        for li, blk in enumerate(self.blocks):
-            want_c2p = li >= L - last_k
-            want_p2p = affinity and li >= aff_from
-            h = blk.norm1(tokens)
-            attn_out, cls_rows, head_mean = _attention_with_maps(blk.attn, h, C, want_c2p, want_p2p)
-            tokens += blk.drop_path1(blk.ls1(attn_out))  # in place: no grad here, one buffer less per layer
-            tokens += blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(tokens))))
-            if want_c2p:
-                rows = cls_rows[:, :, C:].float()
-                c2p = rows if c2p is None else c2p + rows
-            if want_p2p:
-                pp = head_mean[:, C:, C:].float()
-                p2p = pp if p2p is None else p2p + pp
+        res = run_blocks(self.blocks, tokens, C, row_layers=range(L - last_k, L),
+                         full_layers=range(aff_from, L) if affinity else ())
+        c2p = res.rows[:, :, C:]
         if layer_reduce == "mean":
             c2p = c2p / last_k
-        tokens = self.output_norm(tokens)
+        tokens = self.output_norm(res.tokens)
         B = x.shape[0]
         attention = c2p.reshape(B, C, grid[0], grid[1])
         fmap = self.patch_logits_map(tokens, grid)
         patchcam = F.relu(fmap.float()) if fmap is not None else None
-        return MapOutputs(attention=attention, patchcam=patchcam, affinity=p2p,
+        affinity_map = res.full[:, C:, C:] if res.full is not None else None
+        return MapOutputs(attention=attention, patchcam=patchcam, affinity=affinity_map,
                           cls_logits=tokens[:, :C].float().mean(-1), grid=grid)
-
-
-# Rows per block on the CPU: one head's rows×N scores take about this many floats (4 MiB), so QKᵀ,
-# softmax, AV and the head sum run on data that stays in cache, in buffers allocated once. Computing the
-# whole H×N×N at once (N≈1150 at 1.25× VOC size) writes 32 MB per layer into fresh memory: QKᵀ then runs
-# at about half the machine's matmul rate and every page is faulted in (~1.7× slower per layer).
-_CPU_BLOCK_FLOATS = 1 << 20
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       blocked: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ) v as (B, N, H·d) with the head-mean probabilities (B, N, N) in fp32; q is already
-    scaled.
-
-    ``blocked`` (default: on the CPU) runs per sample, block of query rows and head (each row's softmax
-    is independent, so this equals the whole product up to float rounding); otherwise (GPUs) one
-    batched product."""
-    B, H, N, d = q.shape
-    if not (q.device.type == "cpu" if blocked is None else blocked):
-        probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        return (probs @ v).transpose(1, 2).reshape(B, N, H * d), _head_mean(probs)
-    out = torch.empty(B, H, N, d, dtype=q.dtype, device=q.device)
-    head_mean = torch.empty(B, N, N, dtype=torch.float32, device=q.device)
-    rows = max(16, _CPU_BLOCK_FLOATS // N)
-    scratch = torch.empty(min(rows, N) * N, dtype=q.dtype, device=q.device)
-    for b in range(B):
-        for r0 in range(0, N, rows):
-            r1 = min(r0 + rows, N)
-            acc = head_mean[b, r0:r1]  # the head sum, accumulated in fp32
-            for h in range(H):
-                # fp32: the first head's probabilities are written straight into the sum
-                direct = h == 0 and q.dtype == torch.float32
-                probs = acc if direct else scratch[: (r1 - r0) * N].view(r1 - r0, N)
-                torch.mm(q[b, h, r0:r1], k[b, h].T, out=probs)
-                torch.softmax(probs, -1, out=probs)
-                torch.mm(probs, v[b, h], out=out[b, h, r0:r1])
-                if h > 0:
-                    acc += probs
-                elif not direct:
-                    acc.copy_(probs)
-            acc.mul_(1.0 / H)
-    return out.transpose(1, 2).reshape(B, N, H * d), head_mean
-
-
-def _head_mean(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over heads (dim 1) in fp32. A half-precision tensor is summed head by head into fp32: a
-    dim-1 reduction of a bf16 tensor first upcasts all of it (~9× slower on the CPU)."""
-    if probs.dtype == torch.float32:
-        return probs.mean(1)
-    hm = probs[:, 0].float()
-    for h in range(1, probs.shape[1]):
-        hm += probs[:, h]
-    return hm.div_(probs.shape[1])
-
-
-def _attention_with_maps(attn: nn.Module, x: torch.Tensor, num_cls: int, want_cls_rows: bool,
-                         want_full: bool):
-    """timm ``Attention`` forward that also returns attention probabilities, head-averaged.
-
-    ``want_full``: the full (B, N, N) head-mean attention (and the output is computed from it).
-    ``want_cls_rows``: only the class-token query rows (B, C, N); the output uses fused attention.
-    """
-    B, N, _ = x.shape
-    H = attn.num_heads
-    qkv = attn.qkv(x).reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_rows = head_mean = None
-    if want_full:
-        out, head_mean = explicit_attention(q * attn.scale, k, v)
-        cls_rows = head_mean[:, :num_cls] if want_cls_rows else None
-    else:
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
-        if want_cls_rows:
-            cls_rows = ((q[:, :, :num_cls] * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)
-    if hasattr(attn, "norm"):
-        out = attn.norm(out)
-    out = attn.proj(out)
-    out = attn.proj_drop(out)
-    return out, cls_rows, head_mean
 
 
 def _patch_size(backbone: nn.Module) -> int:

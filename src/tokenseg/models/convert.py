@@ -25,7 +25,6 @@ its key, so ours → authors' → ours round-trips bit for bit (:func:`export_au
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import (config_from_checkpoint, is_tokenseg_checkpoint, load_state_checked, read_weights,
+                          save_checkpoint)
 from ..config import Config, apply_overrides, load_config, validate
 from ..io import TokensegError
 
@@ -57,41 +58,6 @@ def canonical_method(method: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _safe_globals() -> list:
-    """Besides tensors: the authors' ``argparse.Namespace`` and plain numpy arrays (our checkpoints'
-    RNG state). None of these can run code when unpickled."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    out = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        out += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType", "Float32DType")
-                if hasattr(dtypes, n)]
-    return out
-
-
-def read_weights(path: str | Path, allow_pickle: bool = False) -> Any:
-    """``torch.load`` on the CPU, tensors-only unless ``allow_pickle`` (the authors' ``args`` Namespace
-    is accepted either way)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokensegError(f"{path}: checkpoint not found")
-    try:
-        if allow_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = str(exc).lower()
-        if not allow_pickle and ("weights only" in msg or "weights_only" in msg):
-            raise TokensegError(
-                f"{path}: the file holds Python objects besides tensors; if you trust it, convert it once with "
-                f"`tokenseg convert {path} OUT.pth --allow-pickle` (Python: allow_pickle=True): unpickling can "
-                f"run arbitrary code") from exc
-        raise TokensegError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint: ``model`` / ``state_dict`` wrappers and ``module.`` removed."""
     sd = obj
@@ -344,7 +310,6 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
     Returns ``(model, cfg, class_names)``. ``num_classes`` / ``class_names`` are checked against the
     checkpoint (and required for an ImageNet checkpoint, which has one class token)."""
     from . import build_model
-    from ..engine import load_state_checked
 
     sd = unwrap_state_dict(obj, source)
     info = detect_layout(sd, source)
@@ -404,17 +369,12 @@ def load_authors_checkpoint(path: str | Path, method: str | None = None, *, num_
 
 
 # ---------------------------------------------------------------------------------------- files
-def is_tokenseg_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and "model" in obj and "config" in obj
-
-
 def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, method: str | None = None,
                        num_classes: int | None = None, class_names: str | list[str] | None = None,
                        num_heads: int | None = None, allow_pickle: bool = False) -> dict:
     """``tokenseg convert``: authors' (or ImageNet) weights -> a tokenseg checkpoint, or a tokenseg
     checkpoint -> the authors' layout (``{'model': state_dict}``). ``to``: ``tokenseg`` | ``authors``
     (default: the other side of what ``src`` is). Returns a summary."""
-    from ..engine import config_from_checkpoint, save_checkpoint
     from ..io import write_bytes_atomic
 
     src, dst = Path(src), Path(dst)

@@ -1,0 +1,145 @@
+"""What a method declares to the engine: :class:`Method`, its :class:`MapRecipe`, the :class:`StepContext`.
+
+One training loop (:mod:`tokenseg.engine`), one map pipeline (:mod:`tokenseg.maps`) and one checkpoint
+format (:mod:`tokenseg.checkpoint`) serve every method; a method only fills these fields. Read
+:mod:`tokenseg.methods.cam` for a complete ~50-line example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class StepContext:
+    """Where training stands when a loss is computed (CTI switches terms on after epoch 2)."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+    world: int = 1
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class MapRecipe:
+    """How a method turns a forward pass into localisation maps.
+
+    ``combine(model, x, labels, classes, cfg, kinds)`` gets one batch of same-size normalised views
+    (B', 3, h, w) (a scale of B images and, when flipping, their mirror images), their multi-hot
+    ``labels`` (B', C) and ``classes`` — the (K,) class indices present anywhere in the batch — and
+    returns ``{kind: (B', K, h', w')}`` maps of those classes on the method's grid (or at the input size).
+    Methods with an explicit background also return ``{kind + BACKGROUND: (B', 1, h', w')}``.
+    The pipeline does the rest for every method: scales and flips, upsampling to the image, masking by
+    the labels, un-flipping, the sum over views and the per-class normalisation, then the seed files."""
+
+    kinds: tuple[str, ...]
+    default_kinds: tuple[str, ...]
+    combine: Callable[..., dict[str, torch.Tensor]]
+    normalise: str = "minmax"  # minmax | maxnorm (CTI: ReLU(x - min - 1e-5)/(max - min + 1e-5)) | max (x/(max+1e-5))
+    background: str = "constant"  # constant (a threshold) | power ((1 - max)^alpha) | channel (the method makes one)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size_rounding: str = "round"  # default for maps.size_rounding=auto: round | floor | ceil | none
+    size_multiple: int = 0  # 0: the model's patch size
+    needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
+    # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.maps_authors)
+    authors: Callable[..., Any] | None = None
+
+    def check_kinds(self, kinds, source: str = "") -> None:
+        from ..io import TokensegError
+
+        bad = [k for k in kinds if k not in self.kinds]
+        if bad:
+            raise TokensegError(f"{source + ': ' if source else ''}map kind(s) {', '.join(bad)} are not made by "
+                                f"this method; it makes {', '.join(self.kinds)}")
+
+
+BACKGROUND = "@background"  # suffix of a recipe's explicit background map
+
+
+def image_only(transform: Callable) -> Callable:
+    """Adapt an image transform to the view signature ``view(image, extras) -> (tensor, extras)``."""
+
+    def view(image, extras: dict) -> tuple[torch.Tensor, dict]:
+        return transform(image), extras
+
+    view.transform = transform  # for tests and the README's example
+    return view
+
+
+def default_views(cfg) -> dict[str, Callable]:
+    """One augmented view of each image, ``image``, with ``train.augment``."""
+    from ..data.transforms import build_train_transform
+
+    t = cfg.train
+    return {"image": image_only(build_train_transform(t.augment, cfg.model.img_size, t.crop_scale, t.color_jitter))}
+
+
+def default_forward(model: nn.Module, batch: dict, ctx: StepContext, cfg) -> dict:
+    """One forward of the (possibly DDP-wrapped) model on the ``image`` view."""
+    return model(batch["image"])
+
+
+def default_param_groups(model: nn.Module, cfg) -> list[dict]:
+    """Weight decay on matrices; none on 1-D parameters and on what ``model.no_weight_decay()`` names
+    (timm's convention, which the authors' optimizers follow). ``lr_mult`` 1 everywhere."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    wd = cfg.train.weight_decay
+    return [{"params": decay, "weight_decay": wd, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: its model, losses, map recipe, views and optimisation, for the one engine.
+
+    build(cfg, num_classes) -> model with weights as ``model.pretrained`` says (random, online, a file)
+    forward(model, batch, ctx, cfg) -> outputs: the training forward; ``model`` may be DDP-wrapped, so extra
+        passes of a method (CTI's infusion) happen inside the model's own ``forward``
+    loss(outputs, batch, ctx, cfg) -> {term: tensor}: weighted terms summed into the total; keys that
+        start with ``_`` are only logged. None: the method needs no training (CLIP-ES)
+    class_scores(model, x) -> (B, C): image-level class scores (val mAP, ``predict``)
+    views(cfg) -> {name: view(image, extras) -> (tensor, extras)}: the augmented inputs of a sample
+    extras(cfg, dataset) -> (i -> {name: array}): per-sample inputs besides the image (precomputed CAMs)
+    param_groups(model, cfg) -> [{params, weight_decay, lr_mult}]
+    optimizer: ``adamw-cosine`` (AdamW, warm-up + cosine) or ``sgd-poly`` (SGD, poly decay)
+    load_foreign(state, source, cfg_overrides, num_heads) -> (model, cfg, names) | None: the authors'
+        checkpoint layouts this method reads (None when ``state`` is not one of them)
+    """
+
+    name: str
+    summary: str
+    build: Callable[[Any, int], nn.Module]
+    recipe: MapRecipe
+    loss: Callable[..., dict[str, torch.Tensor]] | None = None
+    forward: Callable[[nn.Module, dict, StepContext, Any], dict] = default_forward
+    class_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    section: str | None = None  # name of this method's own config section (cfg.<section>)
+    section_config: type | None = None  # its dataclass
+    views: Callable[[Any], dict[str, Callable]] = default_views
+    extras: Callable[..., Callable[[int], dict]] | None = None
+    param_groups: Callable[[nn.Module, Any], list[dict]] = default_param_groups
+    optimizer: str = "adamw-cosine"
+    dynamic_graph: bool = False  # DDP find_unused_parameters: the graph changes between steps
+    load_foreign: Callable[..., Any] | None = None
+    validate: Callable[[Any], None] | None = None
+    uses_sections: tuple[str, ...] = field(default_factory=tuple)  # other sections it reads (OTPL on CTI)
+
+    @property
+    def trainable(self) -> bool:
+        return self.loss is not None
+
+
+__all__ = ["Method", "MapRecipe", "StepContext", "BACKGROUND", "image_only", "default_views", "default_forward",
+           "default_param_groups"]

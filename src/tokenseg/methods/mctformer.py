@@ -1,0 +1,126 @@
+"""MCTformer-V1, MCTformer-V2 and MCTformer+ (METHODS.md §2–§6, errata §16.1–16.10).
+
+* V1: C class tokens; class scores = mean over D of the output class tokens; seeds = class-to-patch
+  attention summed over the last K = 3 layers (+ patch affinity).
+* V2: + a 3×3 conv PatchCAM head on the patch tokens, GAP; loss α·cls + β·patch; fused = attention ⊙
+  PatchCAM.
+* MCTformer+: GWRP pooling (0.996), the contrastive class-token loss (CCT) on every layer, fused =
+  sqrt(attention ⊙ PatchCAM), mean over K = 12 layers; position embeddings decayed (§16.3).
+
+No final LayerNorm anywhere (§16.1). The authors' checkpoints load through :mod:`tokenseg.models.convert`;
+``maps.mode=authors`` runs their inference exactly (:mod:`tokenseg.maps_authors`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..losses import contrastive_class_token_loss, multilabel_soft_margin
+from . import MapRecipe, Method, register
+
+ATTENTION_KINDS = ("attention", "attention_affinity")
+ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")
+
+
+def build(cfg, num_classes: int) -> nn.Module:
+    from ..models import build_model
+
+    return build_model(cfg.model, num_classes, decay_pos_embed=decays_pos_embed(cfg))
+
+
+def decays_pos_embed(cfg) -> bool:
+    """The authors' weight-decay skip list is timm's {'pos_embed', 'cls_token'}: MCTformer+'s
+    ``pos_embed_cls``/``pos_embed_pat`` are therefore decayed, V1/V2's ``pos_embed`` is not (§16.3)."""
+    value = str(cfg.train.decay_pos_embed).lower()
+    return cfg.model.method == "mctformer-plus" if value == "auto" else value == "true"
+
+
+def uses_cct(cfg) -> bool:
+    return cfg.model.method == "mctformer-plus" and cfg.model.cct_weight > 0
+
+
+def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
+    return model(batch["image"], return_layer_tokens=uses_cct(cfg))
+
+
+def compute_losses(model_out: dict, targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """α·MLSM(class tokens) + β·MLSM(PatchCAM) + γ·CCT, with a ``total``."""
+    m = cfg.model
+    losses = {"cls": m.cls_loss_weight * multilabel_soft_margin(model_out["cls_logits"], targets)}
+    if "patch_logits" in model_out:
+        losses["patch"] = m.patch_loss_weight * multilabel_soft_margin(model_out["patch_logits"], targets)
+    if m.cct_weight > 0 and "layer_cls_tokens" in model_out:
+        layers = model_out["layer_cls_tokens"]
+        if m.cct_layers > 0:
+            layers = layers[-m.cct_layers:]
+        losses["cct"] = m.cct_weight * contrastive_class_token_loss(layers, targets)
+    losses["total"] = sum(losses.values())
+    return losses
+
+
+def loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
+    terms = compute_losses(out, batch["labels"], cfg)
+    terms.pop("total")
+    return terms
+
+
+def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of class-token and PatchCAM scores (their ``x_logits``), or the class tokens' alone (V1)."""
+    out = model(x)
+    s = out["cls_logits"]
+    return (s + out["patch_logits"]) / 2 if "patch_logits" in out else s
+
+
+def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
+    """Class-to-patch attention of the last K layers, the PatchCAM, their fusion, and the patch-affinity
+    refinement ``A_ref[c, i] = Σ_j aff[i, j] A[c, j]`` (affinity over all layers), on the patch grid."""
+    mc = cfg.maps
+    need_aff = any(k.endswith("_affinity") for k in kinds)
+    out = model.forward_maps(x, last_k=mc.layers, affinity=need_aff, layer_reduce=mc.layer_reduce)
+    att = out.attention[:, classes].float()
+    base = {"attention": att}
+    if out.patchcam is not None:
+        pc = out.patchcam[:, classes].float()
+        base["patchcam"] = pc
+        fused = att * pc
+        base["fused"] = fused.sqrt() if mc.fusion == "sqrt" else fused
+    maps = {}
+    for kind in kinds:
+        m = base[kind.removesuffix("_affinity")]
+        if kind.endswith("_affinity"):
+            m = (m.flatten(2) @ out.affinity.float().transpose(1, 2)).view(m.shape)
+        maps[kind] = m
+    return maps
+
+
+def _authors(*args, **kwargs):
+    from ..maps_authors import generate_seeds_authors
+
+    return generate_seeds_authors(*args, **kwargs)
+
+
+def load_foreign(state, source: str, overrides=(), num_heads: int | None = None, path=None):
+    """The authors' MCTformer-V1/V2/+ checkpoints (and ImageNet DeiT/DINO weights as initialisation)."""
+    from ..models.convert import detect_layout, model_from_state, unwrap_state_dict
+
+    try:
+        sd = unwrap_state_dict(state, source)
+    except Exception:
+        return None
+    if "bg_token" in sd or "tokenizer.0.weight" in sd or not any(k in sd for k in ("cls_token", "cls_tokens")):
+        return None  # CTI's layout, or not a class-token ViT at all
+    if detect_layout(sd, source).layout == "tokenseg":
+        return None
+    return model_from_state(state, source, overrides=overrides, path=path, num_heads=num_heads)
+
+
+V1_RECIPE = MapRecipe(kinds=ATTENTION_KINDS, default_kinds=("attention_affinity",), combine=combine,
+                      authors=_authors)
+RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=_authors)
+
+for _name, _recipe, _summary in (
+        ("mctformer-v1", V1_RECIPE, "C class tokens; class-to-patch attention seeds (CVPR 2022)"),
+        ("mctformer-v2", RECIPE, "+ PatchCAM head, attention ⊙ PatchCAM seeds (CVPR 2022)"),
+        ("mctformer-plus", RECIPE, "+ GWRP pooling and contrastive class tokens (TPAMI 2024)")):
+    register(Method(name=_name, summary=_summary, build=build, recipe=_recipe, loss=loss, forward=forward,
+                    class_scores=class_scores, load_foreign=load_foreign))
