@@ -33,7 +33,10 @@ def test_train_maps_evaluate_cli(tiny_overrides, tmp_path, capsys):
     assert main(["evaluate", "tiny", *tiny_overrides, "--split", "val", "--json", str(tmp_path / "e.json"),
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "mIoU" in printed and "background" in printed
+    # one compact line per kind; every class's IoU only with --per-class (and always in the JSON)
+    assert "mIoU" in printed and "background" not in printed and len(printed.strip().splitlines()) == 2 + len(kinds)
+    assert main(["evaluate", "tiny", *tiny_overrides, "--split", "val", "--per-class", "--quiet"]) == 0
+    assert "background" in capsys.readouterr().out
     res = json.loads((tmp_path / "e.json").read_text())
     assert set(res) == set(kinds)
     for r in res.values():

@@ -13,7 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="tokenseg",
-        description="Weakly supervised semantic segmentation with class tokens (MCTformer family).")
+        description="Weakly supervised semantic segmentation with class tokens (MCTformer-V1/V2/+, CTI, "
+                    "CLIP-ES, OTPL, POT, MMCST). `--threads N` anywhere (or TOKENSEG_THREADS) sets the CPU "
+                    "thread count.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in MODULES:
@@ -21,9 +23,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_threads(argv: list[str]) -> tuple[list[str], int]:
+    """``--threads N`` anywhere on the line (or ``TOKENSEG_THREADS``): torch's CPU thread count."""
+    import os
+
+    out, threads, i = [], int(os.environ.get("TOKENSEG_THREADS", "0") or 0), 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--threads" and i + 1 < len(argv):
+            threads, i = int(argv[i + 1]), i + 2
+            continue
+        if a.startswith("--threads="):
+            threads = int(a.split("=", 1)[1])
+        else:
+            out.append(a)
+        i += 1
+    return out, threads
+
+
+def _is_override(token: str) -> bool:
+    return not token.startswith("-") and "=" in token and token.split("=", 1)[0].replace(".", "").replace(
+        "_", "").isalnum()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .device import set_threads
+
+    argv, threads = _take_threads(list(sys.argv[1:] if argv is None else argv))
+    set_threads(threads)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after the options too ("maps cfg.yaml --split val maps.scales=[1]")
+    args, extra = parser.parse_known_args(argv)
+    stray = [t for t in extra if not (_is_override(t) and hasattr(args, "overrides"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         result = args.func(args)
     except TokensegError as exc:

@@ -112,7 +112,7 @@ class MapsConfig:
     layers: int = 12  # K: class-to-patch attention from the last K layers
     layer_reduce: str = "mean"  # mean (MCTformer+) | sum (V1/V2)
     fusion: str = "sqrt"  # sqrt (MCTformer+) | product (V2)
-    kinds: list = field(default_factory=lambda: ["fused_affinity"])
+    kinds: list = field(default_factory=list)  # map kinds to make; [] = the method's default kinds
     batch_size: int = 8
     dtype: str = "fp32"  # fp32 | bf16
     overlays: bool = False
@@ -133,7 +133,8 @@ class EvalConfig:
     miou_classes: str = "all"  # all (every class, IoU 0 if never seen: MCTformer) | present (classes with gt or
     # prediction pixels) | gt (classes with ground-truth pixels: CLIP-ES)
     background: str = "constant"  # constant (threshold grid) | power ((1-max)^alpha, CLIP-ES)
-    alpha: float = 2.0
+    alpha: float = 2.0  # power background exponent
+    alphas: list = field(default_factory=list)  # power: sweep these exponents, keep the best (CLIP-ES: [1, 2])
 
 
 @dataclass
@@ -328,9 +329,11 @@ def validate(cfg: Config) -> None:
     choice("maps.dtype", cfg.maps.dtype, ("fp32", "bf16"))
     choice("maps.size_rounding", cfg.maps.size_rounding, ("auto", "round", "floor", "ceil", "none"))
     choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
-    choice("eval.background", cfg.eval.background, ("constant", "power"))
+    choice("eval.background", cfg.eval.background, ("constant", "power", "channel"))
     choice("eval.miou_classes", cfg.eval.miou_classes, ("all", "present", "gt"))
     choice("maps.save_dtype", cfg.maps.save_dtype, ("float16", "float32"))
+    if not cfg.maps.kinds:
+        cfg.maps.kinds = list(method.recipe.default_kinds)
     method.recipe.check_kinds(cfg.maps.kinds, f"maps.kinds ({method.name})")
     if method.validate is not None:
         method.validate(cfg)

@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="preset name or YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pseudo.crf=true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _load(args):
-    from ..config import load_config
-
-    return load_config(args.config, args.overrides)
+from .common import config_args as _config_args
+from .common import load as _load
 
 
 def _scales(text: str | None):

@@ -58,7 +58,7 @@ class MapRecipe:
         bad = [k for k in kinds if k not in self.kinds]
         if bad:
             raise TokensegError(f"{source + ': ' if source else ''}map kind(s) {', '.join(bad)} are not made by "
-                                f"this method; it makes {', '.join(self.kinds)}")
+                                f"this method; it makes {', '.join(self.kinds)} (e.g. maps.kinds=[{self.default_kinds[0]}])")
 
 
 BACKGROUND = "@background"  # suffix of a recipe's explicit background map

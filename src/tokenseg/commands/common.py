@@ -1,0 +1,23 @@
+"""What every config-taking subcommand shares: the config argument, overrides, --quiet."""
+from __future__ import annotations
+
+import argparse
+
+
+def config_help() -> str:
+    from ..config import available_presets
+
+    return f"a preset ({', '.join(available_presets())}) or a YAML file"
+
+
+def config_args(p: argparse.ArgumentParser, example: str = "train.epochs=3") -> None:
+    p.add_argument("config", help=config_help())
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config overrides, anywhere on the line, e.g. {example}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load(args):
+    from ..config import load_config
+
+    return load_config(args.config, args.overrides)
