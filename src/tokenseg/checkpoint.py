@@ -26,6 +26,7 @@ from .config import Config, apply_overrides, validate
 from .io import TokensegError, write_bytes_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "checkpoint_best.pt"  # train.keep_best: the epoch with the best val mAP
 FORMAT = "tokenseg-checkpoint/1"
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd
     poly_power: float = 0.9  # sgd
     tensorboard: bool = False  # scalars under <output_dir>/tensorboard (pip install "tokenseg[tensorboard]")
+    keep_best: bool = False  # also keep checkpoint_best.pt, the epoch with the best val mAP (MMCST's selection)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import (CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, load_state_checked,
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, load_state_checked,
                          read_checkpoint, restore_rng, save_checkpoint, unwrap)
 from .config import Config
 from .data import WSSSDataset, build_dataset
@@ -212,6 +212,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
             if dinfo.is_main:
                 print(f"note: no val mAP ({exc})")
     board = _TensorBoard(out_dir, tc.tensorboard and dinfo.is_main)
+    best_map = _best_so_far(out_dir / BEST_NAME) if (tc.keep_best and step > 0) else -1.0
     bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step",
                        disable=not (progress and dinfo.is_main))
     t0 = time.time()
@@ -282,12 +283,23 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
             if dinfo.is_main:
                 _append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
                 board.scalars(step, {"val/mAP": res["map"]})
+                if tc.keep_best and res["map"] > best_map:
+                    best_map = res["map"]
+                    save_checkpoint(out_dir / BEST_NAME, model, None, None, step, cfg, train_ds.class_names,
+                                    extra={"val_map": best_map, "epoch": ep})
                 if progress:
                     bar.write(f"epoch {ep}/{tc.epochs}: val mAP {res['map']:.1f}")
     bar.close()
     board.close()
     barrier(dinfo)
     return ckpt_path
+
+
+def _best_so_far(path: Path) -> float:
+    """The val mAP of ``checkpoint_best.pt`` (a resumed run keeps beating it, not a fresh -1)."""
+    if not path.is_file():
+        return -1.0
+    return float(read_checkpoint(path).get("val_map", -1.0))
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -162,11 +162,12 @@ class ClassTokenViT(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, return_layer_tokens: bool = False) -> dict:
         """Training forward with fused attention. Returns class-token logits (mean over D, Eq. 4),
-        PatchCAM logits pooled to class scores (V2/+), and optionally every layer's class tokens (CCT)."""
+        PatchCAM logits pooled to class scores (V2/+), the output tokens (B, prefix + M, D) and grid (for
+        methods built on top, e.g. OTPL), and optionally every layer's class tokens (CCT)."""
         tokens, grid = self.embed(x)
         res = run_blocks(self.blocks, tokens, self.num_classes, keep_layer_tokens=return_layer_tokens)
         tokens = self.output_norm(res.tokens)
-        out = {"cls_logits": tokens[:, : self.num_classes].float().mean(-1)}
+        out = {"cls_logits": tokens[:, : self.num_classes].float().mean(-1), "tokens": tokens, "grid": grid}
         fmap = self.patch_logits_map(tokens, grid)
         if fmap is not None:
             out["patch_map"] = fmap
