@@ -133,6 +133,16 @@ def save_safetensors(path: str | Path, state: dict) -> None:
     write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
+def export_safetensors(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> int:
+    """``tokenseg convert CKPT OUT.safetensors --to safetensors``: one of our checkpoints (any method) as
+    safetensors; returns the number of tensors."""
+    state = read_weights(src, allow_pickle)
+    if not is_tokenseg_checkpoint(state):
+        raise TokensegError(f"{src}: not a tokenseg checkpoint (convert the authors' weights to ours first)")
+    save_safetensors(dst, state)
+    return len(state["model"])
+
+
 # ----------------------------------------------------------------------------- our format
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step: int, cfg: Config,
                     class_names: list[str], class_names_source: str = "checkpoint", extra: dict | None = None) -> None:

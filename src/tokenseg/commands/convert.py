@@ -13,6 +13,8 @@ EPILOG = """examples:
   tokenseg convert deit_small_patch16_224-cd65a155.pth init.pt --method mctformer-plus --num-classes 20
   # ours -> the authors' layout ({'model': state_dict}); their code loads it
   tokenseg convert runs/mct-plus/checkpoint.pt authors.pth --to authors
+  # ours -> safetensors (weights + config + class names, no pickle); loads by path like a checkpoint
+  tokenseg convert runs/mct-plus/checkpoint.pt plus.safetensors --to safetensors
   # seeds: our .npz folder -> their .npy dicts (for their evaluation.py), or back
   tokenseg convert runs/mct-plus/seeds/train/fused_affinity npy_seeds/
   tokenseg convert their_npy_seeds/ npz_seeds/
@@ -29,8 +31,9 @@ def register(sub) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint file, or a folder of seed files")
     p.add_argument("dst", help="output checkpoint file, or output folder for seeds")
-    p.add_argument("--to", choices=["tokenseg", "authors"], default=None,
-                   help="target layout (default: the other side of SRC)")
+    p.add_argument("--to", choices=["tokenseg", "authors", "safetensors"], default=None,
+                   help="target layout (default: the other side of SRC); safetensors: our weights, config and "
+                        "class names in a file that needs no unpickling (loads by path like a checkpoint)")
     p.add_argument("--method", choices=["mctformer-v1", "mctformer-v2", "mctformer-plus"], default=None,
                    help="method of the authors' checkpoint (default: detected from the keys; an ImageNet "
                         "checkpoint defaults to mctformer-plus); with --to authors the layout to write")
@@ -63,6 +66,12 @@ def cmd_convert(args) -> int:
         return 0
     if not src.exists():
         raise TokensegError(f"{src}: not found")
+    if args.to == "safetensors":
+        from ..checkpoint import export_safetensors
+
+        n = export_safetensors(src, args.dst, allow_pickle=args.allow_pickle)
+        print(f"{src} -> {args.dst} (safetensors, {n} tensors)")
+        return 0
     from ..models.convert import convert_checkpoint
 
     res = convert_checkpoint(src, args.dst, to=args.to, method=args.method, num_classes=args.num_classes,

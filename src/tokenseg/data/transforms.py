@@ -62,6 +62,12 @@ def build_eval_transform(img_size: int):
     ])
 
 
+def normalise_array(arr: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 normalised (the numpy twin of :func:`normalise_images`)."""
+    x = (arr.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
 def _seeded(seed_parts: list[int], fn, *args):
     """Run ``fn(*args)`` with torch/random/numpy seeded from ``seed_parts``, leaving the global RNGs as
     they were (drop-path draws from the global torch RNG: augmentation must not move it)."""

@@ -37,13 +37,12 @@ def _create_backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load an ImageNet ViT checkpoint (timm/DeiT/DINO layout, optionally under 'model' or
     'state_dict') into a timm backbone; the classifier head is dropped, the position grid resized."""
+    from ..checkpoint import read_weights
+
     path = Path(path)
     if not path.is_file():
         raise TokensegError(f"model.pretrained: weights file {path} not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read weights ({exc})") from exc
+    sd = read_weights(path)  # tensors-only
     for key in ("model", "state_dict", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

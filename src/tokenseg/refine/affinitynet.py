@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import read_weights
 from ..config import Config, PseudoConfig
 from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
@@ -100,7 +102,7 @@ class AffinityNet(nn.Module):
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool = False, weights: str = "") -> None:
         super().__init__()
-        from ..segment.deeplab import create_feature_backbone
+        from ..models.backbone import create_feature_backbone
 
         self.backbone_name = backbone
         self.encoder = create_feature_backbone(backbone, pretrained, weights, output_stride=8, out_indices=(2, 3, 4),
@@ -194,7 +196,7 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 def _save(path: Path, net: AffinityNet, optimizer, step: int, total: int, done: bool, pc: PseudoConfig) -> None:
     state = {"format": CHECKPOINT_FORMAT, "kind": "affinitynet", "model": net.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": step,
-             "total_steps": total, "done": done, "backbone": net.backbone_name, "pseudo": dict(vars(pc))}
+             "total_steps": total, "done": done, "backbone": net.backbone_name, "pseudo": dataclasses.asdict(pc)}
     buf = io.BytesIO()
     torch.save(state, buf)
     write_bytes_atomic(path, buf.getvalue())
@@ -202,11 +204,8 @@ def _save(path: Path, net: AffinityNet, optimizer, step: int, total: int, done: 
 
 def load_affinitynet(path: str | Path) -> AffinityNet:
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read AffinityNet checkpoint ({exc})") from exc
-    if state.get("kind") != "affinitynet":
+    state = read_weights(path)  # tensors-only: a planted pickle cannot run code
+    if not isinstance(state, dict) or state.get("kind") != "affinitynet":
         raise TokensegError(f"{path}: not an AffinityNet checkpoint")
     net = AffinityNet(state["backbone"])
     net.load_state_dict(state["model"])
@@ -224,7 +223,7 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
     ckpt = work / "affinitynet.pt"
     state = None
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = read_weights(ckpt)
         if state.get("done"):
             return ckpt
     label_dir = work / "labels"

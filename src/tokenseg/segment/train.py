@@ -23,18 +23,13 @@ from tqdm import tqdm
 
 from ..config import Config, SegmentConfig
 from ..io import IGNORE_INDEX, TokensegError, read_mask, write_bytes_atomic, write_json_atomic
+from ..checkpoint import read_weights
+from ..data.transforms import normalise_array as normalise_image
+from ..device import amp_dtype as autocast_dtype
+from ..device import resolve_device
 from .deeplab import build_segmenter
-from ..engine import resolve_device
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
-
-
-def normalise_image(arr: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std."""
-    x = (arr.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 class CropDataset(Dataset):
@@ -95,17 +90,6 @@ class CropDataset(Dataset):
         x = x[:, y0:y0 + c, x0:x0 + c]
         mask = mask[y0:y0 + c, x0:x0 + c]
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """AMP dtype: only on CUDA for ``auto`` (bf16 where supported, else fp16)."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -271,10 +255,8 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
 
 
 def _read(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read checkpoint ({exc})") from exc
+    """Our segmentation checkpoint, read tensors-only (a planted pickle cannot run code)."""
+    return read_weights(path)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
