@@ -161,3 +161,15 @@ def test_training_free_method_is_refused_by_train(tmp_path):
     cfg = load_config("tiny", ["model.method=test-free", "maps.kinds=[blob]", f"output_dir={tmp_path}"])
     with pytest.raises(TokensegError, match="needs no training"):
         train(cfg)
+
+
+def test_tensorboard_scalars_and_seed_overlays(tiny_overrides, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", "tiny", *tiny_overrides, "train.epochs=1", "train.tensorboard=true", "--quiet"]) == 0
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "lr" in tags["scalars"] and "loss/total" in tags["scalars"] and "val/mAP" in tags["scalars"]
+    assert len(tags["images"]) == 4

@@ -283,6 +283,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
             if dinfo.is_main:
                 _append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
                 board.scalars(step, {"val/mAP": res["map"]})
+                board.overlays(step, model, method, val_ds, cfg, device)
                 if tc.keep_best and res["map"] > best_map:
                     best_map = res["map"]
                     save_checkpoint(out_dir / BEST_NAME, model, None, None, step, cfg, train_ds.class_names,
@@ -338,6 +339,33 @@ class _TensorBoard:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+
+    def overlays(self, step: int, model, method: Method, ds: WSSSDataset | None, cfg: Config, device,
+                 n: int = 4) -> None:
+        """Seeds of the first ``n`` val images (scale 1 + flip, the method's first kind) as heat maps."""
+        if self.writer is None or ds is None or len(ds) == 0:
+            return
+        import copy
+
+        from .maps import compute_map_batch, normalise
+        from .viz import overlay
+
+        mcfg = copy.deepcopy(cfg)
+        mcfg.maps.scales, mcfg.maps.flip = [1.0], True
+        kind = method.recipe.default_kinds[0]
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        for i in range(min(n, len(ds))):
+            raw = torch.from_numpy(np.asarray(ds.load_image(i), np.uint8).copy()).permute(2, 0, 1)[None]
+            labels = torch.from_numpy(ds.multi_hot(i))[None].to(device)
+            mb = compute_map_batch(net, normalise(raw.to(device), method.recipe.mean, method.recipe.std), labels,
+                                   mcfg, [kind], method.recipe)
+            m = mb.maps[kind]
+            top = m.max(0).values.cpu().numpy() if len(m) else np.zeros(raw.shape[-2:], np.float32)
+            img = overlay(raw[0].permute(1, 2, 0).numpy(), top)
+            self.writer.add_image(f"seeds/{ds.ids[i]}", img, step, dataformats="HWC")
+        net.train(was_training)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -4,11 +4,11 @@ Python API: :func:`train_segmentation` (``tokenseg segment train``), :func:`eval
 (``tokenseg segment evaluate``), :func:`predict` (``tokenseg predict``), :func:`run_post_chain`
 (seeds -> masks -> network, for the demo).
 """
-from .chain import DEMO_SEGMENT, run_post_chain
+from .chain import run_post_chain
 from .deeplab import DeepLabV2, ViTSegmenter, build_segmenter
 from .evaluate import evaluate_segmentation, infer_probs, load_segmenter, predict_mask
 from .predict import predict
 from .train import train_segmentation
 
-__all__ = ["DEMO_SEGMENT", "run_post_chain", "DeepLabV2", "ViTSegmenter", "build_segmenter",
+__all__ = ["run_post_chain", "DeepLabV2", "ViTSegmenter", "build_segmenter",
            "evaluate_segmentation", "infer_probs", "load_segmenter", "predict_mask", "predict", "train_segmentation"]

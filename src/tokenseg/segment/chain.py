@@ -6,41 +6,13 @@ from pathlib import Path
 
 from ..config import Config
 
-# A segmentation network small enough to train on ~2000 96×96 images in about a minute on two CPU
-# cores: a 1.2 M-parameter ResNet-10-T up to its third stage (stride 8), a two-branch ASPP, random
-# init, AdamW, 64-px crops, 3 epochs.
-DEMO_SEGMENT = {
-    "arch": "deeplabv2",
-    "backbone": "resnet10t",
-    "backbone_kwargs": {},
-    "pretrained": False,
-    "weights": "",
-    "output_stride": 8,
-    "feature_stage": 3,
-    "aspp_dilations": [1, 3],
-    "epochs": 3,
-    "max_steps": 0,
-    "batch_size": 16,
-    "optimizer": "adamw",  # from scratch; the papers' SGD recipe needs ImageNet weights and more steps
-    "lr": 2e-3,
-    "head_lr_mult": 1.0,
-    "weight_decay": 1e-4,
-    "crop_size": 64,
-    "scale_range": [0.7, 1.3],
-    "eval_scales": [1.0],
-    "eval_flip": False,
-    "eval_crf": False,
-    "num_workers": 0,
-}
-
-
 def demo_config(cfg: Config) -> Config:
-    """A copy of ``cfg`` with the small demo segmentation network (:data:`DEMO_SEGMENT`)."""
+    """A copy of ``cfg`` without the steps that do not fit a CPU demo's minutes: refinements that train a
+    network (AffinityNet, IRN, attention walks) and the torch DenseCRF (pydensecrf is used if installed).
+    The small segmentation network itself is the demo preset's ``segment`` section."""
     cfg = copy.deepcopy(cfg)
-    for k, v in DEMO_SEGMENT.items():
-        setattr(cfg.segment, k, copy.deepcopy(v))
     if cfg.pseudo.refine != "none":
-        cfg.pseudo.refine = "none"  # AffinityNet / attention walks do not fit the demo's budget
+        cfg.pseudo.refine = "none"
     if cfg.pseudo.crf:
         from ..refine.crf import resolve_backend
 
@@ -55,8 +27,8 @@ def run_post_chain(cfg: Config, seeds_dir: str | Path, out_dir: str | Path, prog
     """Seeds of the training split -> pseudo masks (``<out_dir>/pseudo``, scored against the ground truth
     where it exists) -> a segmentation network (``<out_dir>/segment``) scored on the val split.
 
-    ``demo=True`` swaps in :data:`DEMO_SEGMENT` (small, random init, CPU-friendly) and skips refinements
-    that need training; ``demo=False`` runs ``cfg.pseudo`` / ``cfg.segment`` as they are.
+    ``demo=True`` skips refinements that need training (see :func:`demo_config`); ``demo=False`` runs
+    ``cfg.pseudo`` / ``cfg.segment`` as they are.
     Returns ``{"mask_miou", "seg_miou", "pseudo", "segment"}`` (mIoU in %, None where no ground truth)."""
     from ..data import build_dataset
     from ..refine.pseudo import evaluate_masks, make_pseudo_masks

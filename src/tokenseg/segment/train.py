@@ -176,7 +176,7 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
         if progress:
             print(f"segment: resuming from {ckpt_path} at step {step}/{total}")
     elif resume and progress:
-        print(f"segment: --resume given but {ckpt_path} does not exist; starting from scratch")
+        print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
     cfg.save(out / "config.yaml")
 
     train_set = CropDataset(ds, indices, masks, sc.crop_size, sc.scale_range, sc.flip, sc.seed)
