@@ -133,7 +133,7 @@ class EvalConfig:
     early_stop: bool = False  # stop at the first threshold that does not improve, as the authors' --curve
     miou_classes: str = "all"  # all (every class, IoU 0 if never seen: MCTformer) | present (classes with gt or
     # prediction pixels) | gt (classes with ground-truth pixels: CLIP-ES)
-    background: str = "constant"  # constant (threshold grid) | power ((1-max)^alpha, CLIP-ES)
+    background: str = "constant"  # constant (threshold grid) | power ((1-max)^alpha, CLIP-ES) | channel (POT, CTI)
     alpha: float = 2.0  # power background exponent
     alphas: list = field(default_factory=list)  # power: sweep these exponents, keep the best (CLIP-ES: [1, 2])
 
@@ -390,7 +390,7 @@ class IRNConfig:
     walk: str = "banded"  # banded (shifted-tensor products) | sparse (torch CSR matmul); same result
     walk_dtype: str = "float64"  # float64: the exact walk (1e-12 of a dense reference) | float32: ~1.5x faster on
     # a CPU, drifts up to ~1e-4 over 256 steps (the authors' float32 dense squaring: ~3e-5)
-    infer_batch: int = 4  # images per network batch / walk batch
+    infer_batch: int = 4  # images per network batch (the walk takes as many of them at once as fit the CPU cache)
 
 
 @dataclass
@@ -401,7 +401,7 @@ class PseudoConfig:
 
     split: str = ""  # split the seeds cover; "" = maps.split
     kind: str = ""  # seed kind under <output_dir>/seeds/[<split>/]; "" = fused_affinity if made, ...
-    background: str = "constant"  # constant (score `threshold`) | power ((1 - max)^alpha)
+    background: str = "constant"  # constant (score `threshold`) | power ((1 - max)^alpha) | channel (the seed's)
     threshold: float = 0.39  # constant background score (PSA's bg_thr, "optimal for seeds")
     alpha: float = 1.0  # power background exponent (CLIP-ES: 1)
     refine: str = "none"  # none | attention (training-free attention random walk) | affinitynet (PSA)
@@ -484,7 +484,7 @@ class SegmentConfig:
     crf_preset: str = "mctformer-seg"
 
 
-CRF_PRESET_NAMES = ("psa", "mctformer-seg", "clip-es")
+CRF_PRESET_NAMES = ("psa", "mctformer-seg", "clip-es", "irn")
 
 
 def validate_post(cfg: Config) -> None:
@@ -495,7 +495,7 @@ def validate_post(cfg: Config) -> None:
         if value not in options:
             raise TokensegError(f"config key {key!r} must be one of {list(options)}, got {value!r}")
 
-    choice("pseudo.background", p.background, ("constant", "power"))
+    choice("pseudo.background", p.background, ("constant", "power", "channel"))
     choice("pseudo.refine", p.refine, ("none", "attention", "affinitynet", "irn"))
     choice("pseudo.crf_preset", p.crf_preset, CRF_PRESET_NAMES)
     choice("pseudo.crf_backend", p.crf_backend, ("auto", "pydensecrf", "torch"))

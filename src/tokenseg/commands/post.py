@@ -89,7 +89,8 @@ def register(sub) -> None:
         "pseudo", help="seeds -> pseudo masks (background model, CRF, random walk, confidence mask)",
         description="Turn seed maps into pseudo masks (VOC-palette PNGs, 255 = ignore). Background: a "
                     "constant score (pseudo.threshold) or (1-max)^alpha (pseudo.background=power). Refinement: "
-                    "pseudo.refine=attention (the classifier's attention random walk) or affinitynet (PSA). "
+                    "pseudo.refine=attention (the classifier's attention random walk), affinitynet (PSA) or irn "
+                    "(IRN: MMCST/OTPL/POT). "
                     "pseudo.crf=true adds DenseCRF (pseudo.crf_preset psa|mctformer-seg|clip-es); "
                     "pseudo.confidence=0.95 ignores uncertain pixels (CLIP-ES). Existing masks are kept, so "
                     "an interrupted run resumes.",
@@ -97,7 +98,8 @@ def register(sub) -> None:
                "  tokenseg pseudo mctformer-plus data.root=VOC2012 pseudo.threshold=0.45 --eval\n"
                "  tokenseg pseudo my.yaml pseudo.background=power pseudo.crf=true pseudo.crf_preset=clip-es "
                "pseudo.confidence=0.95\n"
-               "  tokenseg pseudo my.yaml pseudo.refine=affinitynet --seeds runs/x/seeds/train_aug/fused_affinity",
+               "  tokenseg pseudo my.yaml pseudo.refine=affinitynet --seeds runs/x/seeds/train_aug/fused_affinity\n"
+               "  tokenseg pseudo my.yaml pseudo.refine=irn pseudo.irn.pretrained=true --eval",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(p)
     p.add_argument("--seeds", metavar="DIR", help="seed folder (default <output_dir>/seeds/<split>/<kind>)")
@@ -105,7 +107,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="classification checkpoint for pseudo.refine=attention (default <output_dir>/checkpoint.pt)")
     p.add_argument("--work", metavar="DIR",
-                   help="AffinityNet labels/checkpoint folder (default <output_dir>/affinitynet)")
+                   help="AffinityNet / IRN work folder (default <output_dir>/affinitynet or <output_dir>/irn)")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
     p.add_argument("--eval", action="store_true", help="score the masks against the ground truth afterwards")
     p.add_argument("--eval-split", metavar="SPLIT", help="split to score (default: the masks' split)")

@@ -84,9 +84,9 @@ def make_affinity_labels(ds, ids: list[str], seeds_dir: Path, label_dir: Path, p
         tasks.append((image_id, sf, ds.image_paths[ds.index_of(image_id)], out, pc, crf, backend))
     bar = tqdm(total=len(tasks), desc="affinity labels (CRF)", unit="img", disable=not progress)
     if pc.workers > 1 and len(tasks) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from .pseudo import worker_pool
 
-        with ProcessPoolExecutor(max_workers=pc.workers) as pool:
+        with worker_pool(pc.workers) as pool:  # workers exit with this process
             for _ in pool.map(_label_task, tasks, chunksize=4):
                 bar.update(1)
     else:

@@ -49,6 +49,8 @@ CRF_PRESETS: dict[str, CRFParams] = {
     "mctformer-seg": CRFParams(10, 4.0, 3.0, 83.0, 5.0, 3.0),
     # CLIP-ES pseudo masks (METHODS.md §10.6)
     "clip-es": CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0),
+    # IRN / POT IR labels (misc/imutils.crf_inference_label, on label unaries; METHODS.md §7.2)
+    "irn": CRFParams(10, 3.0, 3.0, 50.0, 5.0, 10.0),
 }
 
 
@@ -115,6 +117,29 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
 
 def unary_from_probs(probs: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probs, 1e-5, None)).astype(np.float32)
+
+
+def label_probs(labels: np.ndarray, n_labels: int, gt_prob: float = 0.7) -> np.ndarray:
+    """(n_labels, H, W) probabilities of a hard (H, W) label map: ``gt_prob`` for the label, the rest
+    shared equally by the others. ``-log`` of it is pydensecrf's ``unary_from_labels(labels, n_labels,
+    gt_prob, zero_unsure=False)``, the unary of IRN's label CRF."""
+    if not 0.0 < gt_prob < 1.0:
+        raise TokensegError(f"gt_prob must be in (0, 1), got {gt_prob}")
+    labels = np.asarray(labels, dtype=np.int64)
+    other = (1.0 - gt_prob) / max(n_labels - 1, 1)
+    probs = np.full((n_labels,) + labels.shape, other, dtype=np.float32)
+    np.put_along_axis(probs, labels[None], np.float32(gt_prob), axis=0)
+    return probs
+
+
+def crf_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, params: CRFParams | None = None,
+               gt_prob: float = 0.7, backend: str = "auto", exact_pixels: int = 4096) -> np.ndarray:
+    """DenseCRF on a hard label map (IRN's ``crf_inference_label``): (H, W) int labels in
+    ``[0, n_labels)`` → the (H, W) argmax of the CRF marginals."""
+    if n_labels < 2:
+        return np.zeros(np.shape(labels), dtype=np.int64)
+    q = dense_crf(image, label_probs(labels, n_labels, gt_prob), params or CRF_PRESETS["irn"], backend, exact_pixels)
+    return q.argmax(0)
 
 
 def _crf_pydensecrf(image: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.ndarray:

@@ -6,7 +6,8 @@ Per image (METHODS.md §6, §7, §10.6):
    a constant ``threshold`` (MCTformer/PSA) or ``(1 − max_c map_c)^alpha`` (CLIP-ES, PSA labels);
 2. optional refinement by an affinity random walk: ``refine=attention`` (the classifier's own
    patch-to-patch attention, training-free) or ``refine=affinitynet`` (PSA's learned affinities; the
-   walk then uses the constant background ``rw_bg``);
+   walk then uses the constant background ``rw_bg``); ``refine=irn`` replaces steps 1-4 with IRN's
+   own chain (:mod:`tokenseg.refine.irn`: IR labels, IRNet, boundary random walk);
 3. probabilities = scores normalised per pixel; optional DenseCRF;
 4. label = argmax (0 background, c+1 class c); with ``confidence`` > 0, pixels whose probability is
    below it become 255 (CLIP-ES's confidence-guided ignore);
@@ -15,6 +16,12 @@ Per image (METHODS.md §6, §7, §10.6):
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +55,8 @@ def find_seed_file(folder: str | Path, image_id: str) -> Path | None:
 def seed_scores(seed: SeedMaps, size: tuple[int, int], background: str = "constant", threshold: float = 0.39,
                 alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(1 + n, H, W) float32 scores [background, maps...] and the (1 + n,) mask label of each channel
-    (0 for background, class + 1). Maps of another size are resized bilinearly to ``size``."""
+    (0 for background, class + 1). Maps of another size are resized bilinearly to ``size``. The background
+    is a constant, ``(1 − max)^alpha`` (power) or the seed's own channel (channel: CTI, POT)."""
     H, W = size
     maps = np.asarray(seed.maps, dtype=np.float32)
     classes = np.asarray(seed.classes, dtype=np.int64)
@@ -62,8 +70,16 @@ def seed_scores(seed: SeedMaps, size: tuple[int, int], background: str = "consta
         bg = np.power(np.clip(1.0 - maps.max(0), 0.0, 1.0), alpha)
     elif background == "constant":
         bg = np.full((H, W), threshold, np.float32)
+    elif background == "channel":
+        if seed.background is None:
+            raise TokensegError("pseudo.background=channel needs seeds with a background channel (CTI, POT); "
+                                "these have none: use constant or power")
+        bg = np.asarray(seed.background, np.float32)
+        if bg.shape != (H, W):
+            bg = F.interpolate(torch.from_numpy(bg)[None, None], size=(H, W), mode="bilinear",
+                               align_corners=False)[0, 0].numpy()
     else:
-        raise TokensegError(f"unknown background model {background!r}; use constant or power")
+        raise TokensegError(f"unknown background model {background!r}; use constant, power or channel")
     scores = np.concatenate([bg[None].astype(np.float32), maps], 0)
     return scores, np.concatenate([[0], classes + 1])
 
@@ -149,8 +165,43 @@ def _run_task(task: _Task, pc: PseudoConfig, crf: CRFParams, backend: str,
     save_palette_png(task.out_path, mask)
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _parent_watchdog(parent_pid: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent_pid:  # re-parented: the parent is gone
+            os._exit(1)
+
+
+def watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """Make this (worker) process exit when ``parent_pid`` dies, even by ``kill -9``: on Linux the
+    kernel sends SIGTERM (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread checks every
+    ``interval`` seconds whether the process was re-parented."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still ends the process
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_parent_watchdog, args=(parent_pid, interval), daemon=True,
+                     name="tokenseg-parent-watchdog").start()
+
+
+def _worker_init(parent_pid: int | None = None) -> None:
     torch.set_num_threads(1)
+    if parent_pid is not None:
+        watch_parent(parent_pid)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers run single-threaded torch and exit when this process dies
+    (no orphans left under PID 1 after a ``kill -9``). The pool must be used from the thread that
+    creates it (PR_SET_PDEATHSIG follows the thread that forked the worker)."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
 
 
 def _worker(args) -> str:
@@ -200,8 +251,8 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
     split (``pseudo.split`` or ``maps.split``) that has a seed file.
 
     ``checkpoint``: the classification checkpoint (``refine=attention``); ``work_dir``: where
-    ``refine=affinitynet`` keeps its CRF labels and AffinityNet checkpoint (default
-    ``<output_dir>/affinitynet``). Returns a summary dict."""
+    ``refine=affinitynet`` / ``refine=irn`` keep their CRF labels and network checkpoint (default
+    ``<output_dir>/affinitynet`` / ``<output_dir>/irn``). Returns a summary dict."""
     from ..data import build_dataset, load_rgb
 
     pc = cfg.pseudo
@@ -224,7 +275,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
         raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images)")
     todo = [t for t in tasks if overwrite or not t.out_path.is_file()]
     crf = crf_params_from_config(pc)
-    backend = resolve_backend(pc.crf_backend) if (pc.crf or pc.refine == "affinitynet") else "none"
+    backend = resolve_backend(pc.crf_backend) if (pc.crf or pc.refine in ("affinitynet", "irn")) else "none"
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     summary = {"out_dir": str(out), "seeds_dir": str(seeds), "split": split, "images": len(tasks),
@@ -238,7 +289,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
 
     if pc.refine == "none":
         if pc.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=pc.workers, initializer=_worker_init) as pool:
+            with worker_pool(pc.workers) as pool:
                 for _ in pool.map(_worker, [(t, pc, crf, backend) for t in todo], chunksize=8):
                     bar.update(1)
         else:
@@ -252,6 +303,13 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
             aff = attention_affinity(model, image, device, pc.attn_layers)
             _run_task(t, pc, crf, backend, affinity=aff, image=image)
             bar.update(1)
+    elif pc.refine == "irn":
+        from .irn import make_irn_masks
+
+        bar.close()
+        work = Path(work_dir) if work_dir else Path(cfg.output_dir) / "irn"
+        refuse_dataset_folder(work, cfg)
+        summary["irn"] = make_irn_masks(cfg, ds, tasks, todo, seeds, work, progress=progress)
     else:  # affinitynet
         from .affinitynet import affinity_for_image, load_affinitynet, train_affinitynet
 
@@ -374,4 +432,5 @@ def format_scores(title: str, res: dict) -> str:
 
 
 __all__ = ["seed_scores", "normalise_scores", "label_from_probs", "pseudo_mask", "make_pseudo_masks",
-           "attention_affinity", "evaluate_masks", "format_scores", "resolve_seeds_dir", "find_seed_file"]
+           "attention_affinity", "evaluate_masks", "format_scores", "resolve_seeds_dir", "find_seed_file",
+           "worker_pool", "watch_parent"]
