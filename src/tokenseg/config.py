@@ -415,6 +415,7 @@ class PseudoConfig:
     crf_bi_srgb: float = -1.0
     crf_bi_compat: float = -1.0
     crf_exact_pixels: int = 4096  # torch backend: exact up to this many pixels, approximated above
+    crf_image: str = "rgb"  # rgb | clip-es-code (their BGR mean-subtracted, wrapped uint8 image, §16.17)
     confidence: float = 0.0  # pixels whose final probability is below this become 255 (CLIP-ES 0.95)
     workers: int = 0  # processes for per-image work (0 = in-process)
     device: str = "auto"  # for refine=attention / affinitynet
@@ -499,6 +500,7 @@ def validate_post(cfg: Config) -> None:
     choice("pseudo.refine", p.refine, ("none", "attention", "affinitynet", "irn"))
     choice("pseudo.crf_preset", p.crf_preset, CRF_PRESET_NAMES)
     choice("pseudo.crf_backend", p.crf_backend, ("auto", "pydensecrf", "torch"))
+    choice("pseudo.crf_image", p.crf_image, ("rgb", "clip-es-code"))
     choice("segment.arch", s.arch, ("deeplabv2", "vit"))
     choice("segment.amp", s.amp, ("auto", "bf16", "fp16", "none"))
     choice("segment.optimizer", s.optimizer, ("sgd", "adamw"))

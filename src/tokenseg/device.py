@@ -56,6 +56,17 @@ def barrier(dinfo: DistInfo) -> None:
         dist.barrier()
 
 
+def all_reduce_sum(array, dinfo: DistInfo):
+    """Sum a numpy array over the ranks (in place of a gather of per-image results)."""
+    if dinfo.world <= 1:
+        return array
+    import numpy as np
+
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.numpy()
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on CUDA (fp16 where bf16 is unsupported), none on the CPU; ``bf16`` | ``fp16`` |
     ``none`` as asked."""
@@ -81,5 +92,5 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "setup", "barrier", "amp_dtype", "autocast",
-           "set_threads"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "setup", "barrier", "all_reduce_sum", "amp_dtype",
+           "autocast", "set_threads"]

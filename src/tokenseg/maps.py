@@ -386,6 +386,8 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
                   progress=progress and dinfo.is_main)
     if cfg.maps.mode == "authors":
         recipe.authors(model, ds, out, cfg.maps, **common, meta=meta, method=method.name, export_npy=export_npy)
+    elif recipe.generate is not None:
+        recipe.generate(model, ds, out, cfg, **common)
     else:
         generate_seeds(model, ds, out, cfg, **common, recipe=recipe)
     barrier(dinfo)

@@ -51,6 +51,9 @@ class MapRecipe:
     needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
     # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.maps_authors)
     authors: Callable[..., Any] | None = None
+    # a method's own seed loop instead of the scale/flip pipeline, same contract as maps.generate_seeds
+    # (CLIP-ES: PIL resizing, one Grad-CAM pass per batch, CAA)
+    generate: Callable[..., Any] | None = None
 
     def check_kinds(self, kinds, source: str = "") -> None:
         from ..io import TokensegError

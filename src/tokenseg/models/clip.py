@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,12 +33,28 @@ from ..io import TokensegError, write_bytes_atomic
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_ARCH = "ViT-B-16"
-OPENAI_WEIGHTS_URL_HINT = "https://openaipublic.azureedge.net/clip/models/.../ViT-B-16.pt (see open_clip's pretrained list)"
 # Keys that OpenAI's TorchScript state dict carries as tensors but are not parameters, and the
 # position grid that CLIP-ES's own model keeps as an attribute after a forward (their state_dict
 # therefore holds the grid of the last image they ran) — neither is a weight.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "visual.positional_embedding_new")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class _QuietNoWeights(logging.Filter):
+    """open_clip logs "No pretrained weights loaded" when we build a model to load a file into."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_empty(oc, arch: str, quick_gelu: bool | None):
+    root = logging.getLogger()
+    flt = _QuietNoWeights()
+    root.addFilter(flt)
+    try:
+        return oc.create_model(arch, pretrained=None, force_quick_gelu=bool(quick_gelu))
+    finally:
+        root.removeFilter(flt)
 
 
 def require_open_clip():
@@ -103,6 +121,20 @@ class ClipModel(nn.Module):
                                 f"be computed; load full CLIP weights (e.g. OpenAI's ViT-B-16.pt)")
         return self.text.encode_text(tokens)
 
+    def visual_in(self, dtype: torch.dtype) -> nn.Module:
+        """The vision tower with its products in ``dtype``: itself for fp32, else a copy cast once
+        (:func:`cast_visual`) and kept for later calls on the same device."""
+        if dtype == torch.float32:
+            return self.visual
+        dev = self.visual.conv1.weight.device
+        cache = self.__dict__.setdefault("_lowp", {})
+        if (dtype, dev) not in cache:
+            import copy
+
+            cache.clear()
+            cache[(dtype, dev)] = cast_visual(_fold_quick_gelu(copy.deepcopy(self.visual)), dtype)
+        return cache[(dtype, dev)]
+
     def fingerprint(self) -> str:
         """A hash of the text side (weights, dtype, tokenizer): the key of cached text features."""
         if self._fingerprint is None:
@@ -112,7 +144,7 @@ class ClipModel(nn.Module):
                 for name, t in sorted(self.text.state_dict().items()):
                     t = t.detach().cpu().contiguous()
                     h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -128,7 +160,9 @@ def check_visual(visual: nn.Module, source: str = "") -> None:
         raise TokensegError(f"{where}: vision towers with an attentional pooler are not supported")
     for i, blk in enumerate(visual.transformer.resblocks):
         attn = getattr(blk, "attn", None)
-        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.bias_k is not None:
+        mlp = getattr(blk, "mlp", None)
+        if (not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.bias_k is not None
+                or mlp is None or [n for n, _ in mlp.named_children()] != ["c_fc", "gelu", "c_proj"]):
             raise TokensegError(f"{where}: block {i} is not a standard CLIP attention block "
                                 f"(custom open_clip blocks are not supported)")
 
@@ -221,7 +255,9 @@ def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             sd = load_file(str(path))
         elif _is_torchscript(path):
             scripted = True
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, OpenAI's release is TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -251,7 +287,7 @@ def _load_file(path: Path, arch: str | None, quick_gelu: bool | None) -> ClipMod
         return model
     oc = require_open_clip()
     try:
-        m = oc.create_model(arch, pretrained=None, force_quick_gelu=bool(quick_gelu))
+        m = _create_empty(oc, arch, quick_gelu)
     except Exception as exc:
         raise TokensegError(f"model.backbone={arch!r}: not an open_clip model config ({exc})") from exc
     _load_strict(m, sd, path)
@@ -271,8 +307,9 @@ def _build_from_shapes(sd: dict[str, torch.Tensor], path: Path, quick_gelu: bool
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     embed_dim = sd["visual.proj"].shape[1]
+    heads = max(1, width // 64)  # OpenAI's rule (their build_model)
     vision_cfg = oc.model.CLIPVisionCfg(layers=layers, width=width, patch_size=patch, image_size=patch * grid,
-                                        head_width=64 if width % 64 == 0 else width)
+                                        head_width=width // heads)
     has_text = "text_projection" in sd
     if has_text:
         tw = sd["ln_final.weight"].shape[0]
@@ -286,22 +323,24 @@ def _build_from_shapes(sd: dict[str, torch.Tensor], path: Path, quick_gelu: bool
     act = oc.transformer.QuickGELU if quick_gelu else nn.GELU
     visual = oc.transformer.VisionTransformer(
         image_size=patch * grid, patch_size=patch, width=width, layers=layers,
-        heads=width // vision_cfg.head_width, mlp_ratio=4.0, output_dim=embed_dim, act_layer=act,
+        heads=heads, mlp_ratio=4.0, output_dim=embed_dim, act_layer=act,
         norm_layer=oc.transformer.LayerNorm)
     vsd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
-    _load_strict(visual, vsd, path)
+    _load_strict(visual, vsd, path, prefix="visual.")
     scale = float(sd["logit_scale"]) if "logit_scale" in sd else math.log(100.0)
     return _finish(ClipModel(visual, None, scale, source=str(path)))
 
 
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, prefix: str = "") -> None:
+    """Load all of ``sd`` (keys without ``prefix``); errors name the file's keys."""
     own = module.state_dict()
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise TokensegError(f"{path}: shapes differ from the model for {bad[:5]} "
-                            f"(e.g. {bad[0]}: file {tuple(sd[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
+        raise TokensegError(f"{path}: shapes differ from the model for {[prefix + k for k in bad[:5]]} (e.g. "
+                            f"{prefix}{bad[0]}: file {tuple(sd[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
     missing, unexpected = module.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "logit_bias"]
+    missing = [prefix + k for k in missing if k != "logit_bias"]
+    unexpected = [prefix + k for k in unexpected]
     if missing or unexpected:
         raise TokensegError(f"{path}: does not match the CLIP model: missing {missing[:5]}"
                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
@@ -329,7 +368,7 @@ def random_clip(arch: str = DEFAULT_ARCH, seed: int = 0, text: bool = False, qui
     """A randomly initialised open_clip model (benchmarks, tests): no file, no network."""
     oc = require_open_clip()
     torch.manual_seed(seed)
-    m = oc.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+    m = _create_empty(oc, arch, quick_gelu)
     model = _wrap(m, source=f"random:{arch}:{seed}", tokenizer_name=arch)
     if not text:
         model.text = None
@@ -435,13 +474,19 @@ def layer_norm(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
                         mod.bias.float() if mod.bias is not None else None, mod.eps).to(x.dtype)
 
 
+def linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``mod`` in its weight dtype (the low-precision copy of a tower computes its products in bf16/fp16
+    while the residual stream stays fp32)."""
+    return F.linear(x.to(mod.weight.dtype), mod.weight, mod.bias)
+
+
 def visual_embed(visual: nn.Module, x: torch.Tensor, pos_fp16: bool = True) -> torch.Tensor:
-    """Patch conv, class token, position embedding resized to this input's grid, ln_pre → (B, N, D)."""
+    """Patch conv, class token, position embedding resized to this input's grid, ln_pre → (B, N, D)
+    fp32 (the residual stream)."""
     p = int(visual.conv1.kernel_size[0])
     if x.shape[-2] % p or x.shape[-1] % p:
         raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
-    dtype = visual.conv1.weight.dtype
-    t = visual.conv1(x.to(dtype))
+    t = visual.conv1(x.to(visual.conv1.weight.dtype)).float()
     grid = t.shape[-2:]
     t = t.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(t.dtype).expand(t.shape[0], 1, -1)
@@ -452,7 +497,8 @@ def visual_embed(visual: nn.Module, x: torch.Tensor, pos_fp16: bool = True) -> t
 
 def block_qkv(blk: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The packed q, k, v projection of ``nn.MultiheadAttention`` applied to ln_1's output."""
-    return F.linear(z, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+    w = blk.attn.in_proj_weight
+    return F.linear(z.to(w.dtype), w, blk.attn.in_proj_bias)
 
 
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,9 +508,11 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def block_finish(blk: nn.Module, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
-    """Output projection, residual, MLP residual — the rest of an open_clip ResidualAttentionBlock."""
-    x = x + blk.ls_1(blk.attn.out_proj(heads_out))
-    return x + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, x)))
+    """Output projection, residual, MLP residual — the rest of an open_clip ResidualAttentionBlock
+    (the residual stream keeps x's dtype; a low-precision branch is promoted inside the add)."""
+    x = torch.add(x, blk.ls_1(linear(blk.attn.out_proj, heads_out)))
+    h = blk.mlp.gelu(linear(blk.mlp.c_fc, layer_norm(blk.ln_2, x)))
+    return torch.add(x, blk.ls_2(linear(blk.mlp.c_proj, h)))
 
 
 @torch.no_grad()
@@ -497,10 +545,26 @@ def pooled_image_features(visual: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return t @ visual.proj.to(t.dtype)
 
 
+def _fold_quick_gelu(visual: nn.Module) -> nn.Module:
+    """QuickGELU ``h·σ(1.702h)`` = ``SiLU(1.702h)/1.702``: fold both constants into c_fc / c_proj so
+    the activation is one kernel (same function; used for the low-precision copy, where the three
+    elementwise passes of QuickGELU cost ~10 % of the time on a CPU)."""
+    oc = require_open_clip()
+    for blk in visual.transformer.resblocks:
+        if isinstance(blk.mlp.gelu, oc.transformer.QuickGELU):
+            with torch.no_grad():
+                blk.mlp.c_fc.weight.mul_(1.702)
+                blk.mlp.c_fc.bias.mul_(1.702)
+                blk.mlp.c_proj.weight.div_(1.702)
+            blk.mlp.gelu = nn.SiLU()
+    return visual
+
+
 def cast_visual(visual: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The tower in ``dtype`` the way OpenAI's ``convert_weights`` does it (what CLIP-ES runs on a GPU):
-    convolution, linear, attention and projection weights cast; LayerNorms and embeddings stay fp32
-    (our LayerNorm computes in fp32)."""
+    """Cast the tower in place the way OpenAI's ``convert_weights`` does (what CLIP-ES runs on a GPU):
+    convolution, linear, attention and projection weights to ``dtype``; LayerNorms and embeddings stay
+    fp32. Our forward then computes the products in ``dtype`` and keeps the residual stream,
+    LayerNorms and softmax inputs of the last block in fp32."""
     if dtype == torch.float32:
         return visual
     for mod in visual.modules():

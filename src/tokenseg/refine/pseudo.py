@@ -120,8 +120,25 @@ def pseudo_mask(seed: SeedMaps, size: tuple[int, int], pc: PseudoConfig, image: 
     if pc.crf and len(labels) > 1:
         if image is None:
             raise ValueError("the CRF needs the image")
-        probs = dense_crf(image, probs, crf or crf_params_from_config(pc), backend, pc.crf_exact_pixels)
+        probs = dense_crf(crf_image(image, pc.crf_image), probs, crf or crf_params_from_config(pc), backend,
+                          pc.crf_exact_pixels)
     return label_from_probs(probs, labels, pc.confidence)
+
+
+CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)
+
+
+def crf_image(image: np.ndarray, mode: str = "rgb") -> np.ndarray:
+    """The image the CRF's bilateral term sees. ``rgb``: the image. ``clip-es-code``: what CLIP-ES's
+    ``eval_cam_with_crf.py`` passes (METHODS.md §16.17): ``cv2.imread`` BGR, minus their mean, cast to
+    uint8, so negative values wrap (C's float→uint8 conversion truncates, then keeps the low 8 bits);
+    their published 75.0 mask mIoU was made that way."""
+    if mode == "rgb":
+        return image
+    if mode != "clip-es-code":
+        raise TokensegError(f"pseudo.crf_image must be rgb or clip-es-code, got {mode!r}")
+    bgr = image[..., ::-1].astype(np.float32) - np.asarray(CLIP_ES_MEAN_BGR, np.float32)
+    return np.ascontiguousarray((np.trunc(bgr).astype(np.int64) & 255).astype(np.uint8))
 
 
 def image_hw(path: str | Path) -> tuple[int, int]:

@@ -12,13 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config import Config, SegmentConfig
 from ..io import TokensegError, save_palette_png, write_json_atomic
 from ..metrics import confusion_matrix, scores_from_confusion
+from ..progress import progress_bar
 from .deeplab import build_segmenter
-from .train import autocast_dtype, normalise_image, resolve_device
+from .train import autocast_dtype, normalise_image
 
 
 def read_segmentation_checkpoint(path: str | Path) -> dict:
@@ -114,8 +114,10 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
     ``save_dir``: also write the predicted masks there (palette PNGs)."""
     from ..data import build_dataset
 
+    from ..device import all_reduce_sum, setup
+
     sc = cfg.segment
-    device = resolve_device(sc.device)
+    dinfo, device = setup(sc.device)  # under torchrun every rank scores its share of the images
     if save_dir:
         from ..refine.pseudo import refuse_dataset_folder
 
@@ -136,7 +138,8 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
     amp = autocast_dtype(sc.amp, device)
     n = ds.num_classes + 1
     conf = np.zeros((n, n), dtype=np.int64)
-    for i in tqdm(range(len(ds)), desc="segment eval", unit="img", disable=not progress, leave=False):
+    for i in progress_bar(range(dinfo.rank, len(ds), dinfo.world), desc="segment eval", unit="img",
+                          disable=not (progress and dinfo.is_main), leave=False):
         image = np.asarray(ds.load_image(i), dtype=np.uint8)
         gt = ds.load_mask(i)
         pred = predict_mask(model, image, scales, flip, sc.eval_merge, crf, sc.crf_preset, "auto", device, amp)
@@ -147,6 +150,7 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
             save_palette_png(Path(save_dir) / f"{ds.ids[i]}.png", pred)
     if was_training:
         model.train()
+    conf = all_reduce_sum(conf, dinfo)
     s = scores_from_confusion(conf)
     names = ["background"] + list(ds.class_names)
     res = {

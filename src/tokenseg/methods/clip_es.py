@@ -1,0 +1,143 @@
+"""CLIP-ES (CVPR 2023): training-free seeds from a frozen CLIP (METHODS.md §10, errata §16.17–16.19).
+
+softmax-GradCAM of each present class over [its classes ∪ background words] ("a clean origami {}.",
+the authors' synonyms), refined by the class-aware attention affinity (CAA) and gated by boxes — the
+computation lives in :mod:`tokenseg.clip_es` (equal to the authors' code to 1e-5), the towers in
+:mod:`tokenseg.models.clip`. This module makes it a method: its config section, the model (the CLIP
+weights of ``model.pretrained``), and its seed loop (PIL resizing of each image to the next multiple of
+16, images of one size batched, all present classes' Grad-CAMs from one pass). There is nothing to
+train: ``tokenseg maps clip-es ...`` and ``tokenseg run clip-es ...`` need no checkpoint.
+
+Kinds: ``caa`` (the refined maps, their ``attn_highres``: the seeds) and ``gradcam`` (the Grad-CAM
+upsampled, their ``highres``). Background: ``(1 − max)^α``, α swept over {1, 2} in evaluation (§16.18).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.transforms import CLIP_MEAN, CLIP_STD
+from ..io import SeedMaps, TokensegError, save_seed, seed_path
+from ..progress import progress_bar
+from . import MapRecipe, Method, register
+
+
+@dataclass
+class ClipESConfig:
+    """``clip_es.*``: prompts, CAA and the authors' quirks (defaults: their VOC script)."""
+
+    template: str = "a clean origami {}."  # their sharpness-selected prompt, for classes and background words
+    synonyms_file: str = ""  # JSON/YAML: class -> name or list of names (VOC/COCO: the authors' synonyms)
+    background_words: list = field(default_factory=list)  # [] = the authors' words (VOC 25, COCO 23)
+    background_file: str = ""  # or one word per line
+    box_threshold: float = 0.0  # CAM boxes at this fraction of the max; 0 = the dataset's (0.4, COCO 0.7)
+    caa_layers: int = 8  # attention of the last k layers
+    sinkhorn_rounds: int = 3
+    refine: bool = True  # CAA (false: Grad-CAM only)
+    dtype: str = "auto"  # fp32 | bf16 | fp16 | auto (fp16 on CUDA as the authors, fp32 on the CPU)
+    batch_size: int = 0  # images per pass; 0 = 16 on CUDA, 1 on the CPU
+    class_chunk: int = 16  # class slots per batched backward (bounds memory on COCO)
+    pos_embed_fp16: bool = True  # quirk: the resized position grid rounded to fp16, as their code
+    box_quantize: bool = True  # quirk: the box threshold applied after uint8 quantisation of the CAM
+    box_clip_last: bool = True  # quirk: boxes never cover the grid's last row/column
+    quick_gelu: Any = None  # force QuickGELU (true) / GELU (false); None: OpenAI weights QuickGELU, open_clip's config
+    export_npy: bool = False  # also write their {keys, attn_highres} .npy files under <seeds>/npy
+
+
+def build(cfg, num_classes: int):
+    from ..data import cache_root
+    from ..models.clip import load_clip
+
+    model = load_clip(cfg.model.pretrained, cfg.model.backbone or None, quick_gelu=cfg.clip_es.quick_gelu,
+                      cache_dir=cache_root(cfg.data) / "clip")
+    model.tokenseg_method = "clip-es"
+    return model
+
+
+def validate(cfg) -> None:
+    c = cfg.clip_es
+    if c.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise TokensegError(f"config key 'clip_es.dtype' must be auto, fp32, bf16 or fp16, got {c.dtype!r}")
+    if not 0.0 <= c.box_threshold < 1.0 or c.caa_layers < 1 or c.sinkhorn_rounds < 0:
+        raise TokensegError("clip_es.box_threshold must be in [0, 1), clip_es.caa_layers >= 1, "
+                            "clip_es.sinkhorn_rounds >= 0")
+
+
+class _ClipInputs(Dataset):
+    """An image as CLIP-ES feeds it (PIL bicubic to the next multiple of 16, CLIP mean/std)."""
+
+    def __init__(self, ds, patch: int) -> None:
+        self.ds, self.patch = ds, patch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        from ..models.clip import clip_input
+
+        img = self.ds.load_image(i)
+        return clip_input(img, self.patch, CLIP_MEAN, CLIP_STD), torch.tensor([img.height, img.width]), i
+
+
+def generate(model, ds, out_dir, cfg, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
+             progress: bool = True) -> Path:
+    """CLIP-ES seeds for every image of ``ds`` (this rank's share), resumable, as ``maps.generate_seeds``."""
+    from ..clip_es import ClipESOptions, clip_es_maps, clip_es_text, save_clip_es_npy
+    from ..data import cache_root
+    from ..maps import size_batches
+
+    c, mc = cfg.clip_es, cfg.maps
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    model = model.to(device).eval()
+    background = c.background_file or (list(c.background_words) if c.background_words else None)
+    text = clip_es_text(model, ds.class_names, cfg.data.format, c.template, c.synonyms_file or None, background,
+                        cache_root(cfg.data))
+    dtype = c.dtype if c.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    opts = ClipESOptions(box_threshold=c.box_threshold or text.box_threshold, caa_layers=c.caa_layers,
+                         sinkhorn_rounds=c.sinkhorn_rounds, refine=c.refine, pos_embed_fp16=c.pos_embed_fp16,
+                         box_quantize=c.box_quantize, box_clip_last=c.box_clip_last, class_chunk=c.class_chunk,
+                         dtype=dtype)
+    kinds = list(mc.kinds)
+    todo = [i for i in range(rank, len(ds), world)
+            if not all(seed_path(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
+    batch = c.batch_size or (16 if device.type == "cuda" else 1)
+    loader = DataLoader(_ClipInputs(ds, model.patch_size), batch_sampler=size_batches(ds, todo, batch),
+                        num_workers=num_workers)
+    bar = progress_bar(total=len(todo), desc="maps (clip-es)", unit="img", disable=not progress)
+    for images, sizes, idx in loader:
+        idx = idx.tolist()
+        labels = [sorted(ds.labels[i]) for i in idx]
+        outs = clip_es_maps(model, images.to(device), labels, text.fg, text.bg, [tuple(s) for s in sizes.tolist()],
+                            opts, intermediates="gradcam" in kinds)
+        for i, o in zip(idx, outs):
+            keys = o.keys.cpu().numpy().astype(np.int64)
+            meta = {"method": "clip-es", "image_id": ds.ids[i], "prompts": [text.prompts[k] for k in keys]}
+            if c.export_npy:
+                save_clip_es_npy(out_dir / "npy" / f"{ds.ids[i]}.npy", keys, o.maps.float().cpu().numpy())
+            for kind in kinds:
+                m = o.highres if kind == "gradcam" else o.maps
+                if m is None:  # an image without classes
+                    m = torch.zeros(0, *tuple(sizes[idx.index(i)].tolist()))
+                save_seed(seed_path(out_dir / kind, ds.ids[i]),
+                          SeedMaps(keys, m.float().cpu().numpy(), {**meta, "kind": kind}), mc.save_dtype)
+        bar.update(len(idx))
+    bar.close()
+    return out_dir
+
+
+def _combine(*args, **kwargs):
+    raise TokensegError("clip-es makes its seeds with its own loop (tokenseg maps clip-es ...); it has no "
+                        "per-view combine")
+
+
+register(Method(
+    name="clip-es", summary="training-free CLIP seeds: softmax-GradCAM + class-aware attention affinity (CVPR 2023)",
+    build=build, validate=validate, section="clip_es", section_config=ClipESConfig,
+    recipe=MapRecipe(kinds=("caa", "gradcam"), default_kinds=("caa",), combine=_combine, background="power",
+                     normalise="none", mean=CLIP_MEAN, std=CLIP_STD, size_rounding="ceil", generate=generate)))

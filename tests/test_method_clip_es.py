@@ -1,0 +1,76 @@
+"""CLIP-ES as a method: `tokenseg maps/evaluate/run clip-es` with no checkpoint, on a tiny random CLIP
+saved to a file (the fixture reproduction itself is tests/test_clip_es.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenseg.cli import main
+from tokenseg.io import load_seed
+
+open_clip = pytest.importorskip("open_clip")
+
+TINY_CFG = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 64, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+
+
+@pytest.fixture
+def clip_file(tmp_path):
+    torch.manual_seed(0)
+    m = open_clip.model.CLIP(TINY_CFG["embed_dim"], TINY_CFG["vision_cfg"], TINY_CFG["text_cfg"], quick_gelu=True)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+def test_maps_evaluate_and_run_need_no_checkpoint(clip_file, tmp_path, capsys):
+    over = ["data.format=synthetic", "data.train_split=train", "data.val_split=val", "data.num_workers=0",
+            "data.synthetic={num_classes: 3, image_size: 48, train_images: 8, val_images: 6, seed: 1}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", f"model.pretrained={clip_file}",
+            "maps.split=val", "eval.split=val", "maps.kinds=[caa, gradcam]", "clip_es.export_npy=true"]
+    assert main(["maps", "clip-es", *over, "--quiet"]) == 0
+    seeds = tmp_path / "run" / "seeds" / "val"
+    meta = json.loads((seeds / "maps_meta.json").read_text())
+    assert meta["method"] == "clip-es" and meta["checkpoint"] == "" and meta["background"] == "power"
+    for f in sorted((seeds / "caa").glob("*.npz")):
+        s, g = load_seed(f), load_seed(seeds / "gradcam" / f.name)
+        assert s.maps.shape[1:] == (48, 48) and list(s.classes) == list(g.classes)
+        if len(s.classes):
+            # min-max on the token grid, then resized to the image (as theirs): within [0, 1]
+            assert float(s.maps.max()) <= 1.0 + 1e-3 and float(s.maps.min()) >= 0
+    assert len(list((seeds / "npy").glob("*.npy"))) == 6
+    # text features are cached per (weights, prompt, classes)
+    assert len(list((tmp_path / "cache" / "clip_text").glob("*.npz"))) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "clip-es", *over, "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())["caa"]
+    assert res["background"] == "power" and res["alpha"] in (1.0, 2.0) and set(res["curve"]) == {"alpha=1.0",
+                                                                                                "alpha=2.0"}
+    assert main(["run", "clip-es", *over, "--quiet"]) == 0  # no training: straight to maps (done) and evaluate
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_train_says_there_is_nothing_to_train(clip_file, tmp_path, capsys):
+    assert main(["train", "clip-es", f"model.pretrained={clip_file}", f"output_dir={tmp_path}", "--quiet"]) == 2
+    assert "needs no training" in capsys.readouterr().err
+
+
+def test_missing_weights_say_what_to_set(tmp_path, capsys):
+    code = main(["maps", "clip-es", "data.format=synthetic", f"data.cache_dir={tmp_path / 'c'}",
+                 "data.synthetic={num_classes: 3, image_size: 48, train_images: 8, val_images: 6, seed: 1}",
+                 "model.pretrained=/nonexistent/ViT-B-16.pt", "--split", "val", "--quiet"])
+    assert code == 2 and "ViT-B-16.pt" in capsys.readouterr().err
+
+
+def test_clip_es_code_crf_image_wraps_like_their_uint8_cast():
+    from tokenseg.refine.pseudo import CLIP_ES_MEAN_BGR, crf_image
+
+    img = np.array([[[10, 200, 120], [255, 0, 104]]], np.uint8)  # RGB
+    got = crf_image(img, "clip-es-code")
+    bgr = img[..., ::-1].astype(np.float32) - np.array(CLIP_ES_MEAN_BGR, np.float32)
+    # C's float -> uint8 conversion (what numpy's astype does on x86): truncate toward zero, keep 8 bits
+    want = np.array([[[int(v) % 256 for v in px] for px in row] for row in bgr], np.uint8)
+    assert np.array_equal(got, want) and got[0, 1, 0] == 0  # 104 - 104.008 -> -0.008 -> 0
+    assert crf_image(img, "rgb") is img
