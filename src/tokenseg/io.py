@@ -7,13 +7,19 @@ trust that any file that exists is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import io
 import json
 import os
 import pickle
+import socket
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,14 +32,38 @@ class TokensegError(Exception):
     """An error caused by the user's input (file, config, checkpoint); the message says what to fix."""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``); elsewhere
+    set-and-restore under a lock (``os.umask`` has no read-only form before Python 3.13)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file next to ``path``; on success rename it over ``path``, on error delete it."""
+    """Open a temp file next to ``path``; on success rename it over ``path``, on error delete it.
+
+    The file gets the mode a plain ``open`` would give it (``0o666 & ~umask``): ``mkstemp`` creates
+    0600 files, which other users, a web server or a container running as another uid cannot read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
+            with contextlib.suppress(OSError):  # file systems without modes (FAT, some CIFS) refuse
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             yield f
         os.replace(tmp, path)
     except BaseException:
@@ -48,11 +78,284 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+    """UTF-8 text; file names that are not valid UTF-8 (lone surrogates from ``os.listdir``) are
+    written back as their original bytes (``surrogateescape``) instead of raising."""
+    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """JSON, non-ASCII kept readable. A file name that is not valid UTF-8 holds lone surrogates; they
+    are written as ``\\udcXX`` escapes (``backslashreplace`` inside a JSON string is exactly the JSON
+    escape), so the file stays valid UTF-8 and ``json.load`` gives the same string back."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
+
+
+def display_name(name: str | os.PathLike) -> str:
+    """A path or id for messages and reports: bytes that are not valid UTF-8 shown as ``\\xNN``
+    (printing the raw surrogates to a UTF-8 terminal raises ``UnicodeEncodeError``)."""
+    s = os.fspath(name)
+    if isinstance(s, bytes):
+        return s.decode("utf-8", "backslashreplace")
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths: confined to their folder, never inside a dataset, one writer per folder
+# --------------------------------------------------------------------------------------------
+
+def relative_name_problem(name: str | os.PathLike) -> str:
+    """Why ``name`` (an image id, a relative file name) could leave the folder it is joined to, or "".
+
+    Absolute paths (POSIX or Windows), ``..`` components (``\\`` counted as a separator too), NUL
+    bytes and empty names are refused; ``.`` components and doubled slashes are harmless."""
+    s = os.fspath(name)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    if "/" not in s and "\\" not in s and ":" not in s and "\x00" not in s and s.strip(". "):
+        return ""  # a plain file name: the common case, checked in a few string operations
+    if not s.strip():
+        return "is empty"
+    if "\x00" in s:
+        return "contains a NUL character"
+    t = s.replace("\\", "/")
+    if t.startswith("/") or (":" in s and PureWindowsPath(s).is_absolute()):
+        return "is an absolute path"
+    parts = t.split("/")
+    if ".." in parts:
+        return "has a '..' component"
+    if all(p in ("", ".") for p in parts):
+        return "names no file"
+    return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _realpath(path: str) -> str:
+    # cached: seed_path runs for every image x kind when a resumed run checks what is done, and a
+    # realpath costs ~0.25 ms; ids share a few parent folders
+    return os.path.realpath(path)
+
+
+def safe_output_path(folder: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """``folder / relative``, refusing a ``relative`` that is absolute, has ``..`` components or
+    leaves ``folder`` through a symlinked sub-folder (image ids come from users' label files: an id
+    such as ``../../x`` or ``/data/ds/masks/a`` must not make a command write outside its output
+    folder). A symlink at the file name itself is harmless: atomic writes replace it."""
+    rel = os.fspath(relative)
+    problem = relative_name_problem(rel)
+    if problem:
+        raise TokensegError(f"output name {display_name(rel)!r} {problem}: refusing to write outside "
+                            f"{display_name(folder)}")
+    out = Path(folder, rel)
+    if "/" in rel or "\\" in rel:
+        base = _realpath(os.path.abspath(folder))
+        parent = _realpath(os.path.abspath(out.parent))
+        if parent != base and not parent.startswith(base.rstrip(os.sep) + os.sep):
+            raise TokensegError(f"output name {display_name(rel)!r} resolves to {display_name(parent)}, "
+                                f"outside {display_name(folder)} (through a symlink): refusing to write there")
+    return out
+
+
+def dataset_folders(cfg_or_roots: Any) -> list[tuple[str, Path]]:
+    """``(what, folder)`` pairs that belong to a dataset: ``data.root`` and any image/mask folder
+    outside it, from a ``Config``, a ``DataConfig``, a ``WSSSDataset`` or a list of paths."""
+    out: list[tuple[str, Path]] = []
+    if cfg_or_roots is None:
+        return out
+    if isinstance(cfg_or_roots, (str, os.PathLike)):
+        return [("dataset folder", Path(cfg_or_roots))] if os.fspath(cfg_or_roots) else []
+    data = getattr(cfg_or_roots, "data", cfg_or_roots)
+    if hasattr(data, "root") and hasattr(data, "format") and not hasattr(data, "image_paths"):
+        root = Path(data.root) if data.root else None
+        if root is None and data.format == "synthetic":
+            from .data import cache_root
+            from .data.synthetic import default_root
+            root = default_root(data.synthetic, cache_root(data))
+        if root is not None:
+            out.append(("data.root", root))
+            for key in ("image_dir", "mask_dir", "aug_mask_dir"):
+                v = getattr(data, key, "")
+                if v and Path(v).is_absolute():  # relative ones are under the root
+                    out.append((f"data.{key}", Path(v)))
+        return out
+    if hasattr(data, "image_paths") and hasattr(data, "meta"):  # a WSSSDataset
+        meta = data.meta or {}
+        for key in ("root", "image_dir", "mask_dir", "mask_cache"):
+            if meta.get(key):
+                out.append((f"the dataset's {key.replace('_', ' ')}", Path(meta[key])))
+        if data.mask_paths:
+            for d in sorted({str(Path(p).parent) for p in data.mask_paths if p is not None})[:64]:
+                out.append(("the dataset's mask folder", Path(d)))
+        return out
+    for p in cfg_or_roots:
+        out.extend(dataset_folders(p))
+    return out
+
+
+def refuse_inside_dataset(path: str | os.PathLike, cfg_or_roots: Any, what: str = "output") -> None:
+    """Raise when ``path`` is (inside) a dataset folder: tokenseg never writes into a dataset. One rule
+    for every command that writes (``--out``, ``output_dir``, ``--json``, ``--save-masks`` ...)."""
+    if not os.fspath(path):
+        return
+    target = Path(os.path.realpath(os.path.abspath(path)))
+    for label, folder in dataset_folders(cfg_or_roots):
+        f = Path(os.path.realpath(os.path.abspath(folder)))
+        if target == f or f in target.parents:
+            raise TokensegError(
+                f"{what} {display_name(path)} is inside the dataset ({label} {display_name(folder)}); "
+                f"tokenseg never writes into a dataset folder: choose an output outside it")
+
+
+LOCK_NAME = ".tokenseg.lock"
+_HELD_LOCKS: dict[str, dict] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _busy_error(folder: Path, holder: dict) -> TokensegError:
+    pid = holder.get("pid", "?")
+    cmd = holder.get("command") or "?"
+    since = f", since {holder['started']}" if holder.get("started") else ""
+    host = holder.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    gone = ""
+    if isinstance(pid, int) and not where and not _pid_alive(pid):
+        gone = (f"; PID {pid} has ended but a process it started (a worker?) still holds the lock: "
+                f"end that process")
+    return TokensegError(
+        f"{display_name(folder)} is being written by another tokenseg process (PID {pid}{where}: "
+        f"{cmd}{since}){gone}; wait for it to finish, or write to another folder")
+
+
+def _lock_info(command: str) -> bytes:
+    info = {"pid": os.getpid(), "command": command, "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [display_name(a) for a in sys.argv]}
+    return (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
+def _acquire_flock(path: Path, folder: Path, command: str) -> int | None:
+    """Take ``fcntl.flock`` on ``path``; the fd, or None where the file system has no flock."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy_error(folder, _lock_holder(path)) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+        # the holder before us may have unlinked the file between our open and our flock: then we
+        # locked an orphan inode, and must lock the file that is there now
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, _lock_info(command))
+            return fd
+        os.close(fd)
+
+
+def _acquire_pidfile(path: Path, folder: Path, command: str) -> None:
+    """Fallback without flock (some network file systems): an O_EXCL file; a holder that is no
+    longer running on this host is taken over."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~current_umask())
+        except FileExistsError:
+            holder = _lock_holder(path)
+            pid = holder.get("pid")
+            if holder and holder.get("host") == socket.gethostname() and isinstance(pid, int) \
+                    and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale: its process has died
+                continue
+            if not holder:
+                time.sleep(0.05)  # being written right now
+                holder = _lock_holder(path)
+                if not holder:
+                    continue
+            raise _busy_error(folder, holder) from None
+        try:
+            os.write(fd, _lock_info(command))
+        finally:
+            os.close(fd)
+        return
+    raise TokensegError(f"{display_name(path)}: cannot take the output lock")
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder while writing it: a second process writing the same
+    folder stops with a :class:`TokensegError` naming the holder's PID and command.
+
+    ``fcntl.flock`` on ``<folder>/.tokenseg.lock`` (the file holds the holder's PID, command, host and
+    start time). The kernel drops the lock when its process dies, so a lock left by a killed run is
+    taken over; the folder is created if needed. Re-entrant within a process (``demo`` runs train,
+    maps, ... in one process). Workers forked while the lock is held share it; they must not take it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    path = folder / LOCK_NAME
+    with _HELD_GUARD:
+        held = _HELD_LOCKS.get(key)
+        if held is not None and held["pid"] == os.getpid():
+            held["depth"] += 1
+        else:
+            held = None
+    if held is not None:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                held["depth"] -= 1
+        return
+    fd = _acquire_flock(path, folder, command)
+    entry = {"pid": os.getpid(), "depth": 1, "fd": fd}
+    if fd is None:
+        _acquire_pidfile(path, folder, command)
+    with _HELD_GUARD:
+        _HELD_LOCKS[key] = entry
+    try:
+        yield path
+    finally:
+        if os.getpid() == entry["pid"]:  # a forked child unwinding must not release its parent's lock
+            with _HELD_GUARD:
+                _HELD_LOCKS.pop(key, None)
+            with contextlib.suppress(OSError):
+                if fd is None or os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    os.unlink(path)
+            if fd is not None:
+                os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,4 +514,5 @@ def load_seed(path: str | os.PathLike, allow_pickle: bool = False) -> SeedMaps:
 
 
 def seed_path(folder: str | os.PathLike, image_id: str) -> Path:
-    return Path(folder) / f"{image_id}.npz"
+    """``<folder>/<image_id>.npz``, confined to ``folder`` (see :func:`safe_output_path`)."""
+    return safe_output_path(folder, f"{image_id}.npz")

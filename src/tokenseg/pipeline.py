@@ -32,11 +32,36 @@ def train_step(cfg: Config, resume: bool = True, progress: bool = True) -> Path:
 
 
 def maps_step(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
-              out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False) -> Path:
+              out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False,
+              overwrite: bool = False) -> Path:
     from .maps import run_maps
 
     return run_maps(cfg, checkpoint=checkpoint, split=split, out_dir=out_dir, progress=progress,
-                    export_npy=export_npy)
+                    export_npy=export_npy, overwrite=overwrite)
+
+
+def seed_folders(root: Path) -> dict[str, Path]:
+    """``{kind: folder}`` under a seeds root (``<output_dir>/seeds/<split>``, one sub-folder per kind),
+    or ``{name: root}`` when ``root`` itself holds one kind's seed files (at any depth: ids may have
+    sub-folders)."""
+    def has_seeds(p: Path) -> bool:
+        return next(p.rglob("*.np[yz]"), None) is not None
+
+    if not root.is_dir():
+        return {}
+    subs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.endswith("_overlays")}
+    meta = root / "maps_meta.json"
+    if meta.is_file():  # the kinds the maps were made for (not an export folder next to them)
+        import json
+
+        kinds = json.loads(meta.read_text(encoding="utf-8")).get("maps", {}).get("kinds")
+        if kinds:
+            subs = {k: p for k, p in subs.items() if k in kinds}
+    if meta.is_file() or not any(root.glob("*.np[yz]")):
+        kinds = {k: p for k, p in subs.items() if has_seeds(p)}
+        if kinds:
+            return kinds
+    return {root.name: root} if has_seeds(root) else {}
 
 
 def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | None = None,
@@ -47,11 +72,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     split = split or cfg.eval.split
     ds = build_dataset(cfg.data, split)
     root = Path(seeds) if seeds else seeds_dir(cfg, split)
-    if any(root.glob("*.np[yz]")):
-        folders = {root.name: root}
-    else:
-        folders = {p.name: p for p in sorted(root.iterdir())
-                   if p.is_dir() and any(p.glob("*.np[yz]"))} if root.is_dir() else {}  # not *_overlays/
+    folders = seed_folders(root)
     if not folders:
         from .io import TokensegError
 
@@ -61,7 +82,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
         res = evaluate_seeds(folder, ds, cfg.eval, progress=progress, allow_pickle=allow_pickle)
         save_result(folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json", res)
         results[kind] = res
-        if verbose:
+        if verbose:  # every class's IoU; the compact table is results_table
             print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))
     return results
 
@@ -80,7 +101,8 @@ def background_only_miou(ds: WSSSDataset) -> float:
 def results_table(results: dict[str, dict], baseline: float | None = None) -> str:
     lines = [f"{'seeds':<32} {'mIoU':>6} {'bg t':>5} {'FP':>6} {'FN':>6}", "-" * 58]
     for kind, res in results.items():
-        t = "-" if res.get("threshold") is None else f"{res['threshold']:.2f}"
+        t = ("-" if res.get("threshold") is None else f"{res['threshold']:.2f}") if res.get("alpha") is None \
+            else f"a={res['alpha']:g}"
         lines.append(f"{KIND_TITLES.get(kind, kind):<32} {res['miou']:6.2f} {t:>5} {res['fp']:6.1f} {res['fn']:6.1f}")
     if baseline is not None:
         lines.append(f"{'(background everywhere)':<32} {baseline:6.2f}")
@@ -88,62 +110,134 @@ def results_table(results: dict[str, dict], baseline: float | None = None) -> st
 
 
 def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: Path, n: int = 8) -> Path:
-    """Input, ground truth, each map kind (max over classes, overlaid) and the best kind's argmax."""
+    """Input, ground truth, each map kind's heat map of one class per image (the class with the most
+    ground-truth pixels, named under each heat map) and the best kind's argmax, with a colour legend of
+    the classes the mask columns show."""
+    from .viz import class_legend
+
     kinds = list(results)
     best = max(kinds, key=lambda k: results[k]["miou"])
     root = seeds_dir(cfg, cfg.eval.split)
-    rows = []
+    rows, captions, shown = [], [], set()
     for i in range(min(n, len(ds))):
         img = np.asarray(ds.load_image(i))
-        row = [img, colour_mask(ds.load_mask(i))]
+        has_gt = ds.mask_paths is not None and ds.mask_paths[i] is not None
+        gt = ds.load_mask(i) if has_gt else None
+        counts = np.bincount(gt.ravel(), minlength=256)[1:ds.num_classes + 1] if has_gt else np.zeros(1)
+        focus = int(counts.argmax()) if counts.any() else (ds.labels[i][0] if ds.labels[i] else -1)
+        label = f"class: {ds.class_names[focus]}" if focus >= 0 else "no class"
+        row = [img, colour_mask(gt) if has_gt else np.full_like(img, 255)]
+        cap = ["", ""]
         for k in kinds:
             s = load_seed(root / k / f"{ds.ids[i]}.npz")
-            m = s.maps.astype(np.float32).max(0) if len(s.classes) else np.zeros(img.shape[:2], np.float32)
+            hit = np.flatnonzero(np.asarray(s.classes) == focus)
+            m = s.maps[hit[0]].astype(np.float32) if len(hit) else np.zeros(img.shape[:2], np.float32)
             row.append(overlay(img, m))
+            cap.append(label)
         s = load_seed(root / best / f"{ds.ids[i]}.npz")
-        row.append(colour_mask(seed_argmax(s.dense(ds.num_classes), results[best]["threshold"] or 0.5)))
+        am = seed_argmax(s.dense(ds.num_classes), results[best]["threshold"] or 0.5)
+        row.append(colour_mask(am))
+        cap.append("")
+        shown |= set(np.unique(am).tolist()) | (set(np.unique(gt).tolist()) if has_gt else set())
         rows.append(row)
-    titles = ["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds] + [f"argmax {best}"]
-    gallery(rows, titles, path)
+        captions.append(cap)
+    titles = ["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds] + [f"argmax {KIND_TITLES.get(best, best)}"]
+    gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names))
     return path
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, dict]:
-    """``tokenseg run``: train (resuming), generate seeds for ``maps.split``, evaluate them."""
-    ckpt = train_step(cfg, resume=True, progress=progress)
+    """``tokenseg run``: train (resuming; skipped for a training-free method), generate seeds for
+    ``maps.split`` (and ``eval.split``), evaluate them."""
+    from .methods import get_method
+
+    ckpt = train_step(cfg, resume=True, progress=progress) if get_method(cfg.model.method).trainable else None
     maps_step(cfg, checkpoint=ckpt, progress=progress)
     if cfg.eval.split != cfg.maps.split:
         maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
     return evaluate_step(cfg, progress=progress)
 
 
-def demo(output_dir: str | Path = "runs/demo", overrides=(), progress: bool = True, gallery_images: int = 8,
-         chain: bool = True) -> dict:
-    """``tokenseg demo``: synthetic data → MCTformer+ from scratch → seeds → Tab. 7-style table + gallery;
-    with ``chain``, then train seeds → pseudo masks → a small segmentation net (Tab. 1/3 in miniature)."""
+def demo_preset(method: str) -> str:
+    """The demo preset of ``method``: ``demo`` for MCTformer+, ``demo-<method>`` otherwise."""
+    from .config import available_presets
+    from .io import TokensegError
+
+    preset = "demo" if method == "mctformer-plus" else f"demo-{method}"
+    if preset not in available_presets():
+        demos = sorted(p.removeprefix("demo-") for p in available_presets() if p.startswith("demo-"))
+        raise TokensegError(f"no demo for method {method!r}; demos: mctformer-plus, {', '.join(demos)}")
+    return preset
+
+
+def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = True, gallery_images: int = 8,
+         chain: bool = True, method: str = "mctformer-plus") -> dict:
+    """``tokenseg demo [--method M]``: synthetic data → the method from scratch → seeds → Tab. 7-style
+    table + gallery; with ``chain``, then train seeds → pseudo masks → a small segmentation net (Tab. 1/3
+    in miniature). For another method than MCTformer+, its table is printed next to MCTformer+'s on the
+    same split (MCTformer+'s seeds are made once, next to the method's folder, and reused)."""
     t0 = time.time()
-    cfg = load_config("demo", [f"output_dir={output_dir}", *overrides])
+    preset = demo_preset(method)
+    output_dir = output_dir or f"runs/{preset}"
+    cfg = load_config(preset, [f"output_dir={output_dir}", *overrides])
     out = Path(cfg.output_dir)
-    print(f"tokenseg demo: writing to {out}")
+    print(f"tokenseg demo ({cfg.model.method}): writing to {out}")
     ds_val = build_dataset(cfg.data, cfg.eval.split)  # generates the synthetic set on first use
-    ckpt = train_step(cfg, resume=True, progress=progress)
+    from .methods import get_method
+
+    ckpt = train_step(cfg, resume=True, progress=progress) if get_method(cfg.model.method).trainable else None
     maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
     results = evaluate_step(cfg, progress=progress, verbose=False)
     baseline = background_only_miou(ds_val)
-    table = results_table(results, baseline)
-    print(f"\nSeed mIoU on the synthetic val split ({len(ds_val)} images, best background threshold):")
-    print(table)
+    print(f"\nSeed mIoU on the synthetic val split ({len(ds_val)} images, best background model):")
+    print(results_table(results, baseline))
     gpath = write_gallery(cfg, ds_val, results, out / "gallery.png", n=gallery_images)
     seeds_seconds = round(time.time() - t0, 1)
-    summary = {"seeds": results, "background_only_miou": baseline, "seeds_seconds": seeds_seconds,
-               "checkpoint": str(ckpt), "gallery": str(gpath)}
+    summary = {"method": cfg.model.method, "seeds": results, "background_only_miou": baseline,
+               "seeds_seconds": seeds_seconds, "checkpoint": str(ckpt or ""), "gallery": str(gpath)}
     print(f"gallery: {gpath}  (seeds table after {seeds_seconds} s)")
+    if method != "mctformer-plus":
+        summary["reference"] = _demo_reference(out.parent / "demo", overrides_for_data(overrides), progress)
+        print("\nNext to MCTformer+ on the same split (best kind each):")
+        print(compare_table({cfg.model.method: results, "mctformer-plus": summary["reference"]}))
     if chain:
         summary["chain"] = _demo_chain(cfg, ckpt, results, progress)
     summary["seconds"] = round(time.time() - t0, 1)
     save_result(out / "demo_results.json", summary)
     print(f"results: {out / 'demo_results.json'}  ({summary['seconds']} s)")
     return summary
+
+
+def overrides_for_data(overrides) -> list[str]:
+    """The overrides that change the data (kept for the reference run of a comparison)."""
+    return [o for o in overrides if o.startswith("data.")]
+
+
+def _demo_reference(folder: Path, overrides, progress: bool) -> dict[str, dict]:
+    """MCTformer+'s demo seeds on the val split: read from ``folder`` or made there once."""
+    cfg = load_config("demo", [f"output_dir={folder}", *overrides])
+    done = folder / "demo_results.json"
+    if done.is_file():
+        import json
+
+        return json.loads(done.read_text(encoding="utf-8"))["seeds"]
+    print(f"(MCTformer+ reference: training it once in {folder}; later demos reuse it)")
+    ckpt = train_step(cfg, resume=True, progress=progress)
+    maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
+    return evaluate_step(cfg, progress=progress, verbose=False)
+
+
+def compare_table(by_method: dict[str, dict[str, dict]]) -> str:
+    """One row per method: its best seed kind, mIoU, background threshold / model, FP, FN."""
+    lines = [f"{'method':<16} {'best seeds':<30} {'mIoU':>6} {'bg':>6} {'FP':>6} {'FN':>6}", "-" * 74]
+    for name, results in by_method.items():
+        kind = max(results, key=lambda k: results[k]["miou"])
+        r = results[kind]
+        bg = (f"{r['threshold']:.2f}" if r.get("threshold") is not None else
+              f"a={r['alpha']:g}" if r.get("alpha") is not None else r.get("background", "-"))
+        lines.append(f"{name:<16} {KIND_TITLES.get(kind, kind):<30} {r['miou']:6.2f} {bg:>6} {r['fp']:6.1f} "
+                     f"{r['fn']:6.1f}")
+    return "\n".join(lines)
 
 
 def _demo_chain(cfg: Config, ckpt: Path, val_results: dict[str, dict], progress: bool) -> dict:

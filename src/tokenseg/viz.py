@@ -41,20 +41,122 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def gallery(rows: list[list[np.ndarray]], titles: list[str], path: str | Path, cell: int = 128) -> None:
-    """Write a grid of RGB tiles (every row has one tile per title) with a title strip on top."""
+def _font(size: int = 11):
+    """Pillow's built-in font at ``size`` (a scalable one with FreeType, Pillow >= 10.1), else its bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: the fixed 6x11 bitmap font
+        return ImageFont.load_default()
+
+
+def wrap_text(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (a word wider than that is
+    broken between characters), so a column title is shown whole instead of cut."""
+    lines: list[str] = []
+    cur = ""
+    for word in text.split():
+        cand = f"{cur} {word}" if cur else word
+        if draw.textlength(cand, font=font) <= width:
+            cur = cand
+            continue
+        if cur:
+            lines.append(cur)
+        cur = ""
+        for ch in word:  # a single word too wide: break it
+            if cur and draw.textlength(cur + ch, font=font) > width:
+                lines.append(cur)
+                cur = ""
+            cur += ch
+    if cur:
+        lines.append(cur)
+    return lines or [""]
+
+
+def gallery(rows: list[list[np.ndarray]], titles: list[str], path: str | Path, cell: int = 128,
+            captions: list[list[str]] | None = None, legend: list[tuple[str, tuple[int, int, int]]] | None = None,
+            font_size: int = 11) -> dict:
+    """Write a grid of RGB tiles (one per title in every row) as a PNG.
+
+    Column titles are word-wrapped to the column width (never cut); ``captions[i][j]`` is drawn under
+    tile (i, j) (e.g. the class a heat map shows; "" for none); ``legend`` lists (name, colour) swatches
+    drawn under the grid (the classes of the ground-truth and argmax columns). Returns the layout
+    (wrapped titles, caption and swatch boxes) for tests and callers that annotate further."""
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    asc, desc = font.getmetrics() if hasattr(font, "getmetrics") else (font_size, 2)
+    line_h = asc + desc + 1
+    pad, text_w = 4, cell - 4
+    title_lines = [wrap_text(t, text_w, probe, font) for t in titles]
+    head = pad + line_h * max((len(t) for t in title_lines), default=1) + pad
+    cap_lines = [[wrap_text(c, text_w, probe, font) if c else [] for c in row] for row in (captions or [])]
+    cap_h = [line_h * max((len(c) for c in row), default=0) + (2 if any(row) else 0) for row in cap_lines]
+    cap_h += [0] * (len(rows) - len(cap_h))
     n_cols = len(titles)
-    pad, head = 2, 14
     W = n_cols * (cell + pad) + pad
-    H = head + len(rows) * (cell + pad) + pad
+    # legend: swatches flowing left to right, wrapping at the canvas width
+    sw = max(8, line_h - 3)
+    items = []
+    if legend:
+        x, y, lx0 = pad, 0, pad
+        first = probe.textlength("colours:", font=font) + 2 * pad
+        x = lx0 + first
+        for name, rgb in legend:
+            w_item = sw + 3 + probe.textlength(name, font=font) + 2 * pad
+            if x + w_item > W - pad and x > lx0 + first:
+                x, y = lx0 + first, y + line_h + 2
+            items.append((name, tuple(int(v) for v in rgb), int(x), y))
+            x += w_item
+        legend_h = y + line_h + 2 * pad
+    else:
+        legend_h = 0
+    row_y = []
+    y = head
+    for i in range(len(rows)):
+        row_y.append(y)
+        y += cell + cap_h[i] + pad
+    grid_bottom = y
+    H = grid_bottom + legend_h
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for j, t in enumerate(titles):
-        draw.text((pad + j * (cell + pad) + 2, 1), t[: cell // 6], fill=(0, 0, 0))
+    for j, lines in enumerate(title_lines):
+        for k, line in enumerate(lines):
+            draw.text((pad + j * (cell + pad) + 2, pad + k * line_h), line, fill=(0, 0, 0), font=font)
+    caption_boxes = []
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             im = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
-            canvas.paste(im, (pad + j * (cell + pad), head + pad + i * (cell + pad)))
+            x0 = pad + j * (cell + pad)
+            canvas.paste(im, (x0, row_y[i]))
+            if i < len(cap_lines) and j < len(cap_lines[i]) and cap_lines[i][j]:
+                for k, line in enumerate(cap_lines[i][j]):
+                    draw.text((x0 + 2, row_y[i] + cell + 1 + k * line_h), line, fill=(40, 40, 40), font=font)
+                caption_boxes.append({"row": i, "col": j, "lines": cap_lines[i][j]})
+    swatches = []
+    if items:
+        top = grid_bottom + pad
+        draw.text((pad, top), "colours:", fill=(0, 0, 0), font=font)
+        for name, rgb, x, yy in items:
+            box = (x, top + yy + 1, x + sw, top + yy + 1 + sw)
+            draw.rectangle(box, fill=rgb, outline=(0, 0, 0))
+            draw.text((x + sw + 3, top + yy), name, fill=(0, 0, 0), font=font)
+            swatches.append({"name": name, "colour": rgb, "box": box})
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
+    return {"size": (W, H), "cell": cell, "title_lines": title_lines, "captions": caption_boxes,
+            "legend": swatches, "text_width": text_w}
+
+
+def class_legend(values, class_names: list[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of mask values (0 background, c + 1 class c, 255 ignore) in the palette of
+    :func:`colour_mask`, in value order."""
+    pal = voc_palette()
+    pal[255] = (224, 224, 192)
+    out = []
+    for v in sorted({int(v) for v in values}):
+        name = "background" if v == 0 else "ignore" if v == 255 else (
+            class_names[v - 1] if v - 1 < len(class_names) else str(v))
+        out.append((name, tuple(int(c) for c in pal[v])))
+    return out

@@ -1,16 +1,19 @@
-"""``tokenseg data``: check a dataset before training, write or import image-level label files."""
+"""``tokenseg data``: check a dataset before training, write or import image-level label files, import
+the label formats of labelling tools (YOLO, COCO, LabelMe) into the folder layout."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 
-from ..io import TokensegError, write_json_atomic
+from ..io import TokensegError, refuse_inside_dataset, write_json_atomic
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="check a dataset; write/import image-level label files",
-                       description="Dataset tools: `data check` reports on a dataset, `data labels` writes "
-                                   "an image-level labels file (from XML/masks/annotations or the authors' "
-                                   "cls_labels.npy).")
+    p = sub.add_parser("data", help="check a dataset; import YOLO/COCO/LabelMe labels; write label files",
+                       description="Dataset tools: `data check` reports on a dataset, `data import` converts "
+                                   "YOLO / COCO / LabelMe labels into the folder layout (data.format=folder), "
+                                   "`data labels` writes an image-level labels file (from XML/masks/annotations "
+                                   "or the authors' cls_labels.npy).")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
@@ -55,6 +58,50 @@ def register(sub) -> None:
                      help="with --import-npy: voc, coco, or a class names file (default: by vector length)")
     lab.set_defaults(func=cmd_labels)
 
+    from ..data.coco import RASTERIZERS
+    from ..data.importers import IMPORT_FORMATS, LINK_MODES
+
+    imp = dsub.add_parser(
+        "import", help="convert YOLO / COCO / LabelMe labels into the folder layout (images, masks, labels.csv)",
+        description=textwrap.fill(
+                    "Read the labels a labelling tool wrote and write the folder layout that data.format=folder "
+                    "reads: DST/images (hard links by default), DST/masks/<id>.png (polygons and masks "
+                    "rasterised: 0 background, c+1 class c, 255 ignore), DST/labels.csv (image-level labels and "
+                    "the split when the source has one) and DST/classes.txt. YOLO boxes give image-level labels "
+                    "only. Nothing is written into SRC; every file is written atomically and the command resumes "
+                    "an interrupted import of the same source. A non-empty DST that is not such an import is "
+                    "refused without --overwrite (which leaves files it does not write in place).", 100),
+        epilog="examples:\n"
+               "  tokenseg data import --from yolo my_yolo_seg/ --out my_data\n"
+               "  tokenseg data import --from coco annotations/instances_default.json --images imgs/ --out my_data\n"
+               "  tokenseg data import --from labelme labelme_jsons/ --out my_data --classes classes.txt\n"
+               "then: tokenseg data check mctformer-plus data.format=folder data.root=my_data "
+               "data.train_split=train data.val_split=val",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    imp.add_argument("--from", dest="source_format", required=True, choices=IMPORT_FORMATS,
+                     help="the source format")
+    imp.add_argument("source", metavar="SRC",
+                     help="yolo: the dataset folder (images/ + labels/, or <split>/images + <split>/labels); "
+                          "coco: an instances JSON or a folder of them; labelme: a folder of LabelMe JSON files")
+    imp.add_argument("--out", "-o", required=True, metavar="DST", help="the folder dataset to write")
+    imp.add_argument("--classes", metavar="FILE",
+                     help="class order, one name per line (yolo: class 0 first; default data.yaml 'names', "
+                          "classes.txt or obj.names; coco: default the categories by id; labelme: default the "
+                          "sorted labels)")
+    imp.add_argument("--link", choices=LINK_MODES, default="hard",
+                     help="how images get into DST/images: hard links (default; a copy across file systems), "
+                          "copies, or symlinks")
+    imp.add_argument("--overwrite", action="store_true", help="write into a non-empty DST anyway")
+    imp.add_argument("--split", default="", help="coco: the split name of a single JSON file (default: none)")
+    imp.add_argument("--images", metavar="DIR", help="coco: the image folder (default: found next to the JSON)")
+    imp.add_argument("--keep-empty", action="store_true",
+                     help="coco: keep images without annotations (as background only)")
+    imp.add_argument("--rasterizer", choices=RASTERIZERS, default="auto",
+                     help="polygon rasteriser (auto: pycocotools when installed)")
+    imp.add_argument("--workers", type=int, default=2, help="threads (default 2)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(func=cmd_import)
+
 
 def _config(args):
     from ..config import load_config
@@ -68,6 +115,8 @@ def cmd_check(args) -> int:
     cfg = _config(args)
     if args.skip_bad:
         cfg.data.skip_bad = True
+    if args.json:
+        refuse_inside_dataset(args.json, cfg, "data check --json")
     report = check_dataset(cfg, args.split, decode=not args.fast, workers=args.workers or None,
                            progress=not args.quiet)
     text = format_report(report)
@@ -104,6 +153,7 @@ def cmd_labels(args) -> int:
     from ..data.check import default_splits
 
     cfg = _config(args)
+    refuse_inside_dataset(args.output, cfg, "data labels -o")
     source = args.source
     if source == "annotations":
         if cfg.data.format != "coco":
@@ -130,3 +180,14 @@ def cmd_labels(args) -> int:
     print(f"wrote labels of {len(merged)} images ({per}; source: {src}) to {args.output}")
     return 0
 
+
+
+def cmd_import(args) -> int:
+    from ..data.importers import format_summary, import_dataset
+
+    summary = import_dataset(args.source_format, args.source, args.out, classes=args.classes, link=args.link,
+                             overwrite=args.overwrite, split=args.split, images=args.images,
+                             keep_empty=args.keep_empty, rasterizer=args.rasterizer, workers=args.workers,
+                             progress=not args.quiet)
+    print(format_summary(summary))
+    return 1 if summary["problems"] else 0

@@ -1,7 +1,8 @@
 """Dataset readers behind one interface (:class:`WSSSDataset`).
 
 ``data.format``: ``voc`` (PASCAL VOC 2012 + SBD), ``coco`` (MS COCO 2014 instances), ``folder`` (your
-images + a CSV/JSON of labels) or ``synthetic``. See the reader modules for each layout, and
+images + a CSV/JSON of labels), ``openimages`` (OpenImages30k in the wsolevaluation layout) or
+``synthetic``. See the reader modules for each layout, and
 :func:`check_dataset` for the report ``tokenseg data check`` prints.
 """
 from __future__ import annotations
@@ -15,12 +16,14 @@ from .base import WSSSDataset, load_rgb
 from .check import check_dataset, format_report
 from .coco import COCO_CLASSES, load_coco
 from .folder import load_folder
+from .openimages import OpenImagesDataset, load_openimages
 from .labels import import_cls_labels_npy, read_class_names, read_labels_table, write_labels_file
 from .voc import VOC_CLASSES, load_voc
 
 __all__ = [
     "WSSSDataset", "load_rgb", "build_dataset", "cache_root", "class_names_for",
-    "load_voc", "load_coco", "load_folder", "check_dataset", "format_report",
+    "load_voc", "load_coco", "load_folder", "load_openimages", "OpenImagesDataset", "check_dataset",
+    "format_report",
     "write_labels_file", "read_labels_table", "read_class_names", "import_cls_labels_npy",
     "VOC_CLASSES", "COCO_CLASSES",
 ]
@@ -54,7 +57,9 @@ def build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
         return load_voc(root, split)
     if not cfg.root:
         hint = {"voc": "VOCdevkit/VOC2012", "coco": "the folder holding train2014/ val2014/ annotations/",
-                "folder": "your folder of images"}.get(cfg.format, "the dataset")
+                "folder": "your folder of images",
+                "openimages": "wsolevaluation's dataset/OpenImages (train/ val/ test/ class folders)",
+                }.get(cfg.format, "the dataset")
         raise TokensegError(f"data.root is empty: point it at {hint} (or set data.format)")
     common = dict(skip_bad=cfg.skip_bad, cache_dir=cache_root(cfg), workers=max(1, cfg.num_workers))
     if cfg.format == "voc":
@@ -73,4 +78,23 @@ def build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
         return load_folder(cfg.root, split, labels_file=cfg.labels_file or None, image_dir=cfg.image_dir,
                            mask_dir=cfg.mask_dir, class_names_file=cfg.class_names_file or None,
                            label_source=cfg.label_source, **common)
-    raise TokensegError(f"data.format {cfg.format!r} is not supported; use one of: voc, coco, folder, synthetic")
+    if cfg.format == "openimages":
+        if cfg.labels_file:
+            raise TokensegError("data.labels_file is not used by data.format=openimages: the labels are the "
+                                "metadata's class_labels.txt (data.metadata_root)")
+        # getattr: the data.metadata_root / data.mask_root keys are optional in older configs
+        return load_openimages(cfg.root, split, metadata_root=getattr(cfg, "metadata_root", "") or None,
+                               mask_root=getattr(cfg, "mask_root", "") or None,
+                               class_names_file=_resolve(cfg, cfg.class_names_file), **common)
+    raise TokensegError(f"data.format {cfg.format!r} is not supported; "
+                        f"use one of: voc, coco, folder, openimages, synthetic")
+
+
+def _resolve(cfg: DataConfig, name: str) -> Path | None:
+    """A path from the config, tried as given and then under data.root."""
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_absolute() and not path.exists() and cfg.root and (Path(cfg.root) / path).exists():
+        path = Path(cfg.root) / path
+    return path

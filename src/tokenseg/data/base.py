@@ -13,7 +13,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..io import TokensegError, read_mask
+from ..io import TokensegError, read_mask, relative_name_problem
+
+# [I] Transparent pixels are composited on the ImageNet mean colour (0.485, 0.456, 0.406) x 255: after
+# the network's normalisation that is an all-zero input, the colour that says least about any class.
+# Black (PIL's default when dropping alpha) was then predicted as a class; white is a strong bright
+# colour (sky, snow, paper) that a model trained on photos reads as evidence too.
+TRANSPARENT_FILL = (124, 116, 104)
 
 
 @dataclass
@@ -39,6 +45,11 @@ class WSSSDataset:
             raise ValueError("ids, image_paths and labels must have the same length")
         if self.mask_paths is not None and len(self.mask_paths) != n:
             raise ValueError("mask_paths must have one entry per id")
+        for image_id in self.ids:  # a reader's own check names the labels file; this one guards the rest
+            problem = relative_name_problem(image_id)
+            if problem:
+                raise TokensegError(f"{self.name}: image id {image_id!r} {problem}: image ids are relative "
+                                    f"paths (outputs are named after them)")
         C = self.num_classes
         for i, lab in enumerate(self.labels):
             for c in lab:
@@ -90,8 +101,10 @@ class WSSSDataset:
             label_source=self.label_source, meta=dict(self.meta))
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, RGBA, CMYK, 16-bit converted."""
+def load_rgb(path: str | Path, fill: tuple[int, int, int] = TRANSPARENT_FILL) -> Image.Image:
+    """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, CMYK, 16-bit converted; transparent
+    pixels (RGBA, LA, palette or colour-key transparency) composited on ``fill`` (see
+    :data:`TRANSPARENT_FILL`)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -101,9 +114,9 @@ def load_rgb(path: str | Path) -> Image.Image:
                 arr = np.asarray(img, dtype=np.float64)
                 top = 65535.0 if arr.max(initial=0) > 255 else 255.0
                 img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
                 img = img.convert("RGBA")
-                bg = Image.new("RGB", img.size, (0, 0, 0))
+                bg = Image.new("RGB", img.size, tuple(int(v) for v in fill))
                 bg.paste(img, mask=img.getchannel("A"))
                 img = bg
             return img.convert("RGB")

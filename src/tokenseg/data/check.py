@@ -1,9 +1,11 @@
 """``tokenseg data check``: what a user reads before spending a GPU-day on a dataset.
 
 Per split: image count, images per class, images without a foreground class, masks found and where,
-image sizes and modes, EXIF rotations, images smaller than one patch; and every problem: missing or
-unreadable images, labels without images, images without labels, unreadable masks, mask values above
-the class count, masks whose size differs from their image. Nothing is written into the dataset.
+image sizes and modes, EXIF rotations, images with transparency (composited on the ImageNet mean
+grey), images smaller than one patch or so large that maps will be slow and huge; and every problem:
+missing or unreadable images, labels without images (and the folder they were looked for in), images
+without labels, unreadable masks, mask values above the class count, masks whose size differs from
+their image. Nothing is written into the dataset.
 """
 from __future__ import annotations
 
@@ -16,10 +18,15 @@ from typing import Sequence
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..io import IGNORE_INDEX, TokensegError, read_mask
-from .scan import collecting, scan_cache_file, scan_images
+from ..io import IGNORE_INDEX, TokensegError, display_name, read_mask
+from .base import TRANSPARENT_FILL
+from .scan import UnusableSplit, collecting, scan_cache_file, scan_images
 
 LIST_LIMIT = 50  # longest list of ids/files kept per kind in the report
+# [I] Above these, one image's maps (C x H x W floats per kind, attention over (H/p)(W/p) tokens) take
+# minutes and GBs: 4096 px is twice a 12 MP photo's longer side, 16 MP a little more than such a photo.
+LARGE_SIDE = 4096
+LARGE_PIXELS = 16_000_000
 
 
 def patch_size_of(backbone: str, default: int = 16) -> int:
@@ -61,6 +68,11 @@ def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: i
     try:
         with collecting():
             ds = build_dataset(dcfg, split)
+    except UnusableSplit as exc:  # keep its problems: every label may lack its image
+        rep["error"] = str(exc)
+        rep["problems"] = exc.problems
+        rep["image_dir"] = exc.image_dir
+        return rep
     except TokensegError as exc:
         rep["error"] = str(exc)
         return rep
@@ -86,6 +98,7 @@ def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: i
 
     # images
     image_dir = ds.meta.get("image_dir") or str(Path(ds.image_paths[0]).parent)
+    rep["image_dir"] = str(image_dir)
     cache_file = scan_cache_file(cache_root(data), image_dir) if decode else None
     infos = scan_images(ds.image_paths, decode=decode, workers=workers, cache_file=cache_file, progress=progress)
     rep["unreadable_images"] = [{"id": i, "file": str(p), "error": info["error"]}
@@ -110,6 +123,14 @@ def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: i
                  for i, info in ok if min(info["width"], info["height"]) < patch_size]
         rep["small_images"] = small[:LIST_LIMIT]
         rep["small_image_count"] = len(small)
+        large = [{"id": i, "width": info["width"], "height": info["height"]} for i, info in ok
+                 if max(info["width"], info["height"]) > LARGE_SIDE or info["width"] * info["height"] > LARGE_PIXELS]
+        rep["large_images"] = large[:LIST_LIMIT]
+        rep["large_image_count"] = len(large)
+        transparent = [i for i, info in ok if info.get("alpha") == "transparent"]
+        rep["transparent_images"] = transparent[:LIST_LIMIT]
+        rep["transparent_image_count"] = len(transparent)
+        rep["alpha_unknown_count"] = sum(1 for _, info in ok if info.get("alpha") == "unknown")
     rep["patch_size"] = patch_size
     rep["decoded"] = decode
 
@@ -178,6 +199,17 @@ def check_dataset(cfg: Config | DataConfig, splits: Sequence[str] | None = None,
                 skippable.add(msg)
         for m in rep["mask_problems"]:
             note(errors, split, m["problem"])
+        if rep.get("large_image_count"):
+            shown = ", ".join(f"{d['id']!r} ({d['width']}x{d['height']})" for d in rep["large_images"][:5])
+            note(warnings, split, f"{rep['large_image_count']} image(s) larger than {LARGE_SIDE} px on a side or "
+                                  f"{LARGE_PIXELS // 1_000_000} MP: maps will be slow and huge on them (minutes and "
+                                  f"GBs per image); shrink them or cap the map size (maps.max_side): {shown}"
+                                  f"{' ...' if rep['large_image_count'] > 5 else ''}")
+        if rep.get("transparent_image_count"):
+            shown = ", ".join(repr(i) for i in rep["transparent_images"][:5])
+            note(warnings, split, f"{rep['transparent_image_count']} image(s) have transparent pixels: they are "
+                                  f"composited on the ImageNet mean grey {TRANSPARENT_FILL}, e.g. {shown}"
+                                  f"{' ...' if rep['transparent_image_count'] > 5 else ''}")
         if rep.get("small_image_count"):
             note(warnings, split, f"{rep['small_image_count']} image(s) smaller than one {patch}-pixel patch "
                                   f"(they are upsampled), e.g. {rep['small_images'][0]['id']!r}")
@@ -198,6 +230,7 @@ def check_dataset(cfg: Config | DataConfig, splits: Sequence[str] | None = None,
                     if p["kind"] == "no_labels"})
     nolab_images = sorted({i for r in report["splits"].values() for i in r.get("unlabelled_image_ids", [])})
     report["labels_without_images"] = missing
+    report["image_dirs"] = sorted({r["image_dir"] for r in report["splits"].values() if r.get("image_dir")})
     report["images_without_labels"] = sorted(set(nolab) | set(nolab_images))
     report["errors"] = flat(errors)
     report["skippable_errors"] = len(skippable)
@@ -246,16 +279,22 @@ def format_report(report: dict, max_items: int = 20) -> str:
             out.append(f"  image sizes: median {s['median_width']}x{s['median_height']}, shortest side "
                        f"{s['min_side']}, longest side {s['max_side']}; smaller than a {r['patch_size']}-px patch: "
                        f"{r.get('small_image_count', 0)}")
+            out.append(f"  larger than {LARGE_SIDE} px or {LARGE_PIXELS // 1_000_000} MP: {r.get('large_image_count', 0)}")
             modes = ", ".join(f"{k} {v}" for k, v in r["modes"].items())
-            out.append(f"  modes: {modes}; EXIF-rotated: {r['exif_rotated']}"
-                       f"{'' if r['decoded'] else ' (headers only: --fast)'}")
+            transp = (f"with transparency: {r.get('transparent_image_count', 0)}" if r["decoded"] else
+                      f"with an alpha channel: {r.get('alpha_unknown_count', 0)}")
+            out.append(f"  modes: {modes}; EXIF-rotated: {r['exif_rotated']}; {transp} (composited on grey "
+                       f"{TRANSPARENT_FILL}){'' if r['decoded'] else ' (headers only: --fast)'}")
         md = ", ".join(f"{k} {v}" for k, v in r["mask_dirs"].items()) or "none"
         out.append(f"  masks: {r['with_mask']} ({md}); without mask: {r['without_mask']}")
         nprob = len(r["problems"]) + len(r["unreadable_images"]) + len(r["mask_problems"])
         out.append(f"  problems: {nprob or 'none'}")
     out.append("")
-    out.append(f"labels without images: {len(report['labels_without_images'])}"
-               + (f" (e.g. {', '.join(report['labels_without_images'][:5])})" if report["labels_without_images"] else ""))
+    lwi = report["labels_without_images"]
+    looked = "; ".join(report.get("image_dirs", []))
+    out.append(f"labels without images: {len(lwi)}"
+               + (f" (looked in {looked}; e.g. {', '.join(lwi[:5])})" if lwi and looked else
+                  f" (e.g. {', '.join(lwi[:5])})" if lwi else ""))
     out.append(f"images without labels: {len(report['images_without_labels'])}"
                + (f" (e.g. {', '.join(report['images_without_labels'][:5])})" if report["images_without_labels"] else ""))
     for title, items in (("ERRORS", report["errors"]), ("WARNINGS", report["warnings"])):
@@ -273,4 +312,4 @@ def format_report(report: dict, max_items: int = 20) -> str:
         out.append(f"RESULT: {len(report['errors'])} error(s) to fix before training"
                    + (f"; --skip-bad (data.skip_bad=true) would skip the {n} bad or missing image(s) among them"
                       if n else ""))
-    return "\n".join(out)
+    return display_name("\n".join(out))  # file names that are not UTF-8 shown as \xNN, not a crash

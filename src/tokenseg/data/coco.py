@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 from ..io import IGNORE_INDEX, TokensegError, save_palette_png, write_json_atomic
 from .base import WSSSDataset
 from .labels import read_labels_table, resolve_labels
-from .scan import Problems, drop_bad_images, scan_cache_file
+from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 COCO_CACHE_VERSION = 1
 COCO_CLASSES = [
@@ -135,7 +136,12 @@ def polygon_mask(polygon: Sequence[float], height: int, width: int) -> np.ndarra
 
 
 def segmentation_mask(seg, height: int, width: int, backend: str = "numpy") -> np.ndarray:
-    """A COCO ``segmentation`` (list of polygons, uncompressed or compressed RLE) as an (h, w) bool."""
+    """A COCO ``segmentation`` (list of polygons, uncompressed or compressed RLE) as an (h, w) bool;
+    an (h, w) array is taken as a ready mask (the importers' circles and LabelMe masks)."""
+    if isinstance(seg, np.ndarray):
+        if seg.shape != (height, width):
+            raise ValueError(f"mask size {list(seg.shape)} differs from the image size {[height, width]}")
+        return seg.astype(bool)
     if backend == "pycocotools":
         from pycocotools import mask as mask_utils
 
@@ -213,11 +219,15 @@ def coco_image_dir(root: Path, split: str) -> Path:
 
 def _cache_key(ann_path: Path, backend: str) -> str:
     st = ann_path.stat()
-    text = f"{ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{backend}|{COCO_CACHE_VERSION}"
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    text = f"|{st.st_size}|{st.st_mtime_ns}|{backend}|{COCO_CACHE_VERSION}"
+    return hashlib.sha1(os.fsencode(ann_path.resolve()) + text.encode("utf-8")).hexdigest()[:12]
 
 
-def _build_index(ann_path: Path) -> dict:
+def read_coco_instances(ann_path: Path) -> dict:
+    """Parse a COCO instances JSON (COCO itself, or any tool's export): ``{"classes": names sorted by
+    category id, "category_ids", "images": [{"coco_id", "file_name", "height", "width", "anns":
+    [[class value 1..C, iscrowd, segmentation, area], ...]}]}``. Used by the reader and by
+    ``tokenseg data import --from coco``."""
     try:
         with open(ann_path, "rb") as f:
             data = json.load(f)
@@ -247,6 +257,9 @@ def _build_index(ann_path: Path) -> dict:
                                     float(ann.get("area", 0.0))])
     return {"classes": classes, "category_ids": [int(c["id"]) for c in cats],
             "images": [dict(coco_id=k, **v) for k, v in sorted(images.items())]}
+
+
+_build_index = read_coco_instances  # the reader's name for it (tests replace it to prove the cache is used)
 
 
 def load_coco(root: str | Path, split: str, cache_dir: str | Path, *, labels_file: str | Path | None = None,
@@ -335,7 +348,7 @@ def load_coco(root: str | Path, split: str, cache_dir: str | Path, *, labels_fil
     meta["skipped"] = problems.items if drop else []
     keep = [k for k, i in enumerate(ids) if i not in drop]
     if not keep:
-        raise TokensegError(f"{name}: no usable images")
+        raise UnusableSplit(f"{name}: no usable images (looked in {image_dir})", problems.items, image_dir)
     return WSSSDataset(name=name, class_names=names, ids=[ids[k] for k in keep],
                        image_paths=[image_paths[k] for k in keep], labels=[labels[k] for k in keep],
                        mask_paths=[mask_paths[k] for k in keep], label_source=label_desc, meta=meta)

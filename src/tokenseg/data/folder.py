@@ -10,6 +10,10 @@ Layout (``data.root``), every part but the images optional::
                             (data.mask_dir if that folder exists under the root, else masks/)
     splits/<split>.txt      split lists, one image id or file name per line
 
+Labels from a labelling tool (YOLO, COCO, LabelMe): ``tokenseg data import`` writes this layout
+(:mod:`tokenseg.data.importers`). Image ids must be relative paths below the image folder: ids with
+``..`` components or absolute ones are refused (outputs are named after ids).
+
 CSV: a header row, then one row per image. Either ``image,labels[,split]`` with class names separated by
 ``;`` or ``|`` (empty: no foreground class), or a multi-hot table ``image,<class 1>,<class 2>,...[,split]``
 of 0/1. The image column may be called image/id/file/filename/path; file names may keep their extension.
@@ -32,7 +36,7 @@ from typing import Sequence
 from ..io import TokensegError
 from .base import WSSSDataset
 from .labels import LabelTable, labels_from_mask, read_class_names, read_labels_table, resolve_labels
-from .scan import Problems, drop_bad_images, scan_cache_file
+from .scan import MAX_LISTED, Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 LABEL_SOURCES = ("auto", "file", "masks")
@@ -86,23 +90,82 @@ def index_images(image_dir: Path, exclude: Sequence[Path] = ()) -> tuple[dict[st
 
 
 def _split_list(path: Path) -> list[str]:
-    from .labels import _id_of
+    from .labels import EntryErrors, _id_of, id_problem
 
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise TokensegError(f"{path}: cannot read split list ({exc})") from exc
     ids, seen = [], {}
+    errors = EntryErrors(path)
     for n, line in enumerate(lines, 1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
-        image_id = _id_of(s.split(",")[0])
-        if image_id in seen:
-            raise TokensegError(f"{path}:{n}: image {image_id!r} listed twice (first on line {seen[image_id]})")
-        seen[image_id] = n
-        ids.append(image_id)
+        name = s.split(",")[0]
+        image_id = _id_of(name)
+        bad = id_problem(name, image_id)
+        if bad:
+            errors.add(f"{path}:{n}: {bad}")
+        elif image_id in seen:
+            errors.add(f"{path}:{n}: image {image_id!r} listed twice (first on line {seen[image_id]})")
+        else:
+            seen[image_id] = n
+            ids.append(image_id)
+    errors.raise_if_any()
     return ids
+
+
+class _ImageHints:
+    """Did-you-mean for image ids that the labels name but the folder lacks: the same id in another
+    case, the same file name in one other subfolder, else the closest id (difflib). Only asked for the
+    problems that are shown, so a folder of 100k images costs nothing when all is well."""
+
+    def __init__(self, index: dict[str, Path]) -> None:
+        self.index = index
+        self._lower: dict[str, str] | None = None
+        self._base: dict[str, list[str]] | None = None
+        self.asked = 0
+
+    def __call__(self, image_id: str) -> str | None:
+        if not self.index or self.asked >= MAX_LISTED:
+            return None
+        self.asked += 1
+        if self._lower is None:
+            self._lower = {k.lower(): k for k in self.index}
+            self._base = {}
+            for k in self.index:
+                self._base.setdefault(k.rsplit("/", 1)[-1].lower(), []).append(k)
+        hit = self._lower.get(image_id.lower())
+        if hit is not None:
+            return hit
+        same = self._base.get(image_id.rsplit("/", 1)[-1].lower(), [])
+        if len(same) == 1:
+            return same[0]
+        import difflib
+
+        close = difflib.get_close_matches(image_id, list(self.index), n=1, cutoff=0.8)
+        return close[0] if close else None
+
+
+def _find_image_folder(root: Path, images_dir: Path, files: Sequence[str]) -> tuple[Path, int] | None:
+    """The folder below ``root`` (two levels deep) that holds most of ``files`` (labels' file names),
+    for the hint when none of them is where we looked."""
+    best: tuple[Path, int] | None = None
+    names = list(files)[:50]
+    cands = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
+    cands += [e for d in cands for e in sorted(d.iterdir()) if e.is_dir() and not e.name.startswith(".")]
+    for d in ([root] if images_dir != root else []) + cands:
+        if d == images_dir:
+            continue
+        n = 0
+        for f in names:
+            q = d / f
+            if q.is_file() or (not q.suffix and any((d / (f + e)).is_file() for e in IMAGE_EXTENSIONS[:4])):
+                n += 1
+        if n and (best is None or n > best[1]):
+            best = (d, n)
+    return best
 
 
 def load_folder(root: str | Path, split: str = "all", labels_file: str | Path | None = None, *,
@@ -183,6 +246,7 @@ def load_folder(root: str | Path, split: str = "all", labels_file: str | Path | 
     image_paths: list[Path] = []
     mask_paths: list[Path | None] = []
     labels: list[list[int]] = []
+    hints = _ImageHints(index)
     for image_id in ids:
         path = None
         if table is not None and image_id in table.files:
@@ -201,8 +265,10 @@ def load_folder(root: str | Path, split: str = "all", labels_file: str | Path | 
             else:
                 shown = table.files.get(image_id, image_id) if table is not None else image_id
                 path = images_dir / shown
-                problems.add(image_id, path, "image file not found (listed in the labels but not in the folder)",
-                             "missing_image")
+                close = hints(image_id)
+                problems.add(image_id, path, "image file not found (listed in the labels but not in the folder)"
+                             + (f"; did you mean {close!r} ({index[close].relative_to(images_dir)})?"
+                                if close else ""), "missing_image")
         mp = parts["masks"] / f"{image_id}.png" if parts["masks"] is not None else None
         mp = mp if mp is not None and mp.is_file() else None
         lab: list[int] = []
@@ -228,10 +294,26 @@ def load_folder(root: str | Path, split: str = "all", labels_file: str | Path | 
         good = [k for k, i in enumerate(ids) if i not in problems]
         drop_bad_images([ids[k] for k in good], [image_paths[k] for k in good], problems, workers,
                         scan_cache_file(cache_dir, images_dir) if cache_dir else None)
+    missing = [p for p in problems.items if p["kind"] == "missing_image"]
+    if ids and len(missing) == len(ids):  # not one image where we looked: say where, and where they are
+        where = str(images_dir) + (" (data.image_dir)" if image_dir else
+                                   " (the root itself, as it has no images/ folder)" if images_dir == root else "")
+        msg = (f"{root}: split {split!r} has no usable images: none of the {len(ids)} images named in the "
+               f"labels is in {where}")
+        files = [table.files.get(i, i) for i in ids] if table is not None else ids
+        found = _find_image_folder(root, images_dir, files)
+        tried = min(len(files), 50)
+        if found is not None and 2 * found[1] >= tried:
+            rel = found[0].relative_to(root).as_posix() if found[0] != root else "."
+            msg += (f"; {'they are' if found[1] == tried else f'{found[1]} of the first {tried} are'} in "
+                    f"{found[0]}: set data.image_dir={rel}")
+        shown = [Problems.describe(p) for p in problems.items[:MAX_LISTED]]
+        more = f"\n  ... and {len(problems.items) - MAX_LISTED} more" if len(problems.items) > MAX_LISTED else ""
+        raise UnusableSplit(msg + "\n  " + "\n  ".join(shown) + more, problems.items, images_dir)
     drop = problems.resolve(skip_bad)
     keep = [k for k, i in enumerate(ids) if i not in drop]
     if not keep:
-        raise TokensegError(f"{root}: split {split!r} has no usable images")
+        raise UnusableSplit(f"{root}: split {split!r} has no usable images", problems.items, images_dir)
     meta = {"format": "folder", "root": str(root), "split": split, "split_source": split_desc,
             "image_dir": str(images_dir), "labels_file": str(table.path) if table is not None else "",
             "class_names_file": str(parts["classes"] or ""), "mask_dir": str(parts["masks"] or ""),

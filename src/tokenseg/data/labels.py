@@ -14,6 +14,7 @@ Class names are free text. An image with an empty list has no foreground class.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -23,7 +24,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..io import IGNORE_INDEX, TokensegError, read_mask, write_json_atomic
+from ..io import IGNORE_INDEX, TokensegError, read_mask, relative_name_problem, write_json_atomic
+from .scan import MAX_LISTED
 
 LABELS_FORMAT = "tokenseg-labels"
 LABELS_VERSION = 1
@@ -45,6 +47,75 @@ class LabelTable:
     splits: dict[str, list[str]] = field(default_factory=dict)  # split name -> ids (may overlap)
     files: dict[str, str] = field(default_factory=dict)  # id -> file name as written in the table
     lines: dict[str, int] = field(default_factory=dict)  # id -> line number (CSV), for messages
+
+
+class EntryErrors:
+    """The bad entries of one file, raised together in one error (the first :data:`MAX_LISTED`, then
+    "and N more"), so a user fixes them in one pass instead of one run per mistake."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = path
+        self.items: list[str] = []
+        self.summary: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1 and not self.summary:
+            raise TokensegError(self.items[0])
+        shown = self.items[:MAX_LISTED]
+        more = f"\n  ... and {len(self.items) - MAX_LISTED} more" if len(self.items) > MAX_LISTED else ""
+        head = f"{self.path}: {len(self.items)} bad entr{'y' if len(self.items) == 1 else 'ies'}"
+        head += (": " + "; ".join(self.summary)) if self.summary else ""
+        raise TokensegError(head + ":\n  " + "\n  ".join(shown) + more)
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edits between two short strings, a swap of neighbours counting as one (optimal string
+    alignment): difflib scores "dgo" vs "dog" 0.67, yet it is one typo."""
+    prev2, prev = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if prev2 is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def did_you_mean(name: str, candidates: Sequence[str], cutoff: float = 0.75) -> str | None:
+    """The closest of ``candidates`` to a misspelt ``name`` ("girafe" -> "giraffe", "dgo" -> "dog"):
+    the same name in another case, else difflib's ratio >= ``cutoff``, else one typo away (two for
+    names of 8+ letters); None when nothing is close."""
+    low = name.lower()
+    lowered = {c.lower(): c for c in candidates}
+    if low in lowered:
+        return lowered[low]
+    close = difflib.get_close_matches(low, list(lowered), n=1, cutoff=cutoff)
+    if close:
+        return lowered[close[0]]
+    if len(low) < 3:
+        return None
+    budget = 2 if len(low) >= 8 else 1
+    near = [(d, c) for c in lowered if abs(len(c) - len(low)) <= budget
+            and (d := _typo_distance(low, c)) <= budget]
+    return lowered[min(near)[1]] if near else None
+
+
+def id_problem(name: str, image_id: str) -> str:
+    """Why ``image_id`` (read as ``name`` from a labels/split file) cannot be an image id, or ""."""
+    problem = relative_name_problem(image_id)
+    if problem:
+        return (f"image {name!r} {problem}: image ids are paths relative to the image folder "
+                f"(no '..', not absolute), because outputs are named after them")
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,27 +230,44 @@ def _read_labels_json(path: Path) -> LabelTable:
         classes = check_class_names(classes, f"{path} ('classes')")
     labels: dict[str, list[str]] = {}
     files: dict[str, str] = {}
+    errors = EntryErrors(path)
     for key, names in raw.items():
         if isinstance(names, str):
             names = [n for n in _split_cell(names)]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise TokensegError(f"{path}: labels of image {key!r} must be a list of class names, got {names!r}")
+            errors.add(f"{path}: labels of image {key!r} must be a list of class names, got {names!r}")
+            continue
         image_id = _id_of(key)
+        bad = id_problem(key, image_id)
+        if bad:
+            errors.add(f"{path}: {bad}")
+            continue
         if image_id in labels:
-            raise TokensegError(f"{path}: image {image_id!r} is listed twice ({files[image_id]!r}, {key!r})")
+            errors.add(f"{path}: image {image_id!r} is listed twice ({files[image_id]!r}, {key!r})")
+            continue
         labels[image_id] = [n.strip() for n in names]
         files[image_id] = key
     splits: dict[str, list[str]] = {}
     if not isinstance(split_lists, dict):
-        raise TokensegError(f"{path}: 'splits' must map split names to lists of image ids")
+        errors.add(f"{path}: 'splits' must map split names to lists of image ids")
+        split_lists = {}
     for split, ids in split_lists.items():
         if not isinstance(ids, list):
-            raise TokensegError(f"{path}: split {split!r} must be a list of image ids")
-        members = [_id_of(str(k)) for k in ids]
-        if len(set(members)) != len(members):
-            dup = next(m for m in members if members.count(m) > 1)
-            raise TokensegError(f"{path}: image {dup!r} is listed twice in split {split!r}")
+            errors.add(f"{path}: split {split!r} must be a list of image ids")
+            continue
+        members, seen = [], set()
+        for k in ids:
+            m = _id_of(str(k))
+            bad = id_problem(str(k), m)
+            if bad:
+                errors.add(f"{path}: split {split!r}: {bad}")
+            elif m in seen:
+                errors.add(f"{path}: image {m!r} is listed twice in split {split!r}")
+            else:
+                seen.add(m)
+                members.append(m)
         splits[str(split)] = members
+    errors.raise_if_any()
     return LabelTable(path, classes, labels, source, splits, files)
 
 
@@ -233,37 +321,47 @@ def _read_labels_csv(path: Path) -> LabelTable:
     splits: dict[str, list[str]] = {}
     files: dict[str, str] = {}
     where: dict[str, int] = {}
+    errors = EntryErrors(path)
     for lineno, row in numbered[1:]:
         if len(row) != len(header):
-            raise TokensegError(
-                f"{path}:{lineno}: expected {len(header)} columns ({delimiter.join(header)}), got {len(row)}: "
-                f"{delimiter.join(row)!r}")
+            errors.add(f"{path}:{lineno}: expected {len(header)} columns ({delimiter.join(header)}), got "
+                       f"{len(row)}: {delimiter.join(row)!r}")
+            continue
         name = row[img_col].strip()
         if not name:
-            raise TokensegError(f"{path}:{lineno}: empty image name")
+            errors.add(f"{path}:{lineno}: empty image name")
+            continue
         image_id = _id_of(name)
+        bad = id_problem(name, image_id)
+        if bad:
+            errors.add(f"{path}:{lineno}: {bad}")
+            continue
         if image_id in labels:
-            raise TokensegError(
-                f"{path}:{lineno}: image {image_id!r} is listed twice (first on line {where[image_id]})")
+            errors.add(f"{path}:{lineno}: image {image_id!r} is listed twice (first on line {where[image_id]})")
+            continue
         if lab_col is not None:
             names = _split_cell(row[lab_col])
         else:
-            names = []
+            names, ok = [], True
             for i in class_cols:
                 v = row[i].strip().lower()
                 if v in ("1", "1.0", "true", "yes", "y"):
                     names.append(header[i])
                 elif v not in ("", "0", "0.0", "false", "no", "n", "-1"):
-                    raise TokensegError(
-                        f"{path}:{lineno}: column {header[i]!r} must be 0 or 1, got {row[i]!r}")
-        labels[image_id] = names
-        files[image_id] = name
-        where[image_id] = lineno
+                    errors.add(f"{path}:{lineno}: column {header[i]!r} must be 0 or 1, got {row[i]!r}")
+                    ok = False
+            if not ok:
+                continue
         if split_col is not None:
             s = row[split_col].strip()
             if not s:
-                raise TokensegError(f"{path}:{lineno}: empty split for image {name!r}")
+                errors.add(f"{path}:{lineno}: empty split for image {name!r}")
+                continue
             splits.setdefault(s, []).append(image_id)
+        labels[image_id] = names
+        files[image_id] = name
+        where[image_id] = lineno
+    errors.raise_if_any()
     return LabelTable(path, classes, labels, f"file:{path.name}", splits, files, where)
 
 
@@ -272,19 +370,33 @@ def resolve_labels(table: LabelTable, class_names: Sequence[str], ids: Iterable[
     """Class names → sorted 0-based indices, for ``ids`` (default: all); unknown classes are errors."""
     index = {n: i for i, n in enumerate(class_names)}
     out = {}
+    errors = EntryErrors(table.path)
+    unknown: dict[str, int] = {}
+    hints: dict[str, str | None] = {}
     for image_id in (table.labels if ids is None else ids):
         names = table.labels[image_id]
         idx = set()
         for n in names:
             if n not in index:
+                if n not in hints:
+                    hints[n] = did_you_mean(n, class_names)
+                unknown[n] = unknown.get(n, 0) + 1
                 line = f":{table.lines[image_id]}" if image_id in table.lines else ""
-                close = [c for c in class_names if c.lower() == n.lower()]
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise TokensegError(
-                    f"{table.path}{line}: image {image_id!r} has unknown class {n!r}{hint}; "
-                    f"known classes: {', '.join(class_names[:30])}{' ...' if len(class_names) > 30 else ''}")
+                hint = f" (did you mean {hints[n]!r}?)" if hints[n] else ""
+                errors.add(f"{table.path}{line}: image {image_id!r} has unknown class {n!r}{hint}")
+                continue
             idx.add(index[n])
         out[image_id] = sorted(idx)
+    if errors:
+        known = f"known classes: {', '.join(class_names[:30])}{' ...' if len(class_names) > 30 else ''}"
+        if len(errors) == 1:
+            errors.items[0] += f"; {known}"
+        else:
+            errors.summary = [", ".join(
+                f"unknown class {n!r} x{k}" + (f" (did you mean {hints[n]!r}?)" if hints[n] else "")
+                for n, k in list(unknown.items())[:MAX_LISTED]) + ("" if len(unknown) <= MAX_LISTED else " ..."),
+                known]
+        errors.raise_if_any()
     return out
 
 

@@ -15,8 +15,10 @@ from PIL import Image
 
 from ..io import TokensegError, write_json_atomic
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: "alpha" (transparency) in the per-image info
 EXIF_ORIENTATION = 0x0112
+MAX_LISTED = 20  # problems shown in one error message ("... and N more" after that)
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _COLLECTING = contextvars.ContextVar("tokenseg_data_collecting", default=False)
 
 
@@ -29,6 +31,16 @@ def collecting():
         yield
     finally:
         _COLLECTING.reset(token)
+
+
+class UnusableSplit(TokensegError):
+    """A split with no usable image. Carries the per-image problems that led there, so that
+    ``tokenseg data check`` can still count labels without images (and say where it looked)."""
+
+    def __init__(self, message: str, problems: Sequence[dict] = (), image_dir: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+        self.image_dir = str(image_dir) if image_dir is not None else ""
 
 
 class Problems:
@@ -58,8 +70,8 @@ class Problems:
         """Raise a TokensegError listing the problems, or (skip_bad) warn and return the ids to drop."""
         if not self.items:
             return set()
-        shown = [self.describe(p) for p in self.items[:10]]
-        more = f"\n  ... and {len(self.items) - 10} more" if len(self.items) > 10 else ""
+        shown = [self.describe(p) for p in self.items[:MAX_LISTED]]
+        more = f"\n  ... and {len(self.items) - MAX_LISTED} more" if len(self.items) > MAX_LISTED else ""
         if not skip_bad:
             raise TokensegError(
                 f"{self.name}: {len(self._ids)} image(s) cannot be used:\n  " + "\n  ".join(shown) + more
@@ -71,10 +83,18 @@ class Problems:
         return set(self._ids)
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """An alpha channel, a palette with transparent entries or a transparent colour key (tRNS)."""
+    return img.mode in ALPHA_MODES or "transparency" in img.info
+
+
 def scan_image(path: str | Path, decode: bool = True) -> dict:
     """Open an image (and, with ``decode``, decode every pixel, which finds truncated files).
-    Returns ``{"width", "height", "mode", "orientation", "error"}`` with the size after EXIF rotation."""
-    info = {"width": 0, "height": 0, "mode": "", "orientation": 1, "error": ""}
+    Returns ``{"width", "height", "mode", "orientation", "alpha", "error"}`` with the size after EXIF
+    rotation; ``alpha`` is "" (none), "transparent" (some pixel is not opaque: it will be composited
+    on :data:`tokenseg.data.base.TRANSPARENT_FILL`), "opaque" (an alpha channel, all 255) or
+    "unknown" (an alpha channel, pixels not decoded)."""
+    info = {"width": 0, "height": 0, "mode": "", "orientation": 1, "alpha": "", "error": ""}
     try:
         with Image.open(path) as img:
             info["mode"] = img.mode
@@ -87,8 +107,13 @@ def scan_image(path: str | Path, decode: bool = True) -> dict:
             if orient in (5, 6, 7, 8):
                 w, h = h, w
             info["width"], info["height"] = w, h
+            alpha = has_alpha(img)
+            info["alpha"] = "unknown" if alpha else ""
             if decode:
                 img.load()
+                if alpha:
+                    a = img if img.mode in ("RGBA", "LA", "RGBa", "La") else img.convert("RGBA")
+                    info["alpha"] = "transparent" if a.getchannel("A").getextrema()[0] < 255 else "opaque"
     except FileNotFoundError:
         info["error"] = "image file not found"
     except Exception as exc:  # PIL raises many types for broken files
@@ -105,7 +130,7 @@ def _stamp(path: str) -> list[int] | None:
 
 
 def scan_cache_file(cache_dir: str | Path, root: str | Path) -> Path:
-    key = hashlib.sha1(str(Path(root).resolve()).encode("utf-8")).hexdigest()[:16]
+    key = hashlib.sha1(os.fsencode(Path(root).resolve())).hexdigest()[:16]  # any file name bytes
     return Path(cache_dir) / "scan" / f"{key}.json"
 
 
@@ -137,8 +162,8 @@ def scan_images(paths: Sequence[str | Path], decode: bool = True, workers: int =
     if todo:
         bar = None
         if progress and len(todo) > 200:
-            from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc="scanning images", unit="img", file=sys.stderr)
+            from ..progress import progress_bar
+            bar = progress_bar(total=len(todo), desc="scanning images", unit="img", file=sys.stderr)
         def one(i: int) -> tuple[int, dict]:
             return i, scan_image(paths[i], decode)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

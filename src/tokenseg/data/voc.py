@@ -26,7 +26,7 @@ from typing import Sequence
 from ..io import TokensegError
 from .base import WSSSDataset
 from .labels import labels_from_masks, labels_from_xml, read_labels_table, resolve_labels
-from .scan import Problems, drop_bad_images, scan_cache_file
+from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -191,7 +191,7 @@ def load_voc(root: str | Path, split: str, labels_file: str | Path | None = None
     meta["skipped"] = problems.items if drop else []
     keep = [k for k, i in enumerate(ids) if i not in drop]
     if not keep:
-        raise TokensegError(f"{name}: no usable images left")
+        raise UnusableSplit(f"{name}: no usable images left", problems.items, root / "JPEGImages")
     return WSSSDataset(
         name=name, class_names=names, ids=[ids[k] for k in keep], image_paths=[image_paths[k] for k in keep],
         labels=[labels[k] for k in keep], mask_paths=[mask_paths[k] for k in keep], label_source=label_desc,

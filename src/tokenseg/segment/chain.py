@@ -7,10 +7,13 @@ from pathlib import Path
 from ..config import Config
 
 def demo_config(cfg: Config) -> Config:
-    """A copy of ``cfg`` without the steps that do not fit a CPU demo's minutes: refinements that train a
-    network (AffinityNet, IRN, attention walks) and the torch DenseCRF (pydensecrf is used if installed).
-    The small segmentation network itself is the demo preset's ``segment`` section."""
+    """A copy of ``cfg`` that fits a CPU demo's minutes: the small segmentation network of the demo
+    preset's ``segment`` section, no refinement that trains a network (AffinityNet, IRN, attention
+    walks), and no torch DenseCRF (pydensecrf is used if installed)."""
+    from ..config import load_config
+
     cfg = copy.deepcopy(cfg)
+    cfg.segment = load_config("demo").segment  # the demo's small network (ResNet-10-T, AdamW, 3 epochs)
     if cfg.pseudo.refine != "none":
         cfg.pseudo.refine = "none"
     if cfg.pseudo.crf:
