@@ -229,5 +229,5 @@ def test_pseudo_cli(toy, tmp_path, capsys):
     assert rc == 2 and "seeds folder not found" in capsys.readouterr().err
     with pytest.raises(TokensegError):
         make_pseudo_masks(toy_config(root, tmp_path), tmp_path / "nowhere2", out, progress=False)
-    with pytest.raises(TokensegError, match="inside the dataset folder"):  # never write into the dataset
+    with pytest.raises(TokensegError, match="inside the dataset"):  # never write into the dataset
         make_pseudo_masks(toy_config(root, tmp_path), seeds, root / "SegmentationClass", progress=False)

@@ -21,8 +21,8 @@ from tokenseg.config import load_config
 from tokenseg.data import WSSSDataset, load_folder, load_rgb
 from tokenseg.data.base import TRANSPARENT_FILL
 from tokenseg.data.scan import scan_images
-from tokenseg.io import (SeedMaps, TokensegError, output_lock, refuse_inside_dataset, safe_output_path,
-                         save_palette_png, save_seed, seed_path, write_bytes_atomic, write_json_atomic)
+from tokenseg.data.guard import refuse_inside_dataset
+from tokenseg.io import (SeedMaps, TokensegError, output_lock, safe_output_path, save_palette_png, save_seed, seed_path, write_bytes_atomic, write_json_atomic)
 
 
 def folder_dataset(base: Path, rows: list[tuple[str, str]], classes=("cat", "dog", "giraffe"),

@@ -35,9 +35,10 @@ def scores_from_confusion(conf: np.ndarray, classes: str = "present") -> dict:
     IoU 0, as MCTformer's ``evaluation.py`` with its ``+1e-10``), ``present`` (classes with ground-truth
     or predicted pixels) or ``gt`` (classes with ground-truth pixels, as CLIP-ES). Excluded classes are NaN."""
     conf = conf.astype(np.float64)
-    tp = np.diag(conf)
+    n = conf.shape[0]  # an extra last column: pixels predicted "ignore" (wrong wherever the gt is labelled)
+    tp = np.diag(conf[:, :n])
     gt_count = conf.sum(1)  # T
-    pred_count = conf.sum(0)  # P
+    pred_count = conf[:, :n].sum(0)  # P
     union = gt_count + pred_count - tp
     if classes == "all":
         keep = np.ones_like(union, dtype=bool)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from ..io import TokensegError, refuse_inside_dataset, write_json_atomic
+from ..data.guard import refuse_inside_dataset
+from ..io import TokensegError, write_json_atomic
 
 
 def register(sub) -> None:

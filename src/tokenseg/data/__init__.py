@@ -12,13 +12,13 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..io import TokensegError
-from .base import WSSSDataset, load_rgb
+from .base import COCO_CLASSES, VOC_CLASSES, WSSSDataset, load_rgb
 from .check import check_dataset, format_report
-from .coco import COCO_CLASSES, load_coco
+from .coco import load_coco
 from .folder import load_folder
-from .openimages import OpenImagesDataset, load_openimages
 from .labels import import_cls_labels_npy, read_class_names, read_labels_table, write_labels_file
-from .voc import VOC_CLASSES, load_voc
+from .openimages import OpenImagesDataset, load_openimages
+from .voc import load_voc
 
 __all__ = [
     "WSSSDataset", "load_rgb", "build_dataset", "cache_root", "class_names_for",

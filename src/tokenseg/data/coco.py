@@ -33,22 +33,11 @@ from typing import Sequence
 import numpy as np
 
 from ..io import IGNORE_INDEX, TokensegError, save_palette_png, write_json_atomic
-from .base import WSSSDataset
+from .base import COCO_CLASSES, WSSSDataset  # noqa: F401 (COCO_CLASSES: re-exported)
 from .labels import read_labels_table, resolve_labels
 from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 COCO_CACHE_VERSION = 1
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
-    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
-    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
-    "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
 RASTERIZERS = ("auto", "pycocotools", "numpy")
 
 

@@ -50,9 +50,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import (TokensegError, atomic_write, display_name, output_lock, refuse_inside_dataset,
-                  relative_name_problem, safe_output_path, save_palette_png, write_bytes_atomic,
+from ..io import (TokensegError, atomic_write, display_name, output_lock, relative_name_problem, safe_output_path, save_palette_png, write_bytes_atomic,
                   write_json_atomic, write_text_atomic)
+from .base import IMAGE_EXTENSIONS
+from .guard import refuse_inside_dataset
 from .labels import BACKGROUND_NAMES, EntryErrors, did_you_mean, read_class_names
 from .scan import EXIF_ORIENTATION, MAX_LISTED
 
@@ -63,7 +64,6 @@ IMPORT_FORMATS = ("yolo", "coco", "labelme")
 LINK_MODES = ("hard", "copy", "symlink")
 MARKER = ".tokenseg_import.json"
 MARKER_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 IGNORE_NAMES = ("__ignore__", "_ignore_")
 SPLIT_NAME = re.compile(r"^(train|val|valid|validation|test|dev)[\w-]*$", re.IGNORECASE)
 IGNORE_VALUE = 255

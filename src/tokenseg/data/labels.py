@@ -25,6 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..io import IGNORE_INDEX, TokensegError, read_mask, relative_name_problem, write_json_atomic
+from .base import COCO_CLASSES, IMAGE_EXTENSIONS, VOC_CLASSES
 from .scan import MAX_LISTED
 
 LABELS_FORMAT = "tokenseg-labels"
@@ -180,7 +181,6 @@ def _no_duplicate_keys(path: Path):
 
 def _id_of(name: str) -> str:
     """Image id of a file name as written in a label table: posix path without image extension."""
-    from .folder import IMAGE_EXTENSIONS
 
     name = name.strip().replace("\\", "/")
     while name.startswith("./"):
@@ -541,10 +541,8 @@ def import_cls_labels_npy(path: str | Path, class_names: Sequence[str] | None = 
     dim = dims.pop()
     if class_names is None:
         if dim == 20:
-            from .voc import VOC_CLASSES
             class_names = VOC_CLASSES
         elif dim == 80:
-            from .coco import COCO_CLASSES
             class_names = COCO_CLASSES
         else:
             raise TokensegError(f"{path}: {dim}-dim labels; give the class names (--classes FILE)")

@@ -24,15 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io import TokensegError
-from .base import WSSSDataset
+from .base import VOC_CLASSES, WSSSDataset
 from .labels import labels_from_masks, labels_from_xml, read_labels_table, resolve_labels
 from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
-VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-]
 LABEL_SOURCES = ("auto", "file", "xml", "masks")
 
 

@@ -31,7 +31,8 @@ from ..checkpoint import read_weights
 from ..config import Config, PseudoConfig
 from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
-from .pseudo import find_seed_file, normalise_scores, resolve_device, seed_scores
+from ..device import resolve_device
+from .scores import find_seed_file, normalise_scores, seed_scores
 
 CHECKPOINT_FORMAT = "tokenseg-affinitynet/1"
 
@@ -84,7 +85,7 @@ def make_affinity_labels(ds, ids: list[str], seeds_dir: Path, label_dir: Path, p
         tasks.append((image_id, sf, ds.image_paths[ds.index_of(image_id)], out, pc, crf, backend))
     bar = tqdm(total=len(tasks), desc="affinity labels (CRF)", unit="img", disable=not progress)
     if pc.workers > 1 and len(tasks) > 1:
-        from .pseudo import worker_pool
+        from .workers import worker_pool
 
         with worker_pool(pc.workers) as pool:  # workers exit with this process
             for _ in pool.map(_label_task, tasks, chunksize=4):
@@ -279,7 +280,7 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
 def affinity_for_image(net: AffinityNet, image: np.ndarray, radius: int = 5,
                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, tuple[int, int]]:
     """Sparse symmetric (M, M) affinity (self loops = 1) over the stride-8 grid of one image."""
-    from ..segment.train import normalise_image
+    from ..data.transforms import normalise_array as normalise_image
 
     device = torch.device(device)
     x = torch.from_numpy(normalise_image(image))[None].to(device)

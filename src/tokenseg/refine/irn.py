@@ -47,7 +47,9 @@ from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette
 from ..progress import progress_bar
 from .crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
 from .irn_net import IRNet, irn_loss, path_max, reduce_labels, search_directions
-from .pseudo import resolve_device, seed_scores, worker_pool
+from ..device import resolve_device
+from .scores import seed_scores
+from .workers import worker_pool
 
 CHECKPOINT_FORMAT = "tokenseg-irn/1"
 CHECKPOINT_NAME = "irn.pt"
@@ -470,7 +472,7 @@ def boundary_maps(net: IRNet, images: Sequence[np.ndarray], device: torch.device
     """Class-boundary probabilities at stride 4 for (H, W, 3) uint8 images: each image and its flip,
     zero-padded (after normalisation) to one square size, logits averaged, sigmoid; a list of
     ((H−1)//4+1, (W−1)//4+1) tensors on ``device``."""
-    from ..segment.train import normalise_image
+    from ..data.transforms import normalise_array as normalise_image
 
     device = torch.device(device)
     sizes = [im.shape[:2] for im in images]

@@ -100,7 +100,7 @@ class IRNet(nn.Module):
     def __init__(self, backbone: str = "resnet50", pretrained: bool = False, weights: str = "",
                  displacement: bool = True, freeze_backbone: bool = True) -> None:
         super().__init__()
-        from ..segment.deeplab import create_timm
+        from ..models.backbone import create_timm
 
         self.backbone_name = backbone
         self.freeze_backbone = freeze_backbone

@@ -16,13 +16,6 @@ Per image (METHODS.md §6, §7, §10.6):
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
-import sys
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -31,72 +24,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
+from ..progress import progress_bar as tqdm
 
 from ..config import Config, PseudoConfig
 from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, read_mask, save_palette_png, write_json_atomic
-from ..metrics import confusion_matrix
+from ..data.guard import refuse_inside_dataset
+from ..data.transforms import normalise_images
+from ..device import resolve_device
+from ..metrics import confusion_matrix, scores_from_confusion
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
 from .randomwalk import walk_maps
-from ..engine import resolve_device
+from .scores import find_seed_file, label_from_probs, normalise_scores, seed_scores
+from .workers import watch_parent, worker_pool
 
 # ----------------------------------------------------------------------------- per-image steps
-
-
-def find_seed_file(folder: str | Path, image_id: str) -> Path | None:
-    """``<folder>/<id>.npz`` (ours) or ``<id>.npy`` (the authors' dict format), or None."""
-    for ext in (".npz", ".npy"):
-        p = Path(folder) / f"{image_id}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
-def seed_scores(seed: SeedMaps, size: tuple[int, int], background: str = "constant", threshold: float = 0.39,
-                alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(1 + n, H, W) float32 scores [background, maps...] and the (1 + n,) mask label of each channel
-    (0 for background, class + 1). Maps of another size are resized bilinearly to ``size``. The background
-    is a constant, ``(1 − max)^alpha`` (power) or the seed's own channel (channel: CTI, POT)."""
-    H, W = size
-    maps = np.asarray(seed.maps, dtype=np.float32)
-    classes = np.asarray(seed.classes, dtype=np.int64)
-    if len(classes) == 0:
-        return np.ones((1, H, W), np.float32), np.zeros(1, np.int64)
-    if maps.shape[1:] != (H, W):
-        maps = F.interpolate(torch.from_numpy(maps)[None], size=(H, W), mode="bilinear",
-                             align_corners=False)[0].numpy()
-    maps = np.clip(maps, 0.0, None)
-    if background == "power":
-        bg = np.power(np.clip(1.0 - maps.max(0), 0.0, 1.0), alpha)
-    elif background == "constant":
-        bg = np.full((H, W), threshold, np.float32)
-    elif background == "channel":
-        if seed.background is None:
-            raise TokensegError("pseudo.background=channel needs seeds with a background channel (CTI, POT); "
-                                "these have none: use constant or power")
-        bg = np.asarray(seed.background, np.float32)
-        if bg.shape != (H, W):
-            bg = F.interpolate(torch.from_numpy(bg)[None, None], size=(H, W), mode="bilinear",
-                               align_corners=False)[0, 0].numpy()
-    else:
-        raise TokensegError(f"unknown background model {background!r}; use constant, power or channel")
-    scores = np.concatenate([bg[None].astype(np.float32), maps], 0)
-    return scores, np.concatenate([[0], classes + 1])
-
-
-def normalise_scores(scores: np.ndarray) -> np.ndarray:
-    s = np.clip(scores, 0.0, None)
-    return (s / np.maximum(s.sum(0, keepdims=True), 1e-8)).astype(np.float32)
-
-
-def label_from_probs(probs: np.ndarray, labels: np.ndarray, confidence: float = 0.0) -> np.ndarray:
-    """argmax over channels -> (H, W) uint8 mask labels; ``probs.max < confidence`` -> 255.
-    Ties go to the first channel (background), as ``argmax([t, maps])`` in the papers."""
-    idx = probs.argmax(0)
-    mask = np.asarray(labels, np.int64)[idx].astype(np.uint8)
-    if confidence > 0:
-        mask[probs.max(0) < confidence] = IGNORE_INDEX
-    return mask
 
 
 def pseudo_mask(seed: SeedMaps, size: tuple[int, int], pc: PseudoConfig, image: np.ndarray | None = None,
@@ -182,45 +123,6 @@ def _run_task(task: _Task, pc: PseudoConfig, crf: CRFParams, backend: str,
     save_palette_png(task.out_path, mask)
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _parent_watchdog(parent_pid: int, interval: float) -> None:
-    while True:
-        time.sleep(interval)
-        if os.getppid() != parent_pid:  # re-parented: the parent is gone
-            os._exit(1)
-
-
-def watch_parent(parent_pid: int, interval: float = 1.0) -> None:
-    """Make this (worker) process exit when ``parent_pid`` dies, even by ``kill -9``: on Linux the
-    kernel sends SIGTERM (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread checks every
-    ``interval`` seconds whether the process was re-parented."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # no prctl: the watchdog below still ends the process
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-    threading.Thread(target=_parent_watchdog, args=(parent_pid, interval), daemon=True,
-                     name="tokenseg-parent-watchdog").start()
-
-
-def _worker_init(parent_pid: int | None = None) -> None:
-    torch.set_num_threads(1)
-    if parent_pid is not None:
-        watch_parent(parent_pid)
-
-
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers run single-threaded torch and exit when this process dies
-    (no orphans left under PID 1 after a ``kill -9``). The pool must be used from the thread that
-    creates it (PR_SET_PDEATHSIG follows the thread that forked the worker)."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
-
-
 def _worker(args) -> str:
     task, pc, crf, backend = args
     _run_task(task, pc, crf, backend)
@@ -251,16 +153,6 @@ def resolve_seeds_dir(cfg: Config, seeds_dir: str | Path | None = None) -> Path:
                         "run `tokenseg maps` first or pass --seeds DIR")
 
 
-def refuse_dataset_folder(path: str | Path, cfg: Config) -> None:
-    """Outputs never go into the dataset folder."""
-    if not cfg.data.root:
-        return
-    root = Path(cfg.data.root).resolve()
-    target = Path(path).resolve()
-    if target == root or root in target.parents:
-        raise TokensegError(f"{path}: is inside the dataset folder {cfg.data.root}; write outputs elsewhere")
-
-
 def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir: str | Path | None = None,
                       checkpoint: str | Path | None = None, work_dir: str | Path | None = None,
                       overwrite: bool = False, progress: bool = True, ids: Iterable[str] | None = None) -> dict:
@@ -275,7 +167,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
     pc = cfg.pseudo
     seeds = resolve_seeds_dir(cfg, seeds_dir)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "pseudo"
-    refuse_dataset_folder(out, cfg)
+    refuse_inside_dataset(out, cfg, "pseudo --out")
     split = pc.split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
     wanted = set(ids) if ids is not None else None
@@ -325,7 +217,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
 
         bar.close()
         work = Path(work_dir) if work_dir else Path(cfg.output_dir) / "irn"
-        refuse_dataset_folder(work, cfg)
+        refuse_inside_dataset(work, cfg, "pseudo --work")
         summary["irn"] = make_irn_masks(cfg, ds, tasks, todo, seeds, work, progress=progress)
     else:  # affinitynet
         from .affinitynet import affinity_for_image, load_affinitynet, train_affinitynet
@@ -349,7 +241,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
 
 # ----------------------------------------------------------------------------- attention affinity
 def _load_classifier(cfg: Config, checkpoint: str | Path | None):
-    from ..engine import load_model_from_checkpoint
+    from ..checkpoint import load_model_from_checkpoint
 
     ckpt = Path(checkpoint or cfg.pseudo.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
     loaded = load_model_from_checkpoint(ckpt)
@@ -358,18 +250,12 @@ def _load_classifier(cfg: Config, checkpoint: str | Path | None):
     return model.to(device).eval(), device
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def to_input(image: np.ndarray, size: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, h, w) ImageNet-normalised float, resized bicubically to ``size``."""
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().to(device)
     if size is not None and tuple(size) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+    return normalise_images(x)
 
 
 @torch.no_grad()
@@ -417,21 +303,12 @@ def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False) -> dic
         evaluated += 1
     if evaluated == 0:
         raise TokensegError(f"{mask_dir}: no mask matches an image with ground truth in {dataset.name}")
-    tp = np.diag(conf)[:n].astype(np.float64)
-    gt_count = conf[:n].sum(1).astype(np.float64)  # includes pixels predicted as ignore
-    pred_count = conf[:, :n].sum(0).astype(np.float64)
-    union = gt_count + pred_count - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        fp = np.where(union > 0, (pred_count - tp) / union, np.nan)
-        fn = np.where(union > 0, (gt_count - tp) / union, np.nan)
+    sc = scores_from_confusion(conf[:n])  # the last column: predicted 255, wrong wherever gt is labelled
     names = ["background"] + list(dataset.class_names)
     return {
-        "miou": float(np.nanmean(iou)) * 100 if np.isfinite(iou).any() else 0.0,
-        "iou": {name: (float(v) * 100 if np.isfinite(v) else None) for name, v in zip(names, iou)},
-        "fp": float(np.nanmean(fp)) * 100 if np.isfinite(fp).any() else 0.0,
-        "fn": float(np.nanmean(fn)) * 100 if np.isfinite(fn).any() else 0.0,
-        "pixel_acc": float(tp.sum() / max(gt_count.sum(), 1)) * 100,
+        "miou": sc["miou"] * 100,
+        "iou": {name: (float(v) * 100 if np.isfinite(v) else None) for name, v in zip(names, sc["iou"])},
+        "fp": sc["fp"] * 100, "fn": sc["fn"] * 100, "pixel_acc": sc["pixel_acc"] * 100,
         "ignored_fraction": float(conf[:n, n].sum() / max(conf[:n].sum(), 1)),
         "images": evaluated,
         "missing": missing,

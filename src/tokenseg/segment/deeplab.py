@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..io import TokensegError
-from ..models.backbone import create_feature_backbone, create_timm, load_local_weights, read_state_dict  # noqa: F401
+from ..models.backbone import create_feature_backbone, create_timm
 
 
 class ASPPV2(nn.Module):

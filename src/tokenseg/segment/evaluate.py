@@ -18,12 +18,13 @@ from ..io import TokensegError, save_palette_png, write_json_atomic
 from ..metrics import confusion_matrix, scores_from_confusion
 from ..progress import progress_bar
 from .deeplab import build_segmenter
-from .train import autocast_dtype, normalise_image
+from ..data.transforms import normalise_array as normalise_image
+from ..device import amp_dtype as autocast_dtype
 
 
 def read_segmentation_checkpoint(path: str | Path) -> dict:
     """A tokenseg checkpoint (segmentation or classification) as a dict with a 'model' entry."""
-    from ..engine import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     state = read_checkpoint(path, allow_foreign=True)
     if "model" not in state:
@@ -119,9 +120,9 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
     sc = cfg.segment
     dinfo, device = setup(sc.device)  # under torchrun every rank scores its share of the images
     if save_dir:
-        from ..refine.pseudo import refuse_dataset_folder
+        from ..data.guard import refuse_inside_dataset
 
-        refuse_dataset_folder(save_dir, cfg)
+        refuse_inside_dataset(save_dir, cfg, "segment evaluate --save-masks")
     if model is None:
         ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "segment" / "checkpoint.pt"
         model, _, class_names = load_segmenter(ckpt, device)

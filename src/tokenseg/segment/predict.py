@@ -30,7 +30,8 @@ from PIL import Image
 from ..io import TokensegError, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
 from ..progress import progress_bar
 from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
-from .train import autocast_dtype, resolve_device
+from ..device import amp_dtype as autocast_dtype
+from ..device import resolve_device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -180,7 +181,7 @@ class _ClassifierPredictor:
     def __init__(self, checkpoint: Path, device: torch.device, bg_threshold: float | None, cls_threshold: float,
                  scales: Sequence[float] | None, flip: bool | None) -> None:
         try:
-            from ..engine import load_model_from_checkpoint
+            from ..checkpoint import load_model_from_checkpoint
             from ..maps import compute_maps, normalise
         except ImportError as exc:  # pragma: no cover - depends on the core being installed
             raise TokensegError(f"predicting from a classification checkpoint needs tokenseg.maps ({exc})") from exc

@@ -133,9 +133,9 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
     masks, out = segment_paths(cfg, masks_dir, out_dir)
     if not masks.is_dir():
         raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
-    from ..refine.pseudo import refuse_dataset_folder
+    from ..data.guard import refuse_inside_dataset
 
-    refuse_dataset_folder(out, cfg)
+    refuse_inside_dataset(out, cfg, "segment train --out")
     split = sc.train_split or cfg.data.train_split
     ds = build_dataset(cfg.data, split)
     indices = [i for i, k in enumerate(ds.ids) if (masks / f"{k}.png").is_file()]
