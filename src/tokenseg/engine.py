@@ -25,7 +25,8 @@ from .config import Config
 from .data import WSSSDataset, build_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
 from .device import DistInfo, amp_dtype, autocast, barrier, init_distributed, resolve_device, setup
-from .io import TokensegError, write_text_atomic
+from .data.guard import refuse_inside_dataset
+from .io import TokensegError, job_lock, write_text_atomic
 from .methods import Method, StepContext, get_method
 from .progress import progress_bar
 
@@ -140,7 +141,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
 
     ``resume``: continue from ``<output_dir>/checkpoint.pt`` exactly where it stopped (same weights as
     an uninterrupted run on the CPU). ``on_step(step, losses)`` is called after every step (tests use it
-    to simulate a kill)."""
+    to simulate a kill). The output folder is locked: a second run into it stops with this one's PID."""
+    refuse_inside_dataset(cfg.output_dir, cfg, "output_dir")
+    with job_lock(cfg.output_dir, "tokenseg train"):
+        return _train(cfg, resume, progress, on_step)
+
+
+def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     method = get_method(cfg.model.method)
     if not method.trainable:
         raise TokensegError(f"{method.name} needs no training: run `tokenseg maps {method.name} ...` directly")

@@ -308,6 +308,19 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
                 os.close(fd)
 
 
+@contextlib.contextmanager
+def job_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """:func:`output_lock` for one job: taken by the main process of a ``torchrun`` job (``RANK`` 0, or
+    no torchrun); the other ranks write their shares under it. ``what`` names the stage in the holder's
+    message, with the command line that runs it."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield Path(folder) / LOCK_NAME
+        return
+    command = f"{what} ({' '.join(sys.argv)})" if sys.argv and sys.argv[0] else what
+    with output_lock(folder, command) as path:
+        yield path
+
+
 # --------------------------------------------------------------------------------------------
 # VOC palette PNGs
 # --------------------------------------------------------------------------------------------

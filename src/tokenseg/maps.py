@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise_images
-from .io import SeedMaps, TokensegError, save_seed, seed_path
+from .data.guard import refuse_inside_dataset
+from .io import SeedMaps, TokensegError, job_lock, save_seed, seed_path
 from .methods import BACKGROUND, MapRecipe, get_method
 from .progress import progress_bar
 from .viz import overlay, save_png
@@ -342,8 +343,7 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     ``.npy`` dicts instead of ``.npz``. Resuming into a folder made with other settings is an error
     unless ``overwrite``."""
     from .checkpoint import load_model_from_checkpoint
-    from .device import barrier, setup
-    from .resume import check_settings
+    from .device import setup
 
     method = get_method(cfg.model.method)
     split = split or cfg.maps.split
@@ -375,6 +375,18 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
         raise TokensegError(f"{ckpt}: trained on classes {names}, dataset has {ds.class_names}")
     dinfo, device = setup(cfg.train.device)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "seeds" / split
+    refuse_inside_dataset(out, [cfg, ds], "maps --out")
+    with job_lock(out, "tokenseg maps"):
+        _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress, export_npy, overwrite)
+    return out
+
+
+def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress, export_npy, overwrite) -> None:
+    """The seeds of ``ds`` into ``out`` (under the folder's lock): settings check, then the method's loop."""
+    from .device import barrier
+    from .resume import check_settings
+
+    recipe = method.recipe
     meta = {"checkpoint": str(ckpt), "method": method.name, "split": split, "background": recipe.background,
             "normalise": recipe.normalise, "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0)),
             "maps": {k: v for k, v in vars(cfg.maps).items()}}
@@ -391,4 +403,3 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     else:
         generate_seeds(model, ds, out, cfg, **common, recipe=recipe)
     barrier(dinfo)
-    return out

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from .progress import progress_bar as tqdm
 
 from .config import MapsConfig
 from .data import WSSSDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .io import SeedMaps, TokensegError, atomic_write, load_seed, save_seed, seed_path, write_json_atomic
+from .io import (SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed, seed_path,
+                 write_json_atomic)
 from .models import ClassTokenViT, MapOutputs, explicit_attention
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
@@ -186,7 +187,7 @@ def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: 
 
 # ------------------------------------------------------------------------------------ seed files
 def npy_seed_path(folder: str | Path, image_id: str) -> Path:
-    return Path(folder) / f"{image_id}.npy"
+    return safe_output_path(folder, f"{image_id}.npy")
 
 
 def save_seed_npy(path: str | Path, classes, maps: np.ndarray) -> None:

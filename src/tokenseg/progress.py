@@ -69,11 +69,12 @@ class LineProgress:
             return
         now = time.monotonic()
         frac = self.n / self.total if self.total else 0.0
-        if now - self._last >= self.seconds or (self.total and frac - self._last_frac >= 0.1):
+        if now - self._last >= self.seconds or (self.total and int(10 * frac + 1e-9) > int(10 * self._last_frac + 1e-9)):
             self._emit(now)
 
     def _emit(self, now: float) -> None:
         self._last, self._last_frac = now, (self.n / self.total if self.total else 0.0)
+        self._emitted_n = self.n
         done = self.n - self._start_n
         elapsed = now - self._t0
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
@@ -90,10 +91,12 @@ class LineProgress:
         print(", ".join(parts), file=self.file, flush=True)
 
     def close(self) -> None:
-        if not self.disable and self.n != getattr(self, "_closed_at", None):
-            if self.n > self._start_n or self.total == 0:
-                self._emit(time.monotonic())
-            self._closed_at = self.n
+        """A last line, unless the last update printed exactly this state already."""
+        if self.disable or getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if (self.n > self._start_n or self.total == 0) and self.n != getattr(self, "_emitted_n", None):
+            self._emit(time.monotonic())
 
 
 def progress_bar(iterable: Iterable | None = None, **kwargs: Any):

@@ -29,8 +29,9 @@ def cmd_pseudo(args) -> int:
     cfg = _load(args)
     summary = make_pseudo_masks(cfg, seeds_dir=args.seeds, out_dir=args.out, checkpoint=args.checkpoint,
                                 work_dir=args.work, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"pseudo masks: {summary['out_dir']} ({summary['written']} written, "
-          f"{summary['skipped_existing']} already there, {summary['missing_seeds']} without seeds)")
+    print(f"pseudo masks for split {summary['split']!r} from {summary['seeds_dir']}: {summary['out_dir']} "
+          f"({summary['written']} written, {summary['skipped_existing']} already there, "
+          f"{summary['missing_seeds']} without seeds)")
     if args.eval:
         split = args.eval_split or summary["split"]
         res = evaluate_masks(summary["out_dir"], build_dataset(cfg.data, split), progress=not args.quiet)
@@ -79,7 +80,8 @@ def cmd_predict(args) -> int:
     results = predict(args.images, args.checkpoint, args.out, scales=_scales(args.scales), flip=args.flip,
                       crf=args.crf, overlay=not args.no_overlay, overlay_format=args.overlay_format,
                       alpha=args.alpha, device=args.device, bg_threshold=args.threshold,
-                      cls_threshold=args.cls_threshold, skip_existing=args.skip_existing, progress=not args.quiet)
+                      cls_threshold=args.cls_threshold, skip_existing=args.skip_existing, progress=not args.quiet,
+                      max_side=args.max_side)
     print(f"{len(results)} masks written to {args.out}")
     return 0
 
@@ -176,5 +178,9 @@ def register(sub) -> None:
                     help="classification checkpoint: class present when sigmoid(score) > this (default 0.5)")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda")
     pr.add_argument("--skip-existing", action="store_true", help="keep outputs that already exist")
+    pr.add_argument("--max-side", type=int, default=None, metavar="PX",
+                    help="longest side the network sees (default: 2 x segment.crop_size of a segmentation "
+                         "checkpoint, model.img_size of a classifier; 0 = full resolution); masks are written "
+                         "at full size")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_predict)

@@ -357,7 +357,7 @@ def _convert_masks(full: dict, mask_dir: Path, backend: str, workers: int, progr
     errors: list[tuple[str, str]] = []
     bar = None
     if progress and len(jobs) > 500:
-        from tqdm import tqdm
+        from ..progress import progress_bar as tqdm
         bar = tqdm(total=len(jobs), desc=f"COCO masks ({backend})", unit="img", file=sys.stderr)
     chunk = 64
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]

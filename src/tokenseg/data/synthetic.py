@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from ..progress import progress_bar as tqdm
 
 from ..config import SyntheticConfig
 from ..io import TokensegError, save_palette_png, write_json_atomic

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from ..progress import progress_bar as tqdm
 
 from ..checkpoint import read_weights
 from ..config import Config, PseudoConfig

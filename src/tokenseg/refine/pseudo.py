@@ -27,7 +27,8 @@ from PIL import Image
 from ..progress import progress_bar as tqdm
 
 from ..config import Config, PseudoConfig
-from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, read_mask, save_palette_png, write_json_atomic
+from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, job_lock, load_seed, read_mask, safe_output_path,
+                  save_palette_png, write_json_atomic)
 from ..data.guard import refuse_inside_dataset
 from ..data.transforms import normalise_images
 from ..device import resolve_device
@@ -162,6 +163,14 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
     ``checkpoint``: the classification checkpoint (``refine=attention``); ``work_dir``: where
     ``refine=affinitynet`` / ``refine=irn`` keep their CRF labels and network checkpoint (default
     ``<output_dir>/affinitynet`` / ``<output_dir>/irn``). Returns a summary dict."""
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "pseudo"
+    refuse_inside_dataset(out, cfg, "pseudo --out")  # before the lock creates the folder
+    with job_lock(out, "tokenseg pseudo"):
+        return _make_pseudo_masks(cfg, seeds_dir, out, checkpoint, work_dir, overwrite, progress, ids)
+
+
+def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, overwrite: bool, progress: bool,
+                       ids) -> dict:
     from ..data import build_dataset, load_rgb
 
     pc = cfg.pseudo
@@ -179,7 +188,7 @@ def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir:
         if sf is None:
             missing.append(image_id)
             continue
-        tasks.append(_Task(image_id, sf, ds.image_paths[i], out / f"{image_id}.png"))
+        tasks.append(_Task(image_id, sf, ds.image_paths[i], safe_output_path(out, f"{image_id}.png")))
     if not tasks:
         raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images)")
     todo = [t for t in tasks if overwrite or not t.out_path.is_file()]

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import TokensegError, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
-from ..progress import progress_bar
-from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
 from ..device import amp_dtype as autocast_dtype
 from ..device import resolve_device
+from ..io import TokensegError, job_lock, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
+from ..progress import progress_bar
+from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -239,9 +239,21 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
     ``scales``/``flip`` default to single-scale, no flip (segmentation) or the checkpoint's map recipe
     (classification); ``crf`` uses the segmentation CRF preset (pydensecrf if installed, else torch).
     ``max_side``: the longest side the network sees (None: :func:`default_max_side` of the checkpoint;
-    0: the full resolution); masks are always written at the image's full size."""
+    0: the full resolution); masks are always written at the image's full size. The output folder is
+    locked while writing and must not be a folder of the input images."""
     files = expand_inputs(images)
     out = Path(out_dir)
+    folders = {Path(f).parent.resolve() for f in files}
+    if out.resolve() in folders:  # masks are named after the images: <stem>.png could replace an input
+        raise TokensegError(f"predict --out {out} is a folder of the input images: choose another folder "
+                            f"(e.g. {out / 'predictions'})")
+    with job_lock(out, "tokenseg predict"):
+        return _predict(files, checkpoint, out, scales, flip, crf, overlay, overlay_format, alpha, device,
+                        bg_threshold, cls_threshold, skip_existing, progress, max_side)
+
+
+def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device, bg_threshold,
+             cls_threshold, skip_existing, progress, max_side) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     state = read_segmentation_checkpoint(checkpoint)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..io import IGNORE_INDEX, TokensegError, read_mask, write_bytes_atomic, write_json_atomic
+from ..io import IGNORE_INDEX, TokensegError, job_lock, read_mask, write_bytes_atomic, write_json_atomic
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
 from ..device import amp_dtype as autocast_dtype
@@ -126,16 +126,22 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
     """Python API of ``tokenseg segment train``: train ``cfg.segment`` on the PNG masks in ``masks_dir``
     (default ``segment.masks`` or ``<output_dir>/pseudo``) for the images of ``segment.train_split``
     (default ``data.train_split``) that have a mask. Writes ``<out_dir>/checkpoint.pt`` (default
-    ``<output_dir>/segment``), ``config.yaml``, ``log.jsonl`` and ``metrics.json``; returns the metrics."""
-    from ..data import build_dataset
+    ``<output_dir>/segment``), ``config.yaml``, ``log.jsonl`` and ``metrics.json``; returns the metrics.
+    The output folder is locked while training."""
+    from ..data.guard import refuse_inside_dataset
 
-    sc: SegmentConfig = cfg.segment
     masks, out = segment_paths(cfg, masks_dir, out_dir)
     if not masks.is_dir():
         raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
-    from ..data.guard import refuse_inside_dataset
-
     refuse_inside_dataset(out, cfg, "segment train --out")
+    with job_lock(out, "tokenseg segment train"):
+        return _train_segmentation(cfg, masks, out, resume, progress)
+
+
+def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progress: bool) -> dict:
+    from ..data import build_dataset
+
+    sc: SegmentConfig = cfg.segment
     split = sc.train_split or cfg.data.train_split
     ds = build_dataset(cfg.data, split)
     indices = [i for i, k in enumerate(ds.ids) if (masks / f"{k}.png").is_file()]

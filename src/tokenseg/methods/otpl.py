@@ -1,0 +1,510 @@
+"""OTPL — Optimal-Transport-assisted Proxy Learning (ICCV 2025; METHODS.md §12, the supplement's Eq. 13–19).
+
+No public code exists: every choice the supplement leaves open is marked [I] here, in
+:mod:`tokenseg.models.otpl` and in README "OTPL", and is an ``otpl.*`` option.
+
+Two methods share the ``otpl`` config section:
+
+* ``otpl`` — the class-token variant, ON a base method (``otpl.base``, default ``mctformer-plus``; any
+  class-token base: ``cti`` once it exists). The base's model, forward, losses, views and map recipe are
+  used through the registry (``get_method(base)``), never copied; OTPL adds, per image and in one batch:
+  the base's class tokens Q and patch tokens F (its training forward returns ``tokens`` and ``grid``),
+  the classifier CAM (its PatchCAM, background 1 − max), entropic OT between F and Q with the CAM-derived
+  marginal, the top-K = 5 patches per class from the plan, proxies P_c = Conv(Concat[Q_c, H_c]), the
+  proxy classification loss L_p.cls and the OT-assisted proxy–patch contrastive loss L_ppc (λ = 0.2,
+  τ = 0.1): ``L = L_base + L_p.cls + λ·L_ppc``. Maps: the base's kinds, plus ``proxy`` (ReLU(cos(F, P_c)),
+  max-normalised), ``otpl`` (the proxy CAM fused with a base map, geometric mean by default) and their
+  patch-affinity refinements ``proxy_affinity`` / ``otpl_affinity`` (the default seeds).
+* ``otpl-clip-es`` — the supplement's CLIP-ES variant: a plain ViT encoder (CLIP's image tower when
+  given its weights), C + 1 prototypes Q = masked average pooling of its features under the CLIP-ES pseudo
+  label (the argmax of precomputed CLIP-ES seed files, ``otpl.clip_seeds``, co-augmented with the image),
+  the same OT, proxies and losses; maps: ``proxy``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.transforms import CLIP_MEAN, CLIP_STD
+from ..io import TokensegError, load_seed, seed_path
+from ..losses import multilabel_soft_margin
+from . import BACKGROUND, MapRecipe, Method, available_methods, get_method, register
+
+OTPL_KINDS = ("proxy", "proxy_affinity", "otpl", "otpl_affinity")
+CLIP_KINDS = ("proxy",)
+AFFINITY = "_affinity"
+OWN_METHODS = ("otpl", "otpl-clip-es")
+FUSIONS = ("geometric", "arithmetic", "product", "max")
+
+
+@dataclass
+class OTPLConfig:
+    """``otpl.*`` — [P] the supplement, [I] our reading where it is silent (README "OTPL")."""
+
+    base: str = "mctformer-plus"  # the class-token method the proxies sit on (otpl only)
+    top_k: int = 5  # [P Tab. A1] patches per class taken from the plan (Eq. 15)
+    ppc_weight: float = 0.2  # λ [P Tab. A2]; 0 drops L_ppc (still logged as _ppc)
+    tau: float = 0.1  # [I] temperature of L_ppc (not given anywhere)
+    pcls_weight: float = 1.0  # [I] weight of L_p.cls (Eq. 12 adds it unweighted)
+    ppc_reduce: str = "sum"  # sum (Eq. 19: per-class means summed over the image's classes) | mean [I]
+    ppc_background: bool = False  # [I] Eq. 19 runs over the foreground classes only
+    sinkhorn_eps: float = 0.1  # [I] ε, as POT (same authors)
+    sinkhorn_iters: int = 50  # [I] fixed iterations, no host sync (POT's code: at most 100, stops at
+    # mean |Δr| < 1e-2, which these problems reach in far fewer; see README "OTPL")
+    columns: str = "all"  # [I] OT columns: all (every class, masses from the CAM without the labels:
+    # label-free proxies) | present (the image's classes only, the spec's reading — the proxies then see
+    # the labels and L_p.cls is solved by that; README "OTPL")
+    marginal: str = "cam"  # cam (x_j ∝ Σ_i M^cls_ij) | uniform [I]
+    marginal_mix: float = 0.0  # [I] blend of the uniform marginal into the CAM one (0 = CAM only)
+    background: str = "auto"  # [I] background column of the OT: auto (otpl: the base's background token
+    # if it has one, else none; otpl-clip-es: pooled) | token | pooled (masked average of the CAM's
+    # background patches) | none (present classes only)
+    cam: str = "auto"  # [I] the base output used as M^cls: auto (cam, else patch_map = PatchCAM logits)
+    cam_norm: str = "max"  # [I] M^cls per class: max (ReLU, x/max: no class before the classifier fires) | minmax
+    cam_bg_power: float = 1.0  # [I] M^cls background = (1 − max_c)^power
+    proxy_kernel: int = 1  # [I] Conv kernel along D (1: a learned weighted sum of the K+1 tokens + bias)
+    proxy_bias: bool = True
+    proxy_weight_decay: float = 0.0  # [I] the proxy conv is initialised to the identity; decay would shrink it
+    detach_selected: bool = False  # [I] no gradient through the top-K features H_c
+    # maps (otpl): the proxy CAM fused with a base map before the patch-affinity refinement
+    fusion: str = "geometric"  # [I] geometric (sqrt(a·p)) | arithmetic | product | max
+    fuse_with: str = "fused"  # the base map kind (without _affinity) the proxy CAM is fused with
+    fuse_normalise: bool = True  # [I] max-normalise the base map per view before fusing
+    # CLIP-ES variant (otpl-clip-es)
+    clip_seeds: str = ""  # folder of CLIP-ES seed files (.npz/.npy) of the train split
+    clip_bg_power: float = 1.0  # background of seeds without one: (1 − max)^power (CLIP-ES's α = 1)
+    seed_stride: int = 4  # seeds travel with the crop at img_size / seed_stride, pooled to the grid
+    detach_prototypes: bool = False  # [I] no gradient through the masked average pooling of Q
+    memory_momentum: float = 0.9  # [I] EMA of the class prototypes used where an image has no seeds
+    encoder_trainable_blocks: int = -1  # -1 all, 0 frozen encoder, n: the last n blocks (+ final norm)
+
+
+# ------------------------------------------------------------------------------------------ the base
+def base_method(cfg) -> Method:
+    name = cfg.otpl.base
+    if name in OWN_METHODS:
+        raise TokensegError(f"otpl.base={name}: OTPL needs a class-token base method (e.g. mctformer-plus)")
+    try:
+        base = get_method(name)
+    except TokensegError as exc:
+        raise TokensegError(f"otpl.base: {exc}") from None
+    if not base.trainable:
+        raise TokensegError(f"otpl.base={name}: {name} has no training losses; OTPL needs a trained class-token base")
+    return base
+
+
+def base_config(cfg, name: str):
+    """``cfg`` as the base method sees it: ``model.method`` is the base (its functions read it, e.g.
+    MCTformer+'s CCT switch), ``maps.kinds`` its own kinds only. Shares every other section."""
+    base = get_method(name)
+    kinds = [k for k in cfg.maps.kinds if k in base.recipe.kinds] or list(base.recipe.default_kinds)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name),
+                               maps=dataclasses.replace(cfg.maps, kinds=kinds))
+
+
+class _BaseForward:
+    """The base method's training forward with the base's view of the config (picklable)."""
+
+    def __init__(self, method: Method, cfg) -> None:
+        self.method, self.cfg = method, cfg
+
+    def __call__(self, model, batch, ctx):
+        return self.method.forward(model, batch, ctx, self.cfg)
+
+
+def build(cfg, num_classes: int):
+    from ..models.otpl import OTPLModel
+
+    base = base_method(cfg)
+    bcfg = base_config(cfg, base.name)
+    inner = base.build(bcfg, num_classes)
+    return OTPLModel(inner, base.name, _BaseForward(base, bcfg), num_classes, copy.deepcopy(cfg.otpl))
+
+
+def forward(model, batch: dict, ctx, cfg) -> dict:
+    return model(batch, ctx)  # one call of the (possibly DDP-wrapped) model: base forward + proxies inside
+
+
+def otpl_terms(out: dict, labels: torch.Tensor, o: OTPLConfig) -> dict[str, torch.Tensor]:
+    """L_p.cls (Eq. 17: MLSM of mean_D(P_c), foreground proxies) and λ·L_ppc (Eq. 19)."""
+    from ..models.otpl import proxy_patch_contrastive
+
+    proxies = out["otpl_proxies"]
+    terms = {"otpl_pcls": o.pcls_weight * multilabel_soft_margin(proxies[:, 1:].float().mean(-1), labels)}
+    args = (proxies, out["otpl_features"], out["otpl_positives"], o.tau, o.ppc_reduce)
+    if o.ppc_weight > 0:
+        ppc = proxy_patch_contrastive(*args)
+        terms["otpl_ppc"] = o.ppc_weight * ppc
+        terms["_ppc"] = ppc.detach()
+    else:
+        with torch.no_grad():
+            terms["_ppc"] = proxy_patch_contrastive(*args)
+    pos = out["otpl_positives"][:, 1:]
+    cols = out["otpl_cols"][:, 1:]
+    terms["_positives"] = (pos.sum(-1).float() * cols).sum().detach() / cols.sum().clamp_min(1)
+    return terms
+
+
+def loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
+    base = base_method(cfg)
+    terms = dict(base.loss(out, batch, ctx, base_config(cfg, base.name)))
+    clash = [k for k in terms if k.startswith("otpl_")]
+    if clash:
+        raise TokensegError(f"otpl: the base {base.name!r} already has loss terms {clash}")
+    terms.update(otpl_terms(out, batch["labels"], cfg.otpl))
+    return terms
+
+
+def class_scores(model, x: torch.Tensor) -> torch.Tensor:
+    """The base's image-level scores (the proxies need the image's labels for their OT marginal)."""
+    base = get_method(model.otpl_base)
+    return base.class_scores(model.base, x) if base.class_scores else model.base(x)["cls_logits"]
+
+
+def param_groups(model, cfg) -> list[dict]:
+    base = base_method(cfg)
+    groups = list(base.param_groups(model.base, base_config(cfg, base.name)))
+    groups.append({"params": [p for p in model.proxy.parameters() if p.requires_grad],
+                   "weight_decay": cfg.otpl.proxy_weight_decay, "lr_mult": 1.0})
+    return groups
+
+
+def views(cfg):
+    base = base_method(cfg)
+    return base.views(base_config(cfg, base.name))
+
+
+def extras(cfg, dataset):
+    base = base_method(cfg)
+    if base.extras is None:
+        return _no_extras
+    return base.extras(base_config(cfg, base.name), dataset)
+
+
+def _no_extras(i: int) -> dict:
+    return {}
+
+
+# ------------------------------------------------------------------------------------------ maps
+class _Tap:
+    """The base model as the base's own ``combine`` sees it; keeps what its ``forward_maps`` returned (the
+    patch affinity, and the tokens if the base returns them), so OTPL needs no second explicit-attention
+    pass and copies none of the base's map code."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+        self.captured = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def forward_maps(self, *args, **kwargs):
+        self.captured = self._module.forward_maps(*args, **kwargs)
+        return self.captured
+
+
+def _affinity_kind(recipe: MapRecipe, fuse_with: str) -> str:
+    want = fuse_with + AFFINITY
+    if want in recipe.kinds:
+        return want
+    for k in recipe.kinds:
+        if k.endswith(AFFINITY):
+            return k
+    raise TokensegError("otpl: the base's maps have no patch affinity (no *_affinity kind); use maps.kinds "
+                        "without proxy_affinity / otpl_affinity")
+
+
+def fuse(base_map: torch.Tensor, proxy: torch.Tensor, how: str, normalise: bool = True) -> torch.Tensor:
+    """Fuse a base map with the proxy CAM (both (B, K, h, w), ≥ 0)."""
+    if normalise:
+        base_map = base_map / (base_map.flatten(2).amax(-1)[..., None, None] + 1e-5)
+    if how == "geometric":
+        return (base_map.clamp_min(0) * proxy).sqrt()
+    if how == "arithmetic":
+        return (base_map + proxy) / 2
+    if how == "product":
+        return base_map * proxy
+    if how == "max":
+        return torch.maximum(base_map, proxy)
+    raise TokensegError(f"otpl.fusion must be one of {list(FUSIONS)}, got {how!r}")
+
+
+def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
+    """The base's kinds from the base's own combine; ``proxy`` = ReLU(cos(F_i, P_c)) max-normalised,
+    ``otpl`` = that fused with the base map ``otpl.fuse_with``, ``*_affinity`` = refined by the base's
+    patch affinity (``A_ref[c, i] = Σ_j aff[i, j] A[c, j]``), all on the patch grid."""
+    from ..models.otpl import proxy_cam
+
+    base = get_method(model.otpl_base)
+    o = cfg.otpl
+    own = [k for k in kinds if k in OTPL_KINDS]
+    base_kinds = [k for k in kinds if k not in OTPL_KINDS]
+    missing = [k for k in base_kinds if k not in base.recipe.kinds]
+    if missing:
+        raise TokensegError(f"maps.kinds: {', '.join(missing)} not made by this model's base {base.name!r} "
+                            f"(it makes {', '.join(base.recipe.kinds)}, OTPL adds {', '.join(OTPL_KINDS)})")
+    fused = any(k.startswith("otpl") for k in own)
+    refine = any(k.endswith(AFFINITY) for k in own)
+    call = list(base_kinds)
+    if fused and o.fuse_with not in call:
+        call.append(o.fuse_with)
+    if refine and not any(k.endswith(AFFINITY) for k in call):
+        call.append(_affinity_kind(base.recipe, o.fuse_with))
+    tap = _Tap(model.base)
+    made = base.recipe.combine(tap, x, labels, classes, base_config(cfg, base.name), call) if call else {}
+    maps = {k: made[k] for k in base_kinds}
+    for k in base_kinds:
+        if k + BACKGROUND in made:
+            maps[k + BACKGROUND] = made[k + BACKGROUND]
+    if not own:
+        return maps
+    captured = tap.captured
+    if getattr(captured, "tokens", None) is not None:
+        out = {"tokens": captured.tokens, "grid": captured.grid, "patch_map": captured.patchcam}
+    else:  # [I] one fused-attention forward for the tokens (forward_maps does not return them)
+        out = model.base(x)
+    prox = model.proxy_outputs(out, labels)
+    gh, gw = out["grid"]
+    cam = proxy_cam(prox["otpl_proxies"][:, 1:], prox["otpl_features"])[:, classes]
+    cam = cam.view(x.shape[0], len(classes), gh, gw)
+    own_maps = {"proxy": cam}
+    if fused:
+        own_maps["otpl"] = fuse(made[o.fuse_with].float(), cam, o.fusion, o.fuse_normalise)
+    aff = getattr(captured, "affinity", None) if refine else None
+    if refine and aff is None:
+        raise TokensegError(f"otpl: the base {base.name!r} returned no patch affinity from forward_maps")
+    for k in own:
+        m = own_maps[k.removesuffix(AFFINITY)]
+        if k.endswith(AFFINITY):
+            m = (m.flatten(2) @ aff.float().transpose(1, 2)).view(m.shape)
+        maps[k] = m
+    return maps
+
+
+def _token_kinds() -> set[str]:
+    kinds = set()
+    for name in available_methods():
+        if name not in OWN_METHODS:
+            kinds.update(get_method(name).recipe.kinds)
+    return kinds
+
+
+@dataclass(frozen=True)
+class OnBaseRecipe(MapRecipe):
+    """OTPL's kinds plus the base's, which depend on ``otpl.base``: checked against the base in
+    :func:`validate` (config) and in :func:`combine` (the model's base)."""
+
+    def check_kinds(self, kinds, source: str = "") -> None:
+        bad = [k for k in kinds if k not in self.kinds and k not in _token_kinds()]
+        if bad:
+            raise TokensegError(f"{source + ': ' if source else ''}map kind(s) {', '.join(bad)} are not made by "
+                                f"OTPL ({', '.join(self.kinds)}) nor by a base method")
+
+
+def _check_common(o: OTPLConfig) -> None:
+    def choice(key, value, options):
+        if value not in options:
+            raise TokensegError(f"config key 'otpl.{key}' must be one of {list(options)}, got {value!r}")
+
+    if o.top_k < 1:
+        raise TokensegError(f"otpl.top_k must be >= 1, got {o.top_k}")
+    if o.tau <= 0 or o.sinkhorn_eps <= 0:
+        raise TokensegError(f"otpl.tau and otpl.sinkhorn_eps must be > 0, got {o.tau}, {o.sinkhorn_eps}")
+    if o.sinkhorn_iters < 1:
+        raise TokensegError(f"otpl.sinkhorn_iters must be >= 1, got {o.sinkhorn_iters}")
+    if o.proxy_kernel < 1 or o.proxy_kernel % 2 == 0:
+        raise TokensegError(f"otpl.proxy_kernel must be odd and >= 1, got {o.proxy_kernel}")
+    if o.ppc_weight < 0 or o.pcls_weight < 0:
+        raise TokensegError(f"otpl.ppc_weight and otpl.pcls_weight must be >= 0, got {o.ppc_weight}, {o.pcls_weight}")
+    if not 0 <= o.marginal_mix <= 1 or not 0 <= o.memory_momentum < 1:
+        raise TokensegError("otpl.marginal_mix must be in [0, 1] and otpl.memory_momentum in [0, 1)")
+    choice("marginal", o.marginal, ("cam", "uniform"))
+    choice("cam_norm", o.cam_norm, ("max", "minmax"))
+    choice("columns", o.columns, ("all", "present"))
+    choice("ppc_reduce", o.ppc_reduce, ("sum", "mean"))
+    choice("fusion", o.fusion, FUSIONS)
+    choice("background", o.background, ("auto", "token", "pooled", "none"))
+
+
+def validate(cfg) -> None:
+    o = cfg.otpl
+    _check_common(o)
+    base = base_method(cfg)
+    bad = [k for k in cfg.maps.kinds if k not in OTPL_KINDS and k not in base.recipe.kinds]
+    if bad:
+        raise TokensegError(f"maps.kinds: {', '.join(bad)} not made by OTPL on {base.name} (kinds: "
+                            f"{', '.join(OTPL_KINDS + tuple(base.recipe.kinds))})")
+    if o.fuse_with not in base.recipe.kinds or o.fuse_with.endswith(AFFINITY):
+        plain = [k for k in base.recipe.kinds if not k.endswith(AFFINITY)]
+        raise TokensegError(f"otpl.fuse_with={o.fuse_with!r}: must be a map kind of {base.name} without the "
+                            f"affinity refinement ({', '.join(plain)})")
+    if base.section:
+        getattr(cfg, base.section)  # written out with the config
+    if base.validate is not None:
+        base.validate(base_config(cfg, base.name))
+
+
+RECIPE = OnBaseRecipe(kinds=OTPL_KINDS, default_kinds=("otpl_affinity",), combine=combine)
+
+
+# ------------------------------------------------------------------------------------------ CLIP-ES variant
+def build_clip(cfg, num_classes: int):
+    from ..models.otpl import OTPLEncoderModel, PatchEncoder
+
+    encoder = PatchEncoder(cfg.model, cfg.otpl.encoder_trainable_blocks)
+    return OTPLEncoderModel(encoder, num_classes, copy.deepcopy(cfg.otpl))
+
+
+def clip_loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
+    return otpl_terms(out, batch["labels"], cfg.otpl)
+
+
+def clip_class_scores(model, x: torch.Tensor) -> torch.Tensor:
+    return model(x)["cls_logits"]
+
+
+def clip_param_groups(model, cfg) -> list[dict]:
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.encoder.named_parameters(prefix="encoder"):
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.train.weight_decay, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+            {"params": [p for p in model.proxy.parameters() if p.requires_grad],
+             "weight_decay": cfg.otpl.proxy_weight_decay, "lr_mult": 1.0}]
+
+
+class SeedCropView:
+    """One random resized crop + flip applied to the image and to its CLIP-ES score maps alike (the
+    SIPE/AMN-style "flip, scale, crop" of the supplement); the scores come out dense, (C + 1, s, s) with
+    s = img_size / seed_stride, background first. Geometric RandAugment could not be co-applied, so
+    ``train.augment`` must be ``simple``; ``train.color_jitter`` touches the image only."""
+
+    def __init__(self, img_size: int, crop_scale, seed_stride: int, color_jitter: float = 0.0,
+                 mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        self.size, self.scale, self.stride = int(img_size), tuple(crop_scale), int(seed_stride)
+        self.jitter, self.mean, self.std = color_jitter, mean, std
+
+    def __call__(self, image, extras: dict):
+        import torch.nn.functional as F
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
+
+        maps = torch.from_numpy(np.concatenate([extras["clip_bg"][None], extras["clip_maps"]]).astype(np.float32))
+        W, H = image.size
+        if tuple(maps.shape[-2:]) != (H, W):
+            maps = F.interpolate(maps[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        i, j, h, w = T.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        flip = bool(torch.rand(()) < 0.5)
+        img = TF.resized_crop(image, i, j, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
+        s = max(self.size // self.stride, 1)
+        crop = F.interpolate(maps[None, :, i:i + h, j:j + w], size=(s, s), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+        if flip:
+            img, crop = TF.hflip(img), crop.flip(-1)
+        if self.jitter > 0:
+            img = T.ColorJitter(self.jitter, self.jitter, self.jitter)(img)
+        C = int(extras["clip_num_classes"])
+        dense = torch.zeros(C + 1, s, s)
+        dense[0] = crop[0]
+        dense[torch.from_numpy(extras["clip_classes"].astype(np.int64)) + 1] = crop[1:]
+        x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        return x, {"clip_cam": dense}
+
+
+class ClipSeedExtras:
+    """Sample i -> its CLIP-ES seed (present classes' maps, background, class ids), read with
+    :func:`tokenseg.io.load_seed`; seeds without a background channel get ``(1 − max)^clip_bg_power``."""
+
+    def __init__(self, folder: str, ids, num_classes: int, bg_power: float) -> None:
+        self.folder, self.ids, self.C, self.bg_power = Path(folder), list(ids), int(num_classes), bg_power
+        if not str(folder):
+            raise TokensegError("otpl.clip_seeds: set it to the folder of CLIP-ES seeds of the train split "
+                                "(e.g. made by `tokenseg maps clip-es ... --split train_aug`)")
+        if not self.folder.is_dir():
+            raise TokensegError(f"otpl.clip_seeds: {self.folder} is not a folder")
+        if self.ids:
+            self.path(0)  # fail before training if the first image has no seed
+
+    def path(self, i: int) -> Path:
+        npz = seed_path(self.folder, self.ids[i])
+        for p in (npz, npz.with_suffix(".npy")):
+            if p.is_file():
+                return p
+        raise TokensegError(f"otpl.clip_seeds: no seed file for image {self.ids[i]!r} ({npz} or .npy)")
+
+    def __call__(self, i: int) -> dict:
+        seed = load_seed(self.path(i))
+        maps = np.asarray(seed.maps, np.float32)
+        classes = np.asarray(seed.classes, np.int64)
+        if len(classes) and (classes.min() < 0 or classes.max() >= self.C):
+            raise TokensegError(f"{self.path(i)}: class ids {classes.tolist()} outside 0..{self.C - 1}")
+        if seed.background is not None:
+            bg = np.asarray(seed.background, np.float32)
+        else:
+            top = maps.max(0) if len(maps) else np.zeros(maps.shape[1:], np.float32)
+            bg = np.clip(1 - top, 0, None) ** self.bg_power
+        return {"clip_maps": maps, "clip_classes": classes, "clip_bg": bg.astype(np.float32),
+                "clip_num_classes": np.asarray(self.C)}
+
+
+def clip_views(cfg):
+    t = cfg.train
+    return {"image": SeedCropView(cfg.model.img_size, t.crop_scale, cfg.otpl.seed_stride, t.color_jitter)}
+
+
+def clip_extras(cfg, dataset):
+    return ClipSeedExtras(cfg.otpl.clip_seeds, dataset.ids, dataset.num_classes, cfg.otpl.clip_bg_power)
+
+
+def clip_combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
+    """``proxy``: the proxy CAM, with M^cls from the memory prototypes (no seeds at map time)."""
+    from ..models.otpl import memory_cam, proxy_cam
+
+    feats, grid = model.encoder(x)
+    cam = memory_cam(feats, model.memory, labels, model.settings.cam_bg_power, model.settings.cam_norm)
+    prox = model.proxy_outputs(feats, cam, labels)
+    m = proxy_cam(prox["otpl_proxies"][:, 1:], feats)[:, classes]
+    return {"proxy": m.view(x.shape[0], len(classes), *grid)}
+
+
+def validate_clip(cfg) -> None:
+    o = cfg.otpl
+    _check_common(o)
+    if o.background not in ("auto", "pooled", "none"):
+        raise TokensegError(f"otpl.background={o.background}: the CLIP-ES variant pools its background prototype "
+                            f"(auto, pooled or none)")
+    if cfg.train.augment != "simple":
+        raise TokensegError("train.augment: otpl-clip-es crops its seeds with the image, so it needs "
+                            "train.augment=simple (RandAugment's geometry cannot be co-applied)")
+    if o.seed_stride < 1:
+        raise TokensegError(f"otpl.seed_stride must be >= 1, got {o.seed_stride}")
+    bad = [k for k in cfg.maps.kinds if k not in CLIP_KINDS]
+    if bad:
+        raise TokensegError(f"maps.kinds: {', '.join(bad)} not made by otpl-clip-es (kinds: {', '.join(CLIP_KINDS)})")
+
+
+CLIP_RECIPE = MapRecipe(kinds=CLIP_KINDS, default_kinds=CLIP_KINDS, combine=clip_combine, normalise="max",
+                        mean=CLIP_MEAN, std=CLIP_STD)
+
+register(Method(
+    name="otpl", summary="OT-assisted proxy learning on a class-token base (otpl.base; ICCV 2025)",
+    build=build, recipe=RECIPE, loss=loss, forward=forward, class_scores=class_scores, section="otpl",
+    section_config=OTPLConfig, views=views, extras=extras, param_groups=param_groups, validate=validate,
+    # [I] the base decides whether its graph changes between steps (CTI's late losses); a static flag
+    # cannot follow otpl.base, so DDP looks for unused parameters
+    dynamic_graph=True))
+register(Method(
+    name="otpl-clip-es", summary="OTPL on a ViT encoder with prototypes from CLIP-ES seeds (ICCV 2025 supp.)",
+    build=build_clip, recipe=CLIP_RECIPE, loss=clip_loss, forward=forward, class_scores=clip_class_scores,
+    section="otpl", section_config=OTPLConfig, views=clip_views, extras=clip_extras,
+    param_groups=clip_param_groups, validate=validate_clip))

@@ -1,0 +1,448 @@
+"""CTI's class-token ViT (Class Tokens Infusion, CVPR 2024; METHODS.md §8, errata §16.11–16.15).
+
+What it adds to :class:`~tokenseg.models.classtoken.ClassTokenViT` (as the authors' ``MCTformerV2_CTI``):
+
+* **C + 1 tokens**, index 0 the background token: a tokenizer MLP (D → 5D → D·(C+1)) maps the one
+  foreground token ``cls_token`` to C + 1 tokens; ``cls_token`` is added to tokens 1..C, ``bg_token``
+  to token 0, then ``pos_embed_cls`` ((C+1)×D). PatchCAM head with C + 1 outputs; class scores =
+  mean over D of output tokens 1..C, patch scores = GAP of channels 1..C; no final LayerNorm.
+* **The training forward does every pass of their ``update()`` in one call** (DDP sees one forward):
+  view 1 and view 2 run their first ``swap + 1`` blocks as one batch; view 1 continues alone with
+  explicit attention only in the layers the BG-CAM loss reads; view 2's continuation, the intra-image
+  infusion pass and the cross-image infusion pass continue from the *same* block-``swap`` tokens as one
+  batch, with fused attention (only the class-token rows are computed explicitly, for the cross pass).
+  Their code recomputes the first blocks of view 1 for both infusion passes and stacks the attention of
+  every layer of every pass; without dropout/drop-path both give the same numbers (tested against
+  their outputs), with drop-path the shared blocks draw one mask instead of three [I].
+* **The cross-image memory** is model state: ``memory_bank`` (C, 30, D) holds each class's last 30
+  LayerNorm-ed foreground tokens (oldest first, right-aligned), ``memory_count`` (C,) how many are
+  valid. Both are buffers, so checkpoints carry them and a resumed run continues exactly; under DDP
+  every rank appends the gathered entries of the whole global batch in the single-process order.
+* ``pos_embed`` (1, 1+M, D): the unused ViT position embedding their files carry, kept as a buffer so
+  that their checkpoints convert both ways bit for bit.
+
+Their checkpoint layout (a bare state dict) converts with :func:`authors_to_tokenseg_state` /
+:func:`tokenseg_to_authors_state`; :func:`model_from_authors_state` builds the model from one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..io import TokensegError
+from .attention import run_blocks
+from .classtoken import ClassTokenViT, MapOutputs
+
+# the keys only CTI's layout has (their ``MCTformerV2_CTI``)
+CTI_KEYS = ("bg_token", "tokenizer.0.weight", "tokenizer.0.bias", "tokenizer.2.weight", "tokenizer.2.bias")
+MEMORY_KEYS = ("memory_bank", "memory_count")
+MEMORY_LN_EPS = 1e-5  # their F.layer_norm(token, [D]) with PyTorch's default eps, no affine
+
+
+@dataclass(frozen=True)
+class CTIPlan:
+    """What one training forward computes; :func:`tokenseg.methods.cti.plan_for` derives it from the
+    config and the epoch (losses switched off skip their passes, as their ``update()``)."""
+
+    bg: bool = True  # view 1's training-time attention (the BG-CAM loss)
+    intra: bool = True  # the intra-image infusion pass
+    cross: bool = True  # the memory update and the cross-image infusion pass
+    swap: int = 3  # their swap_idx: tokens after block ``swap`` are infused at the input of block swap + 1
+    attn_layers: int = 6  # class-to-patch attention summed over the last N layers (their n_layers=6)
+    affinity_from: int = 4  # patch affinity summed over layers affinity_from.. (their patch_attn[swap_idx+1:])
+
+
+@dataclass
+class CTIMapOutputs(MapOutputs):
+    """:class:`MapOutputs` of the C foreground classes plus the background token's maps."""
+
+    bg_attention: torch.Tensor | None = None  # (B, 1, h, w) background-token-to-patch attention
+    bg_patchcam: torch.Tensor | None = None  # (B, 1, h, w) ReLU of the PatchCAM's channel 0
+
+
+class CTIViT(ClassTokenViT):
+    """ClassTokenViT with CTI's tokenizer, background token, (C+1)-way PatchCAM and token memory."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, train_grid: tuple[int, int], memory_size: int = 30,
+                 distinct_init: bool = False, final_norm: bool = False, pos_resize: str = "auto") -> None:
+        # C + 1 prefix rows: the parent makes pos_embed_cls ((C+1)×D, the pretrained class position
+        # embedding repeated C + 1 times as their ``finetune`` path) and the (C+1)-output head
+        super().__init__(backbone, num_classes + 1, train_grid, patch_head=True, pooling="gap",
+                         pos_resize=pos_resize, distinct_init=distinct_init, final_norm=final_norm,
+                         decay_pos_embed=True)
+        C, D = num_classes, self.embed_dim
+        self.num_classes = C
+        del self.cls_tokens  # one foreground token instead of C class tokens
+        self.cls_token = nn.Parameter(backbone.cls_token.detach().clone().reshape(1, 1, D))
+        if distinct_init:  # from scratch: their VisionTransformer's trunc_normal(0.02) (timm draws ~1e-6)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.bg_token = nn.Parameter(torch.zeros(1, 1, D))
+        # their literal nn.Linear(384, 384*5) is D -> 5D for DeiT-S; PyTorch's default init (it is
+        # created after their _init_weights ran), as is the head's (§16.8)
+        self.tokenizer = nn.Sequential(nn.Linear(D, 5 * D), nn.ReLU(), nn.Linear(5 * D, D * (C + 1)))
+        self.head.reset_parameters()
+        self.register_buffer("pos_embed", backbone.pos_embed.detach().clone())
+        self.register_buffer("memory_bank", torch.zeros(C, memory_size, D))
+        self.register_buffer("memory_count", torch.zeros(C, dtype=torch.long))
+        self.tokenseg_method = "cti"  # the map recipe of tools that get a bare model (predict)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def num_prefix(self) -> int:
+        return self.num_classes + 1
+
+    @property
+    def memory_size(self) -> int:
+        return self.memory_bank.shape[1]
+
+    def prefix_tokens(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """tokenizer(t_fg) + [t_bg, t_fg × C] + pos_embed_cls, the same for every image. The MLP runs on
+        ``batch`` copies as theirs (a one-row product rounds differently; the cost is negligible)."""
+        C, D = self.num_classes, self.embed_dim
+        made = self.tokenizer(self.cls_token.reshape(1, D).expand(batch, D)).view(batch, C + 1, D)
+        base = torch.cat([self.bg_token, self.cls_token.expand(1, C, D)], dim=1)
+        return (made + base + self.pos_embed_cls).to(dtype)
+
+    def no_weight_decay(self) -> set[str]:
+        """Their skip list is timm's {'pos_embed', 'cls_token'} (+ 1-D parameters): ``bg_token``, the
+        position embeddings and the tokenizer are decayed (§16.3); ``pos_embed`` is a buffer here."""
+        return {"cls_token"}
+
+    def _heads(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class logits (B, C), patch logits (B, C), PatchCAM logits (B, C+1, h, w))."""
+        B, N, D = tokens.shape
+        _, fg, pat = tokens.split([1, self.num_classes, N - self.num_prefix], dim=1)
+        fmap = self.head(pat.transpose(1, 2).reshape(B, D, grid[0], grid[1]))
+        return fg.float().mean(-1), fmap[:, 1:].float().mean((2, 3)), fmap
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, x_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                plan: CTIPlan | None = None) -> dict:
+        """``forward(x)``: one plain pass (fused attention): ``cls_logits``, ``patch_logits``,
+        ``patch_map`` (C+1 channels), ``tokens``, ``grid``. ``forward(x, x_pos, labels, plan)``: the
+        whole training step's passes (:meth:`forward_train`)."""
+        if x_pos is None:
+            tokens, grid = self.embed(x)
+            tokens = self.output_norm(run_blocks(self.blocks, tokens, self.num_prefix).tokens)
+            cls, pcls, fmap = self._heads(tokens, grid)
+            return {"cls_logits": cls, "patch_logits": pcls, "patch_map": fmap, "tokens": tokens, "grid": grid}
+        if labels is None:
+            raise ValueError("the CTI training forward needs the labels (memory bank, cross infusion)")
+        return self.forward_train(x, x_pos, labels, plan or CTIPlan())
+
+    def forward_train(self, x: torch.Tensor, x_pos: torch.Tensor, labels: torch.Tensor, plan: CTIPlan) -> dict:
+        """Every pass of their ``update()`` for views ``x`` and ``x_pos`` (same size) and multi-hot labels.
+
+        Returns view 1's ``cls_logits``, ``patch_logits``, ``patch_map``, ``tokens``, ``grid``, ``cams``
+        (ReLU of the (C+1)-way PatchCAM) and ``ctk3`` (tokens after block ``swap``); with ``plan.bg``
+        ``mtatt`` (B, C+1, h, w) and ``attn`` (B, M, M) (training-time layers); view 2's
+        ``cls_logits_pos``, ``patch_logits_pos``, ``ctk3_pos``; with ``plan.intra`` ``cams_swap_intra``;
+        with ``plan.cross`` ``memory_full`` (every class holds ``memory_size`` entries after this
+        batch's) and, when it is, ``swap_ctk_cross`` and ``fcams_as_swap_cross``."""
+        if x.shape != x_pos.shape:
+            raise ValueError(f"the two views must have one size, got {tuple(x.shape)} and {tuple(x_pos.shape)}")
+        B, P, L, s = x.shape[0], self.num_prefix, len(self.blocks), plan.swap
+        if not 0 <= s < L - 1:
+            raise TokensegError(f"cti.swap_layer={s}: the backbone has {L} blocks, so it must be in 0..{L - 2} "
+                                f"(a block must follow the infusion)")
+        row_layers = set(range(max(L - plan.attn_layers, 0), L)) if plan.bg else set()
+        full_layers = set(range(max(plan.affinity_from, 0), L)) if plan.bg else set()
+
+        # blocks 0..swap: both views in one batch (view 2's taps, if any, are dropped). Tokens are cut
+        # with split(), whose backward is one concatenation (a slice's backward fills a zero tensor of
+        # the full size for every slice taken)
+        tokens, grid = self.embed(torch.cat([x, x_pos]))
+        M = tokens.shape[1] - P
+        head = run_blocks(self.blocks, tokens, P, row_layers={i for i in row_layers if i <= s},
+                          full_layers={i for i in full_layers if i <= s}, stop=s + 1, grad=True)
+        x3, x3_pos = head.tokens.split(B)
+        # view 1 on its own, explicit attention only where the BG-CAM loss reads it
+        v1 = run_blocks(self.blocks, x3, P, row_layers={i for i in row_layers if i > s},
+                        full_layers={i for i in full_layers if i > s}, start=s + 1, grad=True)
+        pre, pat = x3.split([P, M], dim=1)
+        pre_pos, pat_pos = x3_pos.split([P, M], dim=1)
+        out: dict[str, Any] = {"ctk3": pre, "ctk3_pos": pre_pos, "grid": grid}
+
+        # view 2's continuation and the infusion passes from the shared block-`swap` tokens, one batch
+        prefixes, patches, names = [pre_pos], [pat_pos], ["pos"]
+        if plan.intra:  # all C + 1 tokens averaged with view 2's (not detached)
+            prefixes.append((pre + pre_pos) / 2)
+            patches.append(pat)
+            names.append("intra")
+        cross = False
+        if plan.cross:
+            bg, fg = pre.split([1, P - 1], dim=1)
+            out["memory_full"] = cross = self.update_memory(fg.detach(), labels)
+            if cross:  # [I] their pass also runs while the memory fills, but its loss is not added then
+                y = labels.to(fg.dtype)[..., None]
+                swap = (fg * (1 - y) + self.global_tokens().to(fg.dtype) * y).detach()
+                out["swap_ctk_cross"] = swap
+                prefixes.append(torch.cat([bg, (fg + swap) / 2], dim=1))
+                patches.append(pat)
+                names.append("cross")
+        batch = torch.cat([torch.cat(prefixes), torch.cat(patches)], dim=1)
+        rest = run_blocks(self.blocks, batch, P, row_layers=range(s + 1, L) if cross else (), start=s + 1,
+                          grad=True)
+
+        h, w = grid
+        tokens1 = self.output_norm(v1.tokens)
+        cls, pcls, fmap = self._heads(tokens1, grid)
+        out.update(cls_logits=cls, patch_logits=pcls, patch_map=fmap, tokens=tokens1, cams=F.relu(fmap))
+        cls_r, pcls_r, fmap_r = self._heads(self.output_norm(rest.tokens), grid)
+        maps_r = fmap_r.split(B)
+        out.update(cls_logits_pos=cls_r[:B], patch_logits_pos=pcls_r[:B])
+        if plan.bg:
+            rows = _add(head.rows[:B] if head.rows is not None else None, v1.rows)
+            full = _add(head.full[:B] if head.full is not None else None, v1.full)
+            out["mtatt"] = rows[:, :, P:].reshape(B, P, h, w)
+            out["attn"] = full[:, P:, P:]
+        for k, name in enumerate(names[1:], start=1):
+            cams = F.relu(maps_r[k])
+            if name == "intra":
+                out["cams_swap_intra"] = cams
+            else:
+                mtatt_as = rest.rows[k * B:(k + 1) * B, :, P:].reshape(B, P, h, w)
+                out["fcams_as_swap_cross"] = cams * mtatt_as
+        return out
+
+    # ------------------------------------------------------------------ memory
+    @torch.no_grad()
+    def update_memory(self, fg_tokens: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Append LayerNorm(token of class c in image b) for every present (b, c) — gathered over DDP
+        ranks first, in the single-process batch order — keep each class's last ``memory_size``; returns
+        whether every class now holds ``memory_size`` entries (their ``valid == C``)."""
+        entries = F.layer_norm(fg_tokens.float(), (fg_tokens.shape[-1],), eps=MEMORY_LN_EPS)
+        present = labels > 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            entries, present = _gather_batch(entries, present)
+        bank, count = append_memory(self.memory_bank, self.memory_count, entries, present)
+        self.memory_bank.copy_(bank)
+        self.memory_count.copy_(count)
+        return bool((count >= self.memory_size).all())
+
+    def global_tokens(self) -> torch.Tensor:
+        """(C, D): each class's mean memory token (zeros for a class with no entry yet)."""
+        M = self.memory_size
+        valid = torch.arange(M, device=self.memory_bank.device) >= (M - self.memory_count)[:, None]
+        total = (self.memory_bank * valid[..., None]).sum(1)
+        return total / self.memory_count.clamp(min=1)[:, None].to(total.dtype)
+
+    def reset_memory(self) -> None:
+        self.memory_bank.zero_()
+        self.memory_count.zero_()
+
+    # ------------------------------------------------------------------ maps
+    @torch.no_grad()
+    def forward_maps(self, x: torch.Tensor, last_k: int, affinity: bool, layer_reduce: str = "sum",
+                     affinity_layers: int = 0) -> CTIMapOutputs:
+        """Their inference maps: class-to-patch attention of all C + 1 rows over the last ``last_k``
+        layers (their ``n_layers=12``, summed), ReLU of the (C+1)-way PatchCAM, and the patch affinity
+        summed over the last ``affinity_layers`` layers (0 = all, their inference). Explicit attention
+        only in those layers; foreground maps as :class:`MapOutputs`, the background token's apart."""
+        tokens, grid = self.embed(x)
+        P, L = self.num_prefix, len(self.blocks)
+        last_k = min(max(last_k, 1), L)
+        aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
+        res = run_blocks(self.blocks, tokens, P, row_layers=range(L - last_k, L),
+                         full_layers=range(aff_from, L) if affinity else ())
+        att = res.rows[:, :, P:]
+        if layer_reduce == "mean":
+            att = att / last_k
+        B = x.shape[0]
+        att = att.reshape(B, P, grid[0], grid[1])
+        tokens = self.output_norm(res.tokens)
+        pc = F.relu(self.patch_logits_map(tokens, grid).float())
+        return CTIMapOutputs(attention=att[:, 1:], patchcam=pc[:, 1:],
+                             affinity=res.full[:, P:, P:] if res.full is not None else None,
+                             cls_logits=tokens[:, 1:P].float().mean(-1), grid=grid,
+                             bg_attention=att[:, :1], bg_patchcam=pc[:, :1])
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def append_memory(bank: torch.Tensor, count: torch.Tensor, entries: torch.Tensor, present: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory after appending ``entries[b, c]`` for every ``present[b, c]`` in image order, keeping
+    each class's last M. ``bank`` (C, M, D) is right-aligned (valid entries at [M - count, M), oldest
+    first), ``entries`` (B, C, D), ``present`` (B, C) bool. One gather for all classes: slot p of class c
+    takes old slot p + k_c while that exists, else the (p + k_c − M)-th new entry of c (k_c new ones)."""
+    C, M, D = bank.shape
+    B = present.shape[0]
+    k = present.sum(0)  # (C,) new entries per class
+    # per class, the images holding it first, in image order (a stable sort of "absent")
+    order = torch.sort((~present).to(torch.int8), dim=0, stable=True).indices.T  # (C, B)
+    src = torch.arange(M, device=bank.device)[None, :] + k[:, None]  # (C, M)
+    from_old = src < M
+    old = bank.gather(1, src.clamp(max=M - 1)[..., None].expand(C, M, D))
+    image = order.gather(1, (src - M).clamp(0, max(B - 1, 0)))  # (C, M)
+    new = entries[image, torch.arange(C, device=bank.device)[:, None]].to(bank.dtype)  # (C, M, D)
+    return torch.where(from_old[..., None], old, new), (count + k).clamp(max=M)
+
+
+def _gather_batch(entries: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (B_r, C, D) entries and (B_r, C) labels, in the order one process would see the
+    global batch: DistributedSampler gives rank r the global positions r, r + W, ... of each step."""
+    world = dist.get_world_size()
+    parts_e = [torch.empty_like(entries) for _ in range(world)]
+    pres = present.to(torch.float32)
+    parts_p = [torch.empty_like(pres) for _ in range(world)]
+    dist.all_gather(parts_e, entries.contiguous())
+    dist.all_gather(parts_p, pres.contiguous())
+    e = torch.stack(parts_e, 1).flatten(0, 1)  # (B_r, W, ...) -> position j * W + r
+    p = torch.stack(parts_p, 1).flatten(0, 1) > 0
+    return e, p
+
+
+# ---------------------------------------------------------------------------------------- building
+def build_cti_model(cfg, num_classes: int) -> CTIViT:
+    """The CTI model for ``cfg.model`` (any timm ViT backbone; weights as ``model.pretrained`` says)."""
+    from . import _create_backbone, load_backbone_weights
+    from .classtoken import _patch_size
+
+    m = cfg.model
+    pretrained = m.pretrained
+    backbone = _create_backbone(m, pretrained=pretrained is True)
+    if isinstance(pretrained, str) and pretrained:
+        load_backbone_weights(backbone, pretrained)
+    patch = _patch_size(backbone)
+    if m.stem == "conv":
+        from .stem import ConvStem
+
+        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
+    grid = (m.img_size // patch, m.img_size // patch)
+    distinct = m.token_init == "independent" or (m.token_init == "auto" and not pretrained)
+    return CTIViT(backbone, num_classes, grid, memory_size=cfg.cti.memory_size, distinct_init=distinct,
+                  final_norm=m.final_norm)
+
+
+# ---------------------------------------------------------------------------------------- their layout
+def is_authors_state(sd: dict) -> bool:
+    """Their ``MCTformerV2_CTI`` state dict (background token and tokenizer present)."""
+    return "bg_token" in sd and "tokenizer.0.weight" in sd
+
+
+def authors_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """:class:`~tokenseg.models.convert.LayoutInfo` of their state dict, every CTI key checked."""
+    from .convert import _BLOCK_KEY, LayoutInfo, _grid_of
+
+    need = ("cls_token", "pos_embed_cls", "pos_embed_pat", "head.weight", "head.bias", "patch_embed.proj.weight",
+            *CTI_KEYS)
+    missing = [k for k in need if k not in sd]
+    if missing:
+        what = "" if "bg_token" in sd else " (no background token: an MCTformer checkpoint?)"
+        raise TokensegError(f"{source}: not a CTI checkpoint{what}: missing {', '.join(missing[:6])}")
+    cls, pos_cls, head = sd["cls_token"], sd["pos_embed_cls"], sd["head.weight"]
+    D = int(cls.shape[-1])
+    if tuple(cls.shape) != (1, 1, D) or tuple(sd["bg_token"].shape) != (1, 1, D):
+        raise TokensegError(f"{source}: cls_token {tuple(cls.shape)} / bg_token {tuple(sd['bg_token'].shape)}: "
+                            f"CTI has one (1, 1, D) foreground and one background token")
+    C = int(pos_cls.shape[1]) - 1
+    if C < 1 or tuple(pos_cls.shape) != (1, C + 1, D):
+        raise TokensegError(f"{source}: pos_embed_cls has shape {tuple(pos_cls.shape)}, expected (1, C+1, {D})")
+    if head.ndim != 4 or head.shape[0] != C + 1:
+        raise TokensegError(f"{source}: head.weight has shape {tuple(head.shape)}, expected ({C + 1}, {D}, 3, 3) "
+                            f"for C + 1 = {C + 1} tokens (pos_embed_cls)")
+    t0, t2 = sd["tokenizer.0.weight"], sd["tokenizer.2.weight"]
+    if tuple(t0.shape) != (5 * D, D) or tuple(t2.shape) != ((C + 1) * D, 5 * D):
+        raise TokensegError(f"{source}: tokenizer weights {tuple(t0.shape)}, {tuple(t2.shape)}; expected "
+                            f"({5 * D}, {D}) and ({(C + 1) * D}, {5 * D}) (D -> 5D -> D·(C+1))")
+    grid = _grid_of(sd["pos_embed_pat"].shape[1], source)
+    depth = 1 + max((int(mm.group(1)) for k in sd if (mm := _BLOCK_KEY.match(k))), default=-1)
+    if depth == 0:
+        raise TokensegError(f"{source}: no transformer blocks (blocks.0.attn.qkv.weight) found")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    return LayoutInfo(layout="cti", num_classes=C, embed_dim=D, depth=depth,
+                      patch_size=int(sd["patch_embed.proj.weight"].shape[-1]), grid=grid,
+                      mlp_ratio=float(fc1.shape[0]) / D if fc1 is not None else 4.0,
+                      qkv_bias="blocks.0.attn.qkv.bias" in sd, has_head=True)
+
+
+def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info, source: str = "checkpoint"
+                              ) -> dict[str, torch.Tensor]:
+    """Their keys -> :class:`CTIViT`'s (only ``pos_embed_pat`` changes shape: (1, M, D) -> (1, D, h, w));
+    the memory is not in their files (it starts empty)."""
+    from .convert import _BLOCK_KEY, _SHARED_PREFIXES
+
+    gh, gw = info.grid
+    D = info.embed_dim
+    own = {"cls_token", "bg_token", "pos_embed", "pos_embed_cls", "pos_embed_pat"}
+    out, unexpected = {}, []
+    for k, v in sd.items():
+        if k in own or k.startswith(("tokenizer.", "head.")) or _BLOCK_KEY.match(k) or k.startswith(_SHARED_PREFIXES):
+            out[k] = v
+        else:
+            unexpected.append(k)
+    if unexpected:
+        raise TokensegError(f"{source}: unexpected keys for CTI: {', '.join(unexpected[:6])}"
+                            + (" ..." if len(unexpected) > 6 else ""))
+    pat = sd["pos_embed_pat"]
+    if tuple(pat.shape) != (1, gh * gw, D):
+        raise TokensegError(f"{source}: pos_embed_pat has shape {tuple(pat.shape)}, expected (1, {gh * gw}, {D})")
+    out["pos_embed_pat"] = pat.reshape(1, gh, gw, D).permute(0, 3, 1, 2).contiguous()
+    return out
+
+
+def tokenseg_to_authors_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:class:`CTIViT`'s state dict -> their bare state dict, in their key order (``torch.save`` of it is
+    what their ``save_model`` writes and their ``load_state_dict(strict=True)`` reads). The memory bank
+    (training state their files do not hold) is left out."""
+    if "bg_token" not in sd or "tokenizer.0.weight" not in sd:
+        raise TokensegError("not a CTI model (no bg_token / tokenizer): export it with its own method")
+    if "patch_embed.proj.weight" not in sd:
+        raise TokensegError("this model has a convolutional stem (model.stem=conv), which the authors' "
+                            "layout cannot hold")
+    extra = [k for k in sd if k.startswith("patch_embed.norm.")]
+    if extra:
+        raise TokensegError(f"the authors' layout has no patch-embedding norm ({extra[0]})")
+    pat = sd["pos_embed_pat"]
+    _, D, gh, gw = pat.shape
+    if gh != gw:
+        raise TokensegError(f"the authors' code needs a square position grid, this model has {gh}×{gw}")
+    out = {"cls_token": sd["cls_token"].clone(), "pos_embed": sd["pos_embed"].clone(),
+           "bg_token": sd["bg_token"].clone(), "pos_embed_cls": sd["pos_embed_cls"].clone(),
+           "pos_embed_pat": pat.permute(0, 2, 3, 1).reshape(1, gh * gw, D).contiguous()}
+    for k, v in sd.items():
+        if k not in out and k not in MEMORY_KEYS:
+            out[k] = v.clone()
+    return out
+
+
+def model_from_authors_state(sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                             num_classes: int | None = None, class_names=None, num_heads: int | None = None,
+                             overrides=()) -> tuple[CTIViT, Any, list[str]]:
+    """Build the CTI model from their state dict: ``(model, cfg, class_names)`` (the ``cti`` preset
+    with the backbone the weights imply; names VOC for 20 classes, COCO for 80, unless given)."""
+    from ..checkpoint import load_state_checked
+    from .convert import config_for, resolve_class_names
+
+    info = authors_layout(sd, source)
+    C = info.num_classes
+    if num_classes is not None and num_classes != C:
+        raise TokensegError(f"{source}: the checkpoint has {C} foreground tokens (+ background), but "
+                            f"{num_classes} classes were asked for")
+    names = resolve_class_names(class_names, C)
+    cfg = config_for(info, "cti", num_heads, overrides)
+    model = build_cti_model(cfg, C)
+    ours = authors_to_tokenseg_state(sd, info, source)
+    own = model.state_dict()
+    if "pos_embed" not in ours:  # a file without their unused embedding: keep ours
+        ours["pos_embed"] = own["pos_embed"]
+    for k in MEMORY_KEYS:
+        ours[k] = own[k]  # their files hold no memory: it starts empty
+    try:
+        load_state_checked(model, ours, source)
+    except TokensegError as exc:
+        raise TokensegError(f"{exc} [layout cti, depth {info.depth}, dim {info.embed_dim}, {C} classes]") from None
+    model.class_names_source = "given" if class_names not in (None, "") else "default"
+    return model.eval(), cfg, names
+
+
+__all__ = ["CTIViT", "CTIPlan", "CTIMapOutputs", "append_memory", "build_cti_model", "is_authors_state",
+           "authors_layout", "authors_to_tokenseg_state", "tokenseg_to_authors_state", "model_from_authors_state"]
