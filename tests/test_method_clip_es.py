@@ -74,3 +74,13 @@ def test_clip_es_code_crf_image_wraps_like_their_uint8_cast():
     want = np.array([[[int(v) % 256 for v in px] for px in row] for row in bgr], np.uint8)
     assert np.array_equal(got, want) and got[0, 1, 0] == 0  # 104 - 104.008 -> -0.008 -> 0
     assert crf_image(img, "rgb") is img
+
+
+def test_their_npy_seeds_are_read_by_evaluate(tmp_path):
+    """CLIP-ES's {keys, attn_highres} files load as seeds (restricted unpickling)."""
+    from tokenseg.clip_es import save_clip_es_npy
+
+    maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float16)
+    save_clip_es_npy(tmp_path / "a.npy", np.array([3, 7]), maps)
+    s = load_seed(tmp_path / "a.npy")
+    assert list(s.classes) == [3, 7] and np.array_equal(s.maps, maps.astype(np.float32))

@@ -455,7 +455,8 @@ def _load_npy_dict(path: Path, allow_pickle: bool) -> dict:
 
 
 def load_seed(path: str | os.PathLike, allow_pickle: bool = False) -> SeedMaps:
-    """Read a seed file: our ``.npz`` or the authors' ``.npy`` dict ({class_index: H×W float}).
+    """Read a seed file: our ``.npz``, the MCTformer authors' ``.npy`` dict ({class_index: H×W float}) or
+    CLIP-ES's ``.npy`` dict ({"keys": class indices, "attn_highres": maps}).
 
     The ``.npy`` dict is a pickle: by default only numpy arrays and scalars are unpickled from it;
     ``allow_pickle=True`` unpickles anything (trusted files only)."""
@@ -463,6 +464,10 @@ def load_seed(path: str | os.PathLike, allow_pickle: bool = False) -> SeedMaps:
     try:
         if path.suffix == ".npy":
             d = _load_npy_dict(path, allow_pickle)
+            if "keys" in d and "attn_highres" in d:  # CLIP-ES's layout: {keys, attn_highres[, highres]}
+                keys = np.asarray(d["keys"], np.int64).reshape(-1)
+                maps = np.asarray(d["attn_highres"], np.float32)
+                return SeedMaps(keys, maps.reshape((len(keys),) + maps.shape[-2:]), {"format": "clip-es-npy"})
             keys = sorted(int(k) for k in d)
             if not keys:
                 return SeedMaps(np.zeros(0, np.int64), np.zeros((0, 1, 1), np.float32), {})
