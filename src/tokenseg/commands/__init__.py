@@ -4,4 +4,5 @@ MODULES = [
     "tokenseg.commands.data",
     "tokenseg.commands.convert",
     "tokenseg.commands.post",
+    "tokenseg.commands.sweep",
 ]

@@ -1,4 +1,4 @@
-"""``tokenseg convert``: the authors' MCTformer checkpoints and seed files to ours, and back."""
+"""``tokenseg convert``: the authors' MCTformer and CTI checkpoints and seed files to ours, and back."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,9 @@ EPILOG = """examples:
   tokenseg convert MCTformer_plus_voc.pth runs/mct-plus/checkpoint.pt --class-names voc
   # MCTformer-V2 (one pos_embed, DINO +0.1 interpolation at inference)
   tokenseg convert MCTformerV2_checkpoint.pth v2.pt --method mctformer-v2
+  # the authors' CTI weights (a bare state dict: bg_token, tokenizer, C+1 tokens) -> ours, and back
+  tokenseg convert 69.5_pascal.pth runs/cti/checkpoint.pt
+  tokenseg convert runs/cti/checkpoint.pt cti_authors.pth --to authors      # their infer_trm.py loads it
   # ImageNet DeiT-S as initialisation: class token repeated C times, untrained heads
   tokenseg convert deit_small_patch16_224-cd65a155.pth init.pt --method mctformer-plus --num-classes 20
   # ours -> the authors' layout ({'model': state_dict}); their code loads it
@@ -24,8 +27,8 @@ Authors' checkpoints also load directly: tokenseg maps CONFIG --checkpoint their
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "convert", help="convert the authors' MCTformer checkpoints / .npy seeds to ours and back",
-        description="Convert between the authors' MCTformer-V1/V2/+ checkpoints (or an ImageNet DeiT/DINO "
+        "convert", help="convert the authors' MCTformer / CTI checkpoints / .npy seeds to ours and back",
+        description="Convert between the authors' MCTformer-V1/V2/+ and CTI checkpoints (or an ImageNet DeiT/DINO "
                     "checkpoint as initialisation) and tokenseg checkpoints, in either direction; or between "
                     "folders of seed files (our .npz and their pickled .npy dicts).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--to", choices=["tokenseg", "authors", "safetensors"], default=None,
                    help="target layout (default: the other side of SRC); safetensors: our weights, config and "
                         "class names in a file that needs no unpickling (loads by path like a checkpoint)")
-    p.add_argument("--method", choices=["mctformer-v1", "mctformer-v2", "mctformer-plus"], default=None,
+    p.add_argument("--method", choices=["mctformer-v1", "mctformer-v2", "mctformer-plus", "cti"], default=None,
                    help="method of the authors' checkpoint (default: detected from the keys; an ImageNet "
                         "checkpoint defaults to mctformer-plus); with --to authors the layout to write")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (checked against SRC)")

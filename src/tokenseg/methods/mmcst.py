@@ -13,8 +13,8 @@ switch of the ``mmcst`` section:
 * maps: MCTformer's recipe and fusion (:func:`tokenseg.methods.mctformer.combine`) on the class-to-patch
   attention of the last ``maps.layers`` = 6 layers averaged over both token groups, sqrt(· ⊙ PatchCAM),
   refined by the patch affinity of all layers [P];
-* model selection: ``train.keep_best`` keeps the best-val-mAP checkpoint [P]; maps use it by default
-  (see README "MMCST").
+* model selection: ``train.keep_best`` keeps ``checkpoint_best.pt``, the best val mAP [P] — the checkpoint
+  MMCST's seeds are meant to come from (``tokenseg maps ... --checkpoint <run>/checkpoint_best.pt``).
 """
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ Layouts this module reads (``detect_layout``):
     a DeiT / DINO / timm ViT checkpoint with one class token: used as backbone initialisation as the
     authors do (:func:`tokenseg.models.build_model` with ``model.pretrained=PATH``: the class token and
     its position embedding are repeated C times, the patch grid is resized, the head re-initialised).
+``cti``
+    CTI's ``MCTformerV2_CTI`` (a bare state dict): one foreground ``cls_token`` (1, 1, D), ``bg_token``,
+    the tokenizer MLP ``tokenizer.{0,2}.*``, ``pos_embed_cls`` (1, C+1, D), ``pos_embed_pat`` (1, M, D),
+    the (C+1)-way ``head``, the unused ``pos_embed``; mapped by :mod:`tokenseg.models.cti`.
 ``tokenseg``
     our own checkpoint (``{'model', 'config', 'class_names', ...}``).
 
@@ -38,7 +42,7 @@ from ..checkpoint import (config_from_checkpoint, is_tokenseg_checkpoint, load_s
 from ..config import Config, apply_overrides, load_config, validate
 from ..io import TokensegError
 
-METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus")
+METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus", "cti")
 _METHOD_ALIASES = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus", "+": "mctformer-plus",
                    "mctformer+": "mctformer-plus"}
 # (embed dim, depth, patch) -> (timm name, heads) for the standard DeiT backbones the authors use
@@ -88,7 +92,7 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 class LayoutInfo:
     """What a state dict says about its model."""
 
-    layout: str  # mctformer-v1 | mctformer-v2 | mctformer-plus | imagenet | tokenseg
+    layout: str  # mctformer-v1 | mctformer-v2 | mctformer-plus | cti | imagenet | tokenseg
     num_classes: int
     embed_dim: int
     depth: int
@@ -108,6 +112,10 @@ def _grid_of(m: int, source: str) -> tuple[int, int]:
 
 def detect_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> LayoutInfo:
     """Which of the layouts above ``sd`` is, with the model dimensions it implies."""
+    from .cti import authors_layout, is_authors_state
+
+    if is_authors_state(sd):
+        return authors_layout(sd, source)
     if "cls_tokens" in sd and "pos_embed_pat" in sd:
         layout = "tokenseg"
         cls = sd["cls_tokens"]
@@ -189,9 +197,9 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, sou
     return out
 
 
-def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-    """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``)."""
-    method = canonical_method(method)
+def authors_patch_positions(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Our (1, D, gh, gw) ``pos_embed_pat`` as the authors' (1, gh·gw, D), after checking that their
+    layout can hold the model at all (a linear patch stem without norm, a square grid)."""
     if any(k.startswith("patch_embed.proj.") and k.count(".") > 3 for k in sd) or \
             "patch_embed.proj.weight" not in sd:
         raise TokensegError("this model has a convolutional stem (model.stem=conv), which the authors' "
@@ -199,12 +207,26 @@ def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[
     extra = [k for k in sd if k.startswith("patch_embed.norm.")]
     if extra:
         raise TokensegError(f"the authors' layout has no patch-embedding norm ({extra[0]})")
-    pos_pat = sd["pos_embed_pat"]
-    _, D, gh, gw = pos_pat.shape
+    _, D, gh, gw = sd["pos_embed_pat"].shape
     if gh != gw:
         raise TokensegError(f"the authors' code needs a square position grid, this model has {gh}×{gw}")
+    return sd["pos_embed_pat"].permute(0, 2, 3, 1).reshape(1, gh * gw, D).contiguous()
+
+
+def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``; CTI:
+    :func:`tokenseg.models.cti.tokenseg_to_authors_state`)."""
+    method = canonical_method(method)
+    is_cti = "bg_token" in sd and "tokenizer.0.weight" in sd
+    if method == "cti" or is_cti:
+        if method != "cti" or not is_cti:
+            raise TokensegError(f"a {'CTI' if is_cti else 'MCTformer'} model cannot be written in the {method} "
+                                f"layout")
+        from .cti import tokenseg_to_authors_state as cti_export
+
+        return cti_export(sd)
+    pat = authors_patch_positions(sd)
     cls = sd["cls_tokens"]
-    pat = pos_pat.permute(0, 2, 3, 1).reshape(1, gh * gw, D)
     out: dict[str, torch.Tensor] = {"cls_token": cls.clone()}
     if method == "mctformer-plus":
         out["pos_embed_cls"] = sd["pos_embed_cls"].clone()
@@ -312,6 +334,9 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
     from . import build_model
 
     sd = unwrap_state_dict(obj, source)
+    if canonical_method(method) == "cti" or ("bg_token" in sd and "tokenizer.0.weight" in sd):
+        return _cti_from_state(sd, source, canonical_method(method), num_classes, class_names, num_heads,
+                               overrides, path)
     info = detect_layout(sd, source)
     if info.layout == "tokenseg":
         raise TokensegError(f"{source}: already a tokenseg state dict; load it with load_model_from_checkpoint")
@@ -353,10 +378,39 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
     return model, cfg, names
 
 
+def _cti_from_state(sd, source, method, num_classes, class_names, num_heads, overrides, path):
+    """CTI's layout (their file), or an ImageNet ViT as CTI's initialisation; any other layout asked to
+    be CTI is an error that says what the file is."""
+    from .cti import build_cti_model, is_authors_state, model_from_authors_state
+
+    if is_authors_state(sd):
+        if method not in (None, "cti"):
+            raise TokensegError(f"{source}: is a CTI checkpoint (bg_token, tokenizer), not {method}; use --method cti")
+        model, cfg, names = model_from_authors_state(sd, source, num_classes, class_names, num_heads, overrides)
+        return model, cfg, names
+    info = detect_layout(sd, source)
+    if info.layout != "imagenet":
+        raise TokensegError(f"{source}: not a CTI checkpoint: it has no background token (bg_token) nor tokenizer; "
+                            f"it is {info.layout} (load it as {info.layout})")
+    if num_classes is None and class_names in (None, ""):
+        raise TokensegError(f"{source}: an ImageNet backbone checkpoint (one class token): give the number "
+                            "of classes (--num-classes) or --class-names to initialise CTI from it")
+    if path is None:
+        raise TokensegError(f"{source}: an ImageNet checkpoint needs its file path")
+    names = resolve_class_names(class_names, num_classes)
+    cfg = config_for(info, "cti", num_heads, overrides)
+    if cfg.model.backbone_kwargs:
+        cfg.model.backbone_kwargs["img_size"] = info.grid[0] * info.patch_size
+    cfg.model.pretrained = str(path)
+    model = build_cti_model(cfg, len(names))  # their finetune path: cls_token, pos C+1 times, bg_token 0
+    model.class_names_source = "given" if class_names not in (None, "") else "default"
+    return model.eval(), cfg, names
+
+
 def load_authors_checkpoint(path: str | Path, method: str | None = None, *, num_classes: int | None = None,
                             class_names: str | list[str] | None = None, num_heads: int | None = None,
                             allow_pickle: bool = False, overrides=()):
-    """Load the authors' MCTformer-V1/V2/+ weights (or an ImageNet ViT as initialisation) from ``path``.
+    """Load the authors' MCTformer-V1/V2/+ or CTI weights (or an ImageNet ViT as initialisation) from ``path``.
 
     The layout is detected (``method`` forces one; it must fit the weights). Returns ``(model, cfg)``;
     the class names are the returned model's ``class_names`` attribute (VOC for 20 classes, COCO for 80,
@@ -394,11 +448,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = Non
         if cfg.model.stem != "patch":
             raise TokensegError(f"{src}: model.stem={cfg.model.stem}: the authors' layout has only the linear "
                                 "patch embedding")
+        if (method == "cti") != (cfg.model.method == "cti"):
+            raise TokensegError(f"{src}: a {cfg.model.method} checkpoint cannot be written in the {method} layout")
         sd = tokenseg_to_authors_state(obj["model"], method)
         import io as _io
 
         buf = _io.BytesIO()
-        torch.save({"model": sd}, buf)
+        # their CTI code saves and loads a bare state dict; MCTformer's wraps it in {'model': ...}
+        torch.save(sd if method == "cti" else {"model": sd}, buf)
         write_bytes_atomic(dst, buf.getvalue())
         return {"from": "tokenseg", "to": f"authors {method}", "classes": len(names), "keys": len(sd),
                 "output": str(dst)}

@@ -395,19 +395,11 @@ def tokenseg_to_authors_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     (training state their files do not hold) is left out."""
     if "bg_token" not in sd or "tokenizer.0.weight" not in sd:
         raise TokensegError("not a CTI model (no bg_token / tokenizer): export it with its own method")
-    if "patch_embed.proj.weight" not in sd:
-        raise TokensegError("this model has a convolutional stem (model.stem=conv), which the authors' "
-                            "layout cannot hold")
-    extra = [k for k in sd if k.startswith("patch_embed.norm.")]
-    if extra:
-        raise TokensegError(f"the authors' layout has no patch-embedding norm ({extra[0]})")
-    pat = sd["pos_embed_pat"]
-    _, D, gh, gw = pat.shape
-    if gh != gw:
-        raise TokensegError(f"the authors' code needs a square position grid, this model has {gh}×{gw}")
+    from .convert import authors_patch_positions
+
     out = {"cls_token": sd["cls_token"].clone(), "pos_embed": sd["pos_embed"].clone(),
            "bg_token": sd["bg_token"].clone(), "pos_embed_cls": sd["pos_embed_cls"].clone(),
-           "pos_embed_pat": pat.permute(0, 2, 3, 1).reshape(1, gh * gw, D).contiguous()}
+           "pos_embed_pat": authors_patch_positions(sd)}
     for k, v in sd.items():
         if k not in out and k not in MEMORY_KEYS:
             out[k] = v.clone()
