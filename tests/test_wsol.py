@@ -281,3 +281,33 @@ def test_line_plot_draws_series_where_the_layout_says(tmp_path):
     with pytest.raises(TokensegError, match="2 x values but 3 y values"):
         line_plot(tmp_path / "bad.png", {"s": ([0, 1], [0, 1, 2])})
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_evaluate_wsol_and_data_check_on_openimages(tmp_path, capsys):
+    """As a user runs it: the metadata somewhere else (data.metadata_root), `data check` reports no false
+    mask-size problems (masks there are larger than their images), `evaluate --wsol` writes JSON and a PNG."""
+    import json
+    import shutil
+
+    from tokenseg.cli import main
+
+    oi = make_openimages(tmp_path / "oi")
+    meta = tmp_path / "elsewhere" / "OpenImages"
+    shutil.move(str(oi["meta"]), str(meta))
+    common = ["data.format=openimages", f"data.root={oi['root']}", f"data.metadata_root={meta}",
+              "data.train_split=train", "data.val_split=test", "eval.split=test", f"output_dir={tmp_path / 'run'}"]
+    assert main(["data", "check", "mctformer-plus", "--split", "test", "--json", str(tmp_path / "check.json"),
+                 "--quiet", *common]) in (0, None)
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert "mask is" not in json.dumps(report)
+    ds = load_openimages(oi["root"], "test", meta)
+    _seeds_for(ds, tmp_path / "run" / "seeds" / "test" / "fused_affinity")
+    png = tmp_path / "curve.png"
+    main(["evaluate", "mctformer-plus", *common, "--wsol", "--wsol-size", "0", "--curve-png", str(png), "--quiet"])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "seeds" / "test" / "wsol_fused_affinity.json").read_text())
+    ref = evaluate_wsol(tmp_path / "run" / "seeds" / "test" / "fused_affinity", ds, resize=None, progress=False)
+    assert saved["pxap"] == pytest.approx(ref["pxap"]) and saved["resize"] in (None, 0)
+    assert "PxAP" in out and png.exists()
+    assert main(["evaluate", "mctformer-plus", *common, "eval.wsol_interp=cubic", "--wsol"]) != 0
+    assert "eval.wsol_interp" in capsys.readouterr().err

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.base import COCO_CLASSES, VOC_CLASSES
 from .io import SeedMaps, TokensegError, _load_npy_dict, write_bytes_atomic
 from .models.clip import ClipModel, block_qkv, layer_norm, linear, split_heads, visual_blocks, visual_embed
 
@@ -41,22 +42,9 @@ from .models.clip import ClipModel, block_qkv, layer_norm, linear, split_heads, 
 
 DEFAULT_TEMPLATE = "a clean origami {}."  # their sharpness-selected prompt, for classes and background
 
-VOC_CLASS_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
-COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
-    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
-    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
-    "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
+# the datasets' own names (tokenseg.data.base), as tuples for comparison with a dataset's class list
+VOC_CLASS_NAMES = tuple(VOC_CLASSES)
+COCO_CLASS_NAMES = tuple(COCO_CLASSES)
 # "Synonym fusion": the name put into the prompt for a class, where it differs from the dataset's name.
 VOC_SYNONYMS = {
     "bird": "bird avian",

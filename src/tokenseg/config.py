@@ -36,7 +36,7 @@ class SyntheticConfig:
 class DataConfig:
     """Where the images, labels and masks are (see ``tokenseg.data`` and README "Datasets")."""
 
-    format: str = "voc"  # voc | coco | folder | synthetic
+    format: str = "voc"  # voc | coco | folder | openimages | synthetic
     root: str = ""  # VOCdevkit/VOC2012 | the COCO folder | your folder
     train_split: str = "train_aug"  # a split name, or a path to a list file (e.g. .../train_aug.txt)
     val_split: str = "val"
@@ -46,6 +46,8 @@ class DataConfig:
     aug_mask_dir: str = "SegmentationClassAug"  # VOC: masks for images missing from mask_dir
     image_dir: str = ""  # folder format: images folder under root (default images/, else root)
     class_names_file: str = ""
+    metadata_root: str = ""  # openimages: wsolevaluation's metadata/OpenImages (default: looked for near root)
+    mask_root: str = ""  # openimages: where the mask folders are (default: root)
     cache_dir: str = ""  # where derived data (synthetic set, COCO masks) goes; default ~/.cache/tokenseg
     coco_rasterizer: str = "auto"  # auto (pycocotools if installed) | pycocotools | numpy
     keep_empty: bool = False  # COCO: keep images without any annotation (the papers drop them)
@@ -136,6 +138,9 @@ class EvalConfig:
     background: str = "constant"  # constant (threshold grid) | power ((1-max)^alpha, CLIP-ES) | channel (POT, CTI)
     alpha: float = 2.0  # power background exponent
     alphas: list = field(default_factory=list)  # power: sweep these exponents, keep the best (CLIP-ES: [1, 2])
+    wsol_size: int = 224  # --wsol: maps and masks resized to this square, as wsolevaluation; 0: mask size
+    wsol_interp: str = "bilinear"  # --wsol: how the maps are resized (wsolevaluation: cv2 bilinear)
+    wsol_step: float = 0.001  # --wsol: width of the score bins (wsolevaluation's cam_curve_interval)
 
 
 @dataclass
@@ -331,6 +336,12 @@ def validate(cfg: Config) -> None:
     choice("maps.size_rounding", cfg.maps.size_rounding, ("auto", "round", "floor", "ceil", "none"))
     choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power", "channel"))
+    from .wsol import INTERPOLATIONS
+
+    choice("eval.wsol_interp", cfg.eval.wsol_interp, tuple(INTERPOLATIONS))
+    if cfg.eval.wsol_size < 0 or not 0 < cfg.eval.wsol_step < 1:
+        raise TokensegError(f"eval.wsol_size must be >= 0 and eval.wsol_step in (0, 1), got "
+                            f"{cfg.eval.wsol_size}, {cfg.eval.wsol_step}")
     choice("eval.miou_classes", cfg.eval.miou_classes, ("all", "present", "gt"))
     choice("maps.save_dtype", cfg.maps.save_dtype, ("float16", "float32"))
     if not cfg.maps.kinds:

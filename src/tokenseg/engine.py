@@ -26,7 +26,7 @@ from .data import WSSSDataset, build_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
 from .device import DistInfo, amp_dtype, autocast, barrier, init_distributed, resolve_device, setup
 from .data.guard import refuse_inside_dataset
-from .io import TokensegError, job_lock, write_text_atomic
+from .io import TokensegError, append_jsonl, job_lock, write_text_atomic
 from .methods import Method, StepContext, get_method
 from .progress import progress_bar
 
@@ -270,7 +270,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
                 bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
                 if step % 10 == 0 or step == total_steps:
                     record = {"step": step, "epoch": epoch + 1, "lr": lr, **values, "time": round(time.time() - t0, 2)}
-                    _append_jsonl(log_path, record)
+                    append_jsonl(log_path, record)
                     board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
@@ -288,7 +288,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
             res = evaluate_map(model, val_ds, cfg.model.img_size, device, num_workers=cfg.data.num_workers,
                                method=method, dinfo=dinfo)
             if dinfo.is_main:
-                _append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
+                append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
                 board.scalars(step, {"val/mAP": res["map"]})
                 board.overlays(step, model, method, val_ds, cfg, device)
                 if tc.keep_best and res["map"] > best_map:
@@ -308,11 +308,6 @@ def _best_so_far(path: Path) -> float:
     if not path.is_file():
         return -1.0
     return float(read_checkpoint(path).get("val_map", -1.0))
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:

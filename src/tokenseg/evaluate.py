@@ -9,15 +9,8 @@ from .config import EvalConfig
 from .data import WSSSDataset
 from .io import TokensegError, load_seed, write_json_atomic
 from .progress import progress_bar
+from .refine.scores import require_seed_file
 from .metrics import ThresholdSweep, pick_best, scores_from_confusion, seed_prediction, threshold_grid
-
-
-def _seed_file(folder: Path, image_id: str) -> Path:
-    for ext in (".npz", ".npy"):
-        p = folder / f"{image_id}{ext}"
-        if p.is_file():
-            return p
-    raise TokensegError(f"{folder}: no seed file for image {image_id!r} (.npz or .npy)")
 
 
 def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | None = None,
@@ -44,7 +37,7 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
         sweeps = [ThresholdSweep(n, np.array([0.5])) for _ in settings]
     for i in progress_bar(range(len(ds)), desc="evaluate", unit="img", disable=not progress, leave=False):
         gt = ds.load_mask(i)
-        seed = load_seed(_seed_file(seeds_dir, ds.ids[i]), allow_pickle=allow_pickle)
+        seed = load_seed(require_seed_file(seeds_dir, ds.ids[i]), allow_pickle=allow_pickle)
         if len(seed.classes) and seed.maps.shape[1:] != gt.shape:
             raise TokensegError(f"{ds.ids[i]}: seed size {seed.maps.shape[1:]} differs from mask size {gt.shape}")
         fg_max, fg_arg = seed_prediction(seed.maps, seed.classes, gt.shape)

@@ -77,6 +77,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to a training log (a log grows line by line; a torn last line is dropped by
+    the readers, and a resumed run truncates the log to its step first)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text; file names that are not valid UTF-8 (lone surrogates from ``os.listdir``) are
     written back as their original bytes (``surrogateescape``) instead of raising."""

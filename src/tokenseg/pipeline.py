@@ -10,7 +10,8 @@ from .config import Config, load_config
 from .data import WSSSDataset, build_dataset
 from .evaluate import evaluate_seeds, format_result, save_result
 from .io import load_seed
-from .viz import colour_mask, gallery, overlay, seed_argmax
+from .refine.scores import seed_scores
+from .viz import colour_mask, gallery, overlay
 
 KIND_TITLES = {
     "attention": "class-token attention",
@@ -135,7 +136,10 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
             row.append(overlay(img, m))
             cap.append(label)
         s = load_seed(root / best / f"{ds.ids[i]}.npz")
-        am = seed_argmax(s.dense(ds.num_classes), results[best]["threshold"] or 0.5)
+        r = results[best]
+        scores, mask_labels = seed_scores(s, img.shape[:2], r.get("background") or "constant",
+                                          r.get("threshold") or 0.5, r.get("alpha") or 1.0)
+        am = mask_labels[scores.argmax(0)].astype(np.uint8)
         row.append(colour_mask(am))
         cap.append("")
         shown |= set(np.unique(am).tolist()) | (set(np.unique(gt).tolist()) if has_gt else set())
@@ -250,7 +254,12 @@ def _demo_chain(cfg: Config, ckpt: Path, val_results: dict[str, dict], progress:
     maps_step(cfg, checkpoint=ckpt, split=train_split, progress=progress)
     seeds_train = evaluate_step(cfg, split=train_split, progress=progress, verbose=False)[best]
     cfg.pseudo.kind = best
-    cfg.pseudo.threshold = float(val_results[best]["threshold"])
+    chosen = val_results[best]  # the background model the val split chose: a threshold, a power or the channel
+    cfg.pseudo.background = chosen.get("background") or "constant"
+    if chosen.get("threshold") is not None:
+        cfg.pseudo.threshold = float(chosen["threshold"])
+    if chosen.get("alpha") is not None:
+        cfg.pseudo.alpha = float(chosen["alpha"])
     res = run_post_chain(cfg, seeds_dir(cfg, train_split) / best, Path(cfg.output_dir), progress=progress)
     rows = [("seeds (" + KIND_TITLES.get(best, best) + ")", train_split, seeds_train["miou"]),
             ("pseudo masks", train_split, res["mask_miou"]),
@@ -258,5 +267,6 @@ def _demo_chain(cfg: Config, ckpt: Path, val_results: dict[str, dict], progress:
     print("\nFrom seeds to a segmentation model (mIoU, %):")
     for name, split, v in rows:
         print(f"  {name:<44} {split:<6} {'-' if v is None else f'{v:6.2f}'}")
-    return {"kind": best, "threshold": cfg.pseudo.threshold, "seed_miou_train": seeds_train["miou"],
+    return {"kind": best, "background": cfg.pseudo.background, "threshold": chosen.get("threshold"),
+            "alpha": chosen.get("alpha"), "seed_miou_train": seeds_train["miou"],
             "mask_miou_train": res["mask_miou"], "seg_miou_val": res["seg_miou"]}

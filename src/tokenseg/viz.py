@@ -29,12 +29,6 @@ def colour_mask(mask: np.ndarray) -> np.ndarray:
     return pal[np.asarray(mask, dtype=np.uint8)]
 
 
-def seed_argmax(dense_maps: np.ndarray, threshold: float) -> np.ndarray:
-    """Label map argmax([t, maps...]) from (C, H, W) maps and a background threshold."""
-    scores = np.concatenate([np.full((1,) + dense_maps.shape[1:], threshold, np.float32), dense_maps], 0)
-    return scores.argmax(0).astype(np.uint8)
-
-
 def save_png(path: str | Path, rgb: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import IGNORE_INDEX, TokensegError, load_seed
+from .refine.scores import require_seed_file
 
 WSOL_RESIZE = 224  # wsolevaluation's _RESIZE_LENGTH
 INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
@@ -201,14 +202,6 @@ class WSOLSweep:
 # driver: seeds + dataset -> PxAP / pIoU
 # ------------------------------------------------------------------------------------------------
 
-def _seed_file(folder: Path, image_id: str) -> Path:
-    for ext in (".npz", ".npy"):
-        p = folder / f"{image_id}{ext}"
-        if p.is_file():
-            return p
-    raise TokensegError(f"{folder / (image_id + '.npz')}: seed file not found (nor .npy) for image {image_id!r}")
-
-
 def wsol_targets(ds, i: int, classes: Sequence[int], size: int | None) -> np.ndarray:
     """(K, h, w) uint8 targets (1 class pixels, 0 other, 255 ignore) of image ``i`` for ``classes``.
 
@@ -277,7 +270,7 @@ def evaluate_wsol(seeds_dir: str | Path, ds, resize: int | None = WSOL_RESIZE, *
     def load(i: int):
         """Read + prepare one image in a worker thread: (normalised (K, h, w) float64, targets, missing)."""
         classes = sorted(set(int(c) for c in ds.labels[i]))
-        seed = load_seed(_seed_file(seeds_dir, ds.ids[i]), allow_pickle=allow_pickle)
+        seed = load_seed(require_seed_file(seeds_dir, ds.ids[i]), allow_pickle=allow_pickle)
         target = wsol_targets(ds, i, classes, resize)
         have = {int(c): k for k, c in enumerate(np.asarray(seed.classes).tolist())}
         shape = tuple(seed.maps.shape[1:]) if len(have) else None
@@ -392,17 +385,16 @@ def wsol_step(cfg, seeds: str | Path | None = None, split: str | None = None, re
               allow_pickle: bool = False) -> dict[str, dict]:
     """``tokenseg evaluate CONFIG --wsol``: PxAP / pIoU of every seed kind under ``seeds`` (default: the
     run's seeds of ``eval.split``). ``resize``: the evaluation size (None: ``eval.wsol_size``, default
-    224; 0: mask resolution); ``eval.wsol_interp`` / ``eval.wsol_step`` are read when the config has
-    them. Writes ``wsol_<kind>.json`` next to each kind's folder (``wsol.json`` inside a folder given
-    directly) and, with ``curve_png``, one PR chart with a line per kind. Returns ``{kind: result}``."""
+    224; 0: mask resolution); ``eval.wsol_interp`` and ``eval.wsol_step`` come from the config. Writes
+    ``wsol_<kind>.json`` next to each kind's folder (``wsol.json`` inside a folder given directly) and,
+    with ``curve_png``, one PR chart with a line per kind. Returns ``{kind: result}``."""
     from .data import build_dataset
     from .evaluate import save_result
     from .pipeline import KIND_TITLES, seeds_dir
 
     if resize is None:
-        resize = int(getattr(cfg.eval, "wsol_size", WSOL_RESIZE))
-    interp = getattr(cfg.eval, "wsol_interp", "bilinear")
-    step = float(getattr(cfg.eval, "wsol_step", 0.001))
+        resize = int(cfg.eval.wsol_size)
+    interp, step = cfg.eval.wsol_interp, float(cfg.eval.wsol_step)
     split = split or cfg.eval.split
     ds = build_dataset(cfg.data, split)
     root = Path(seeds) if seeds else seeds_dir(cfg, split)

@@ -82,9 +82,8 @@ def build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
         if cfg.labels_file:
             raise TokensegError("data.labels_file is not used by data.format=openimages: the labels are the "
                                 "metadata's class_labels.txt (data.metadata_root)")
-        # getattr: the data.metadata_root / data.mask_root keys are optional in older configs
-        return load_openimages(cfg.root, split, metadata_root=getattr(cfg, "metadata_root", "") or None,
-                               mask_root=getattr(cfg, "mask_root", "") or None,
+        return load_openimages(cfg.root, split, metadata_root=_resolve(cfg, cfg.metadata_root),
+                               mask_root=_resolve(cfg, cfg.mask_root),
                                class_names_file=_resolve(cfg, cfg.class_names_file), **common)
     raise TokensegError(f"data.format {cfg.format!r} is not supported; "
                         f"use one of: voc, coco, folder, openimages, synthetic")

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import Config, DataConfig
 from ..io import IGNORE_INDEX, TokensegError, display_name, read_mask
-from .base import TRANSPARENT_FILL
+from .base import TRANSPARENT_FILL, WSSSDataset
 from .scan import UnusableSplit, collecting, scan_cache_file, scan_images
 
 LIST_LIMIT = 50  # longest list of ids/files kept per kind in the report
@@ -137,8 +137,11 @@ def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: i
     # masks
     sizes = {str(p): (info["width"], info["height"]) if not info["error"] else None
              for p, info in zip(ds.image_paths, infos)}
-    masks = [(i, str(m), sizes.get(str(p))) for i, m, p in zip(ds.ids, ds.mask_paths or [None] * len(ds),
-                                                                 ds.image_paths) if m is not None]
+    # a reader that composes its masks (OpenImages: instance masks resized to the image) checks their size
+    # itself; comparing its first instance mask file with the image would report a false mismatch
+    own_masks = type(ds).load_mask is not WSSSDataset.load_mask
+    masks = [(i, str(m), None if own_masks else sizes.get(str(p)))
+             for i, m, p in zip(ds.ids, ds.mask_paths or [None] * len(ds), ds.image_paths) if m is not None]
     rep["with_mask"] = len(masks)
     rep["without_mask"] = len(ds) - len(masks)
     dirs: dict[str, int] = {}

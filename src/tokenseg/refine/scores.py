@@ -20,6 +20,15 @@ def find_seed_file(folder: str | Path, image_id: str) -> Path | None:
     return None
 
 
+def require_seed_file(folder: str | Path, image_id: str) -> Path:
+    """:func:`find_seed_file`, or an error that names the file looked for."""
+    found = find_seed_file(folder, image_id)
+    if found is None:
+        raise TokensegError(f"{Path(folder) / (image_id + '.npz')}: seed file not found (nor .npy): "
+                            f"no seed file for image {image_id!r}")
+    return found
+
+
 def seed_scores(seed: SeedMaps, size: tuple[int, int], background: str = "constant", threshold: float = 0.39,
                 alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(1 + n, H, W) float32 scores [background, maps...] and the (1 + n,) mask label of each channel

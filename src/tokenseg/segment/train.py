@@ -9,7 +9,6 @@ remaining batches of the interrupted epoch in the same order.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..io import IGNORE_INDEX, TokensegError, job_lock, read_mask, write_bytes_atomic, write_json_atomic
+from ..io import IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic, write_json_atomic
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
 from ..device import amp_dtype as autocast_dtype
@@ -236,7 +235,7 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
             if step >= total:
                 break
         checkpoint()
-        _append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
+        append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
                                           "time_s": round(time.time() - t0, 2)})
         loss_sum, loss_n = 0.0, 0
     bar.close()
@@ -263,8 +262,3 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
 def _read(path: Path) -> dict:
     """Our segmentation checkpoint, read tensors-only (a planted pickle cannot run code)."""
     return read_weights(path)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
