@@ -379,3 +379,27 @@ def test_ddp_ranks_share_one_memory_and_match_one_process(tmp_path):
             D = v.shape[0] // 3  # shift-invariant), so AdamW turns float noise into updates of either sign
             v, b[k] = torch.cat([v[:D], v[2 * D:]]), torch.cat([b[k][:D], b[k][2 * D:]])
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_predict_from_a_cti_checkpoint_uses_its_background_channel(tmp_path):
+    """`tokenseg predict` with a CTI classification checkpoint: classes from CTI's scores, the mask the
+    argmax of [background token's channel, the predicted classes' maps] as `compute_map_batch` gives them."""
+    from PIL import Image
+
+    from tokenseg.maps import compute_map_batch, normalise
+    from tokenseg.segment.predict import predict
+    from tokenseg.io import read_mask
+
+    cfg = tiny(tmp_path)
+    torch.manual_seed(0)
+    model = get_method("cti").build(cfg, 3).eval()
+    ckpt = tmp_path / "cti.pt"
+    save_checkpoint(ckpt, model, None, None, 0, cfg, ["a", "b", "c"])
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    res = predict([tmp_path / "photo.png"], ckpt, tmp_path / "pred", cls_threshold=0.0, overlay=False,
+                  progress=False, kind="fused_affinity", max_side=0)
+    x = normalise(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    mb = compute_map_batch(model, x, torch.ones(1, 3), cfg, ["fused_affinity"])
+    scores = torch.cat([mb.background["fused_affinity"], mb.maps["fused_affinity"]], 0)
+    np.testing.assert_array_equal(read_mask(res[0]["mask"]), scores.argmax(0).numpy())

@@ -1,7 +1,8 @@
 """torchrun + DDP on 2 CPU processes (gloo) reproduces a single process with the same global batch,
-and rank-sharded map generation writes the same seeds as one process."""
+and rank-sharded maps, pseudo masks and predictions equal one process's."""
 import os
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -45,3 +46,37 @@ def test_ddp_training_and_sharded_maps_match_single_process(tmp_path):
         s2 = load_seed(tmp_path / "m2" / "fused_affinity" / name)
         np.testing.assert_array_equal(s1.classes, s2.classes)
         np.testing.assert_allclose(s1.maps.astype(np.float32), s2.maps.astype(np.float32), atol=2e-3)
+
+    # pseudo masks: each rank writes its share; together the same PNGs as one process, one summary
+    from tokenseg.io import read_mask
+
+    seeds = str(tmp_path / "m1" / "fused_affinity")
+    extra = ["pseudo.split=val", "pseudo.threshold=0.4", "pseudo.crf=false"]
+    assert main(["pseudo", "tiny", *common, *extra, f"output_dir={single}", "--seeds", seeds,
+                 "--out", str(tmp_path / "p1"), "--quiet"]) == 0
+    torchrun(["pseudo", "tiny", *common, *extra, f"output_dir={single}", "--seeds", seeds,
+              "--out", str(tmp_path / "p2"), "--quiet"])
+    p1 = sorted(p.name for p in (tmp_path / "p1").glob("*.png"))
+    assert p1 == sorted(p.name for p in (tmp_path / "p2").glob("*.png")) and len(p1) == 16
+    for name in p1:
+        np.testing.assert_array_equal(read_mask(tmp_path / "p1" / name), read_mask(tmp_path / "p2" / name))
+    import json
+
+    assert json.loads((tmp_path / "p2" / "pseudo_summary.json").read_text())["written"] == 16
+
+    # predict: each rank its share of the images; one predictions.json in input order
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3)).astype(np.uint8)).save(photos / f"p{k}.png")
+    args = ["predict", str(photos), "--checkpoint", ckpt, "--cls-threshold", "0", "--no-overlay", "--quiet",
+            "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "q1")]) == 0
+    torchrun([*args, "--out", str(tmp_path / "q2")])
+    for k in range(5):
+        np.testing.assert_array_equal(read_mask(tmp_path / "q1" / f"p{k}.png"), read_mask(tmp_path / "q2" / f"p{k}.png"))
+    listed = json.loads((tmp_path / "q2" / "predictions.json").read_text())["images"]
+    assert [Path(r["image"]).name for r in listed] == [f"p{k}.png" for k in range(5)]

@@ -442,3 +442,25 @@ def test_otpl_on_cti_uses_its_background_token(tiny_overrides, tmp_path):
     assert {"cls", "bg", "otpl_pcls", "otpl_ppc"} <= set(seen[0])
     assert main(["maps", "tiny", *over, "--split", "val", "--quiet"]) == 0
     assert len(list((tmp_path / "run" / "seeds" / "val" / "otpl_affinity").glob("*.npz"))) == 16
+
+
+def test_start_epoch_and_feature_detach_of_the_proxy_losses():
+    """`otpl.start_epoch`: before it both proxy terms weigh 0 (still computed and logged); `otpl.ppc_features`:
+    detach keeps L_ppc's gradient out of the patch features, train lets it in."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 12, 8, generator=g, requires_grad=True)
+    proxies = torch.randn(2, 4, 8, generator=g, requires_grad=True)
+    pos = torch.zeros(2, 4, 12, dtype=torch.bool)
+    pos[:, 1, :3] = True
+    out = {"otpl_proxies": proxies, "otpl_features": feats, "otpl_positives": pos,
+           "otpl_cols": torch.ones(2, 4, dtype=torch.bool)}
+    labels = torch.tensor([[1.0, 0, 0], [1.0, 1, 0]])
+    early = otpl_terms(out, labels, OTPLConfig(start_epoch=2), epoch=1)
+    assert early["otpl_pcls"].detach().item() == 0 and early["otpl_ppc"].detach().item() == 0 and early["_ppc"].item() > 0
+    on = otpl_terms(out, labels, OTPLConfig(start_epoch=2), epoch=2)
+    assert on["otpl_ppc"].detach().item() == pytest.approx(0.2 * on["_ppc"].item())
+    for mode, reaches in (("detach", False), ("train", True)):
+        terms = otpl_terms(out, labels, OTPLConfig(ppc_features=mode))
+        gf, gp = torch.autograd.grad(terms["otpl_ppc"], [feats, proxies], allow_unused=True)
+        assert (gf is not None and gf.abs().sum() > 0) == reaches
+        assert gp.abs().sum() > 0

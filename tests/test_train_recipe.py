@@ -56,3 +56,15 @@ def test_epochs_must_be_positive():
 
     with pytest.raises(TokensegError, match="train.epochs"):
         load_config("tiny", ["train.epochs=0"])
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    """`tokenseg demo` leaves a `demo/` folder behind (runs/demo, or --out demo); `load_config("demo")` run
+    from beside it must still read the preset, while a YAML file of that name is read as the config."""
+    from tokenseg.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config("demo").name == "demo"
+    (tmp_path / "mine.yaml").write_text("preset: demo\nname: mine\n")
+    assert load_config("mine.yaml").name == "mine"

@@ -106,13 +106,13 @@ def test_predict_from_a_classifier_at_the_working_size(tmp_path, monkeypatch):
     ckpt = tiny_classifier_checkpoint(tmp_path / "cls.pt", root, tmp_path)
     photo = _photo(tmp_path / "wide.jpg", 320, 200)
     sizes = []
-    real = maps.compute_maps
+    real = maps.compute_map_batch
 
     def recording(model, images, *a, **k):
         sizes.append(tuple(images.shape[-2:]))
         return real(model, images, *a, **k)
 
-    monkeypatch.setattr(maps, "compute_maps", recording)
+    monkeypatch.setattr(maps, "compute_map_batch", recording)
     res = predict([photo], ckpt, tmp_path / "pred", max_side=80, cls_threshold=0.0, bg_threshold=0.5,
                   overlay=True, progress=False)
     assert sizes == [(50, 80)]

@@ -253,9 +253,11 @@ def _read_yaml(path: Path) -> dict:
 
 def _resolve_preset(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise TokensegError(f"{p}: config file not found")
+    # a file by that name wins over a preset; a folder does not (`tokenseg demo` writes runs/demo, and a
+    # folder called "demo" in the working directory must not shadow the preset)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise TokensegError(f"{p}: config file not found" if not p.exists() else f"{p}: not a file")
         return p
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.exists():

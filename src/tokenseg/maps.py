@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
+from .data.base import image_hw
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 from .data.guard import refuse_inside_dataset
 from .io import SeedMaps, TokensegError, job_lock, save_seed, seed_path
@@ -190,17 +190,6 @@ class _ImageSet(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.from_numpy(self.ds.multi_hot(i)), i
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, read from the header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 def image_bytes(size: tuple[int, int], pairs: int, cfg: MapsConfig, patch: int, prefix: int) -> int:
     """An estimate of one image's peak map memory: its accumulators and upsampled views, and the
     explicit-attention buffers (head mean, affinity, scratch) of its largest view."""
@@ -219,7 +208,7 @@ def size_batches(ds: WSSSDataset, indices: list[int], batch_size: int, budget_by
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     sizes = {}
     for i in indices:
-        sizes[i] = image_size(ds.image_paths[i])
+        sizes[i] = image_hw(ds.image_paths[i])
         groups[sizes[i]].append(i)
     batches = []
     for _, idx in sorted(groups.items()):
@@ -309,7 +298,7 @@ def _save_batch(mb: MapBatch, raw: torch.Tensor, idx: list[int], ds: WSSSDataset
 def _warn_tokens(ds: WSSSDataset, todo: list[int], mc: MapsConfig, patch: int) -> None:
     big = []
     for i in todo[:2000]:  # header reads are cheap, but a COCO-sized split needs no full scan to warn
-        h, w = image_size(ds.image_paths[i])
+        h, w = image_hw(ds.image_paths[i])
         s = max(input_scales(mc, (h, w)))
         n = math.ceil(h * s / patch) * math.ceil(w * s / patch)
         if n > WARN_TOKENS:

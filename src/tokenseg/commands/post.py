@@ -81,7 +81,7 @@ def cmd_predict(args) -> int:
                       crf=args.crf, overlay=not args.no_overlay, overlay_format=args.overlay_format,
                       alpha=args.alpha, device=args.device, bg_threshold=args.threshold,
                       cls_threshold=args.cls_threshold, skip_existing=args.skip_existing, progress=not args.quiet,
-                      max_side=args.max_side)
+                      max_side=args.max_side, kind=args.kind)
     print(f"{len(results)} masks written to {args.out}")
     return 0
 
@@ -174,6 +174,9 @@ def register(sub) -> None:
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     pr.add_argument("--threshold", type=float, default=None,
                     help="classification checkpoint: background score (default pseudo.threshold of its config)")
+    pr.add_argument("--kind", default=None,
+                    help="classification checkpoint: the seed kind that makes the masks (default: pseudo.kind of "
+                         "its config, else its first maps.kinds, else the method's default seeds)")
     pr.add_argument("--cls-threshold", type=float, default=0.5,
                     help="classification checkpoint: class present when sigmoid(score) > this (default 0.5)")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda")

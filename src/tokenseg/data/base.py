@@ -121,6 +121,23 @@ class WSSSDataset:
             label_source=self.label_source, meta=dict(self.meta))
 
 
+def image_hw(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file's header, after EXIF rotation (as :func:`load_rgb` shows it), without
+    decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # a broken EXIF block: the pixels are still readable
+                orientation = 1
+    except FileNotFoundError as exc:
+        raise TokensegError(f"{path}: image file not found") from exc
+    except Exception as exc:
+        raise TokensegError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def load_rgb(path: str | Path, fill: tuple[int, int, int] = TRANSPARENT_FILL) -> Image.Image:
     """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, CMYK, 16-bit converted; transparent
     pixels (RGBA, LA, palette or colour-key transparency) composited on ``fill`` (see

@@ -53,6 +53,11 @@ class OTPLConfig:
     pcls_weight: float = 1.0  # [I] weight of L_p.cls (Eq. 12 adds it unweighted)
     ppc_reduce: str = "sum"  # sum (Eq. 19: per-class means summed over the image's classes) | mean [I]
     ppc_background: bool = False  # [I] Eq. 19 runs over the foreground classes only
+    start_epoch: int = 0  # [I] epoch (0-based) from which L_p.cls and L_ppc count; the paper starts from
+    # pretrained weights (0); from scratch the CAM/plan positives are noise at first (demo-otpl: 5)
+    ppc_features: str = "detach"  # [I] L_ppc's gradient into the patch features: detach (the loss moves the
+    # proxies, hence the class tokens and the proxy conv) | train (also the features; from scratch on the demo
+    # that wrecked the base: val mAP 38 instead of 91, seeds 19 instead of 47 — README "OTPL")
     sinkhorn_eps: float = 0.1  # [I] ε, as POT (same authors)
     sinkhorn_iters: int = 50  # [I] fixed iterations, no host sync (POT's code: at most 100, stops at
     # mean |Δr| < 1e-2, which these problems reach in far fewer; see README "OTPL")
@@ -130,16 +135,19 @@ def forward(model, batch: dict, ctx, cfg) -> dict:
     return model(batch, ctx)  # one call of the (possibly DDP-wrapped) model: base forward + proxies inside
 
 
-def otpl_terms(out: dict, labels: torch.Tensor, o: OTPLConfig) -> dict[str, torch.Tensor]:
-    """L_p.cls (Eq. 17: MLSM of mean_D(P_c), foreground proxies) and λ·L_ppc (Eq. 19)."""
+def otpl_terms(out: dict, labels: torch.Tensor, o: OTPLConfig, epoch: int = 0) -> dict[str, torch.Tensor]:
+    """L_p.cls (Eq. 17: MLSM of mean_D(P_c), foreground proxies) and λ·L_ppc (Eq. 19); both weighted 0
+    before ``otpl.start_epoch`` (0-based; computed all the same, so the graph does not change under DDP)."""
     from ..models.otpl import proxy_patch_contrastive
 
+    on = 1.0 if epoch >= o.start_epoch else 0.0
     proxies = out["otpl_proxies"]
-    terms = {"otpl_pcls": o.pcls_weight * multilabel_soft_margin(proxies[:, 1:].float().mean(-1), labels)}
-    args = (proxies, out["otpl_features"], out["otpl_positives"], o.tau, o.ppc_reduce)
+    terms = {"otpl_pcls": on * o.pcls_weight * multilabel_soft_margin(proxies[:, 1:].float().mean(-1), labels)}
+    feats = out["otpl_features"].detach() if o.ppc_features == "detach" else out["otpl_features"]
+    args = (proxies, feats, out["otpl_positives"], o.tau, o.ppc_reduce)
     if o.ppc_weight > 0:
         ppc = proxy_patch_contrastive(*args)
-        terms["otpl_ppc"] = o.ppc_weight * ppc
+        terms["otpl_ppc"] = on * o.ppc_weight * ppc
         terms["_ppc"] = ppc.detach()
     else:
         with torch.no_grad():
@@ -156,7 +164,7 @@ def loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
     clash = [k for k in terms if k.startswith("otpl_")]
     if clash:
         raise TokensegError(f"otpl: the base {base.name!r} already has loss terms {clash}")
-    terms.update(otpl_terms(out, batch["labels"], cfg.otpl))
+    terms.update(otpl_terms(out, batch["labels"], cfg.otpl, ctx.epoch if ctx is not None else 0))
     return terms
 
 
@@ -314,8 +322,8 @@ def _check_common(o: OTPLConfig) -> None:
         if value not in options:
             raise TokensegError(f"config key 'otpl.{key}' must be one of {list(options)}, got {value!r}")
 
-    if o.top_k < 1:
-        raise TokensegError(f"otpl.top_k must be >= 1, got {o.top_k}")
+    if o.top_k < 1 or o.start_epoch < 0:
+        raise TokensegError(f"otpl.top_k must be >= 1 and otpl.start_epoch >= 0, got {o.top_k}, {o.start_epoch}")
     if o.tau <= 0 or o.sinkhorn_eps <= 0:
         raise TokensegError(f"otpl.tau and otpl.sinkhorn_eps must be > 0, got {o.tau}, {o.sinkhorn_eps}")
     if o.sinkhorn_iters < 1:
@@ -329,6 +337,7 @@ def _check_common(o: OTPLConfig) -> None:
     choice("marginal", o.marginal, ("cam", "uniform"))
     choice("cam_norm", o.cam_norm, ("max", "minmax"))
     choice("columns", o.columns, ("all", "present"))
+    choice("ppc_features", o.ppc_features, ("detach", "train"))
     choice("ppc_reduce", o.ppc_reduce, ("sum", "mean"))
     choice("fusion", o.fusion, FUSIONS)
     choice("background", o.background, ("auto", "token", "pooled", "none"))
@@ -364,7 +373,7 @@ def build_clip(cfg, num_classes: int):
 
 
 def clip_loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
-    return otpl_terms(out, batch["labels"], cfg.otpl)
+    return otpl_terms(out, batch["labels"], cfg.otpl, ctx.epoch if ctx is not None else 0)
 
 
 def clip_class_scores(model, x: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,15 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from ..progress import progress_bar as tqdm
 
 from ..config import Config, PseudoConfig
 from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, job_lock, load_seed, read_mask, safe_output_path,
                   save_palette_png, write_json_atomic)
+from ..data.base import image_hw
 from ..data.guard import refuse_inside_dataset
 from ..data.transforms import normalise_images
-from ..device import resolve_device
+from ..device import barrier, init_distributed, resolve_device
 from ..metrics import confusion_matrix, scores_from_confusion
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
 from .randomwalk import walk_maps
@@ -81,22 +81,6 @@ def crf_image(image: np.ndarray, mode: str = "rgb") -> np.ndarray:
         raise TokensegError(f"pseudo.crf_image must be rgb or clip-es-code, got {mode!r}")
     bgr = image[..., ::-1].astype(np.float32) - np.asarray(CLIP_ES_MEAN_BGR, np.float32)
     return np.ascontiguousarray((np.trunc(bgr).astype(np.int64) & 255).astype(np.uint8))
-
-
-def image_hw(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the header, after EXIF rotation (as :func:`tokenseg.data.load_rgb`)."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            try:
-                orientation = img.getexif().get(0x0112, 1)
-            except Exception:
-                orientation = 1
-    except FileNotFoundError as exc:
-        raise TokensegError(f"{path}: image file not found") from exc
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read image ({exc})") from exc
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -192,12 +176,21 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
     if not tasks:
         raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images)")
     todo = [t for t in tasks if overwrite or not t.out_path.is_file()]
+    n_todo = len(todo)  # over every rank
+    dinfo = init_distributed(resolve_device(pc.device).type)
+    if dinfo.world > 1:
+        if pc.refine in ("affinitynet", "irn"):
+            raise TokensegError(f"pseudo.refine={pc.refine} trains a network: run it as one process (without "
+                                f"torchrun); refine none or attention shard by rank")
+        todo = todo[dinfo.rank::dinfo.world]  # each rank writes its share of the masks; rank 0 the summary
+    progress = progress and dinfo.is_main
     crf = crf_params_from_config(pc)
     backend = resolve_backend(pc.crf_backend) if (pc.crf or pc.refine in ("affinitynet", "irn")) else "none"
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    if dinfo.is_main:
+        cfg.save(out / "config.yaml")
     summary = {"out_dir": str(out), "seeds_dir": str(seeds), "split": split, "images": len(tasks),
-               "written": len(todo), "skipped_existing": len(tasks) - len(todo),
+               "written": n_todo, "skipped_existing": len(tasks) - n_todo,
                "missing_seeds": len(missing), "refine": pc.refine, "crf": pc.crf,
                "crf_backend": backend if pc.crf else None}
     if missing and progress:
@@ -244,7 +237,9 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
             _run_task(t, pc, crf, backend, affinity=aff, image=image)
             bar.update(1)
     bar.close()
-    write_json_atomic(out / "pseudo_summary.json", summary)
+    barrier(dinfo)
+    if dinfo.is_main:
+        write_json_atomic(out / "pseudo_summary.json", summary)
     return summary
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..device import amp_dtype as autocast_dtype
-from ..device import resolve_device
+from ..device import init_distributed, resolve_device
 from ..io import TokensegError, job_lock, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
 from ..progress import progress_bar
 from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
@@ -176,53 +176,81 @@ def _save_overlay(path: Path, arr: np.ndarray) -> None:
 
 
 class _ClassifierPredictor:
-    """Masks from a classification checkpoint's maps (the lead's ``tokenseg.maps.compute_maps``)."""
+    """Masks from a classification checkpoint of any method: its class scores pick the classes, its map
+    recipe (``tokenseg.maps.compute_map_batch``) gives their maps, and its background model the rest."""
 
     def __init__(self, checkpoint: Path, device: torch.device, bg_threshold: float | None, cls_threshold: float,
-                 scales: Sequence[float] | None, flip: bool | None) -> None:
-        try:
-            from ..checkpoint import load_model_from_checkpoint
-            from ..maps import compute_maps, normalise
-        except ImportError as exc:  # pragma: no cover - depends on the core being installed
-            raise TokensegError(f"predicting from a classification checkpoint needs tokenseg.maps ({exc})") from exc
+                 scales: Sequence[float] | None, flip: bool | None, kind: str | None = None) -> None:
+        from ..checkpoint import load_model_from_checkpoint
+        from ..maps import compute_map_batch, normalise
+        from ..methods import get_method
+
         loaded = load_model_from_checkpoint(checkpoint)
         self.model, self.cfg = loaded[0].to(device).eval(), loaded[1]
         self.names = list(loaded[2]) if len(loaded) > 2 else []
+        self.method = get_method(getattr(self.model, "tokenseg_method", None) or self.cfg.model.method)
         self.device = device
-        self.compute_maps, self.normalise = compute_maps, normalise
+        self.compute_map_batch, self.normalise = compute_map_batch, normalise
         mc = self.cfg.maps
         if scales is not None:
             mc.scales = list(scales)
         if flip is not None:
             mc.flip = flip
-        self.kind = mc.kinds[0]
-        if self.model.head is None and self.kind not in ("attention", "attention_affinity"):
-            self.kind = "attention_affinity"
+        recipe = self.method.recipe
+        if kind:
+            if kind not in recipe.kinds:
+                raise TokensegError(f"--kind {kind!r}: {self.method.name} makes {list(recipe.kinds)}")
+            self.kind = kind
+        else:  # the kind its pseudo masks use, else its first map kind, else the method's default seeds
+            kinds = [k for k in [self.cfg.pseudo.kind, *mc.kinds] if k in recipe.kinds] or list(recipe.default_kinds)
+            self.kind = kinds[0]
+        if getattr(self.model, "head", True) is None and self.kind not in ("attention", "attention_affinity"):
+            self.kind = "attention_affinity"  # MCTformer-V1: no PatchCAM head
+        # the background: --threshold if given, else the recipe's own channel (CTI, POT), else the pseudo-mask
+        # settings of the config (a constant or CLIP-ES's power)
+        if bg_threshold is not None:
+            self.background = "constant"
+        elif recipe.background == "channel":
+            self.background = "channel"
+        else:
+            self.background = "power" if self.cfg.pseudo.background == "power" else "constant"
         self.bg = self.cfg.pseudo.threshold if bg_threshold is None else bg_threshold
+        self.alpha = self.cfg.pseudo.alpha
         self.cls_threshold = cls_threshold
+
+    def class_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid of the method's image-level scores (its ``class_scores``; ``cls_logits`` otherwise)."""
+        logits = self.method.class_scores(self.model, x) if self.method.class_scores else self.model(x)["cls_logits"]
+        return torch.sigmoid(logits.float())
 
     @torch.no_grad()
     def scores(self, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """(1 + K, h, w) scores [background threshold, maps of the K predicted classes] for an image at
-        its working size, and their mask values [0, c + 1, ...]."""
+        """(1 + K, h, w) scores [background, maps of the K predicted classes] for an image at its working
+        size, and their mask values [0, c + 1, ...]."""
         from ..maps import scaled_size
 
         H, W = image.shape[:2]
-        x = self.normalise(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(self.device))
-        p = self.model.patch_size
+        recipe = self.method.recipe
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(self.device)
+        x = self.normalise(x, recipe.mean, recipe.std)
+        p = recipe.size_multiple or getattr(self.model, "patch_size", 16)
         hs, ws = scaled_size(H, W, 1.0, p, "round")
         xin = x if (hs, ws) == (H, W) else torch.nn.functional.interpolate(x, size=(hs, ws), mode="bicubic",
                                                                            align_corners=False)
-        out = self.model(xin)
-        score = torch.sigmoid(out["cls_logits"].float())
-        labels = (score > self.cls_threshold).float()
+        labels = (self.class_probabilities(xin) > self.cls_threshold).float()
         if labels.sum() == 0:
             return torch.zeros(1, H, W), np.zeros(1, np.uint8)
-        maps = self.compute_maps(self.model, x, labels, self.cfg.maps, [self.kind])[self.kind][0]
-        present = torch.nonzero(labels[0]).flatten()
-        m = maps[present].float().cpu()
-        scores = torch.cat([torch.full((1, H, W), float(self.bg)), m], 0)
-        return scores, np.concatenate([[0], present.cpu().numpy() + 1]).astype(np.uint8)
+        mb = self.compute_map_batch(self.model, x, labels, self.cfg, [self.kind])
+        m = mb.maps[self.kind].float().cpu()  # (K, H, W), the present classes in ascending order
+        present = mb.pairs[:, 1].cpu()
+        if self.background == "channel":
+            bg = mb.background[self.kind][0].float().cpu()
+        elif self.background == "power":
+            bg = (1 - m.clamp(0, 1).amax(0)).clamp_min(0) ** self.alpha
+        else:
+            bg = torch.full((H, W), float(self.bg))
+        scores = torch.cat([bg[None], m], 0)
+        return scores, np.concatenate([[0], present.numpy() + 1]).astype(np.uint8)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         scores, values = self.scores(image)
@@ -233,14 +261,15 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
             scales: Sequence[float] | None = None, flip: bool | None = None, crf: bool = False,
             overlay: bool = True, overlay_format: str = "jpg", alpha: float = 0.5, device: str = "auto",
             bg_threshold: float | None = None, cls_threshold: float = 0.5, skip_existing: bool = False,
-            progress: bool = True, max_side: int | None = None) -> list[dict]:
+            progress: bool = True, max_side: int | None = None, kind: str | None = None) -> list[dict]:
     """Write one mask (and overlay) per input image; returns ``[{"image", "mask", "overlay", "classes"}]``.
 
     ``scales``/``flip`` default to single-scale, no flip (segmentation) or the checkpoint's map recipe
     (classification); ``crf`` uses the segmentation CRF preset (pydensecrf if installed, else torch).
     ``max_side``: the longest side the network sees (None: :func:`default_max_side` of the checkpoint;
-    0: the full resolution); masks are always written at the image's full size. The output folder is
-    locked while writing and must not be a folder of the input images."""
+    0: the full resolution); masks are always written at the image's full size. ``kind``: a classification
+    checkpoint's seed kind (default: ``pseudo.kind``, else its first ``maps.kinds``, else the method's
+    default). The output folder is locked while writing and must not be a folder of the input images."""
     files = expand_inputs(images)
     out = Path(out_dir)
     folders = {Path(f).parent.resolve() for f in files}
@@ -249,13 +278,15 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
                             f"(e.g. {out / 'predictions'})")
     with job_lock(out, "tokenseg predict"):
         return _predict(files, checkpoint, out, scales, flip, crf, overlay, overlay_format, alpha, device,
-                        bg_threshold, cls_threshold, skip_existing, progress, max_side)
+                        bg_threshold, cls_threshold, skip_existing, progress, max_side, kind)
 
 
 def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device, bg_threshold,
-             cls_threshold, skip_existing, progress, max_side) -> list[dict]:
+             cls_threshold, skip_existing, progress, max_side, kind=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dinfo = init_distributed(resolve_device(device).type)  # under torchrun each rank predicts its share
+    dev = resolve_device(device, dinfo.local_rank)
+    progress = progress and dinfo.is_main
     state = read_segmentation_checkpoint(checkpoint)
     if max_side is not None and max_side < 0:
         raise TokensegError(f"--max-side must be >= 0 (0: full resolution), got {max_side}")
@@ -279,7 +310,7 @@ def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_f
         source = "segmentation"
     else:
         del state
-        runner = _ClassifierPredictor(Path(checkpoint), dev, bg_threshold, cls_threshold, scales, flip)
+        runner = _ClassifierPredictor(Path(checkpoint), dev, bg_threshold, cls_threshold, scales, flip, kind)
         names = runner.names
         side = default_max_side(runner.cfg, "classification") if max_side is None else int(max_side)
 
@@ -301,7 +332,7 @@ def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_f
 
     results = []
     ext = "jpg" if overlay_format.lower() in ("jpg", "jpeg") else "png"
-    todo = list(zip(files, output_stems(files)))
+    todo = list(zip(files, output_stems(files)))[dinfo.rank::dinfo.world]
     told = False
     bar = progress_bar(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     for f, stem in todo:
@@ -328,6 +359,14 @@ def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_f
                         "classes": [names[c - 1] if c - 1 < len(names) else str(c) for c in present]})
         bar.update(1)
     bar.close()
-    write_json_atomic(out / "predictions.json", {"checkpoint": str(checkpoint), "source": source,
-                                                 "max_side": side, "images": results})
+    if dinfo.world > 1:  # every rank's share, back in the order of the inputs
+        import torch.distributed as dist
+
+        shares: list = [None] * dinfo.world
+        dist.all_gather_object(shares, results)
+        order = {str(f): i for i, f in enumerate(files)}
+        results = sorted((r for share in shares for r in share), key=lambda r: order[r["image"]])
+    if dinfo.is_main:
+        write_json_atomic(out / "predictions.json", {"checkpoint": str(checkpoint), "source": source,
+                                                     "max_side": side, "images": results})
     return results
