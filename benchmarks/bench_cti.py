@@ -14,6 +14,14 @@ memory starts full, so all four terms are on, as in a VOC step after the first f
              in the layers the BG-CAM loss reads, view 2 + both infusion passes continued from the shared
              block-4 tokens as one batch with fused attention; the memory a tensor update; fp32.
 ``ours-bf16`` the same under bf16 autocast (``train.amp=bf16``; not exact to theirs, shown for scale).
+``floor``    not a CTI step: the least work any exact step that reuses the shared blocks must do — the
+             same ViT forward + backward over the same block passes as ``ours`` (both views through
+             all blocks, two more passes of view 1 from block ``swap + 1``), fused attention everywhere,
+             no losses, maps or memory, and the same optimizer step. ``authors`` / ``floor`` bounds the
+             speed-up of an exact fp32 step: the linear layers of 40 of their 48 block passes remain.
+
+Ours and the floor use the optimizer ``tokenseg train`` builds (torch's fused AdamW,
+``train.fused_optimizer``); the authors' the default one their timm ``create_optimizer`` returns.
 
 Map variants (``maps.scales=[1.0]`` + flip, ``fused_affinity``, 500×375 image, 2 labels):
 ``maps-mctformer-plus`` (K = 12, mean) and ``maps-cti`` (K = 12, sum, background channel).
@@ -37,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import busy_warning, machine, maxrss_mb, median, pick_device, run_worker, sync, table  # noqa: E402
 
-TRAIN = ("authors", "ours", "ours-bf16")
+TRAIN = ("authors", "ours", "ours-bf16", "floor")
 MAPS = ("maps-mctformer-plus", "maps-cti")
 C = 20
 
@@ -135,13 +143,15 @@ def their_update(model, img, img_pos, label, memory, W=(0.1, 1.0, 1.0), swap_idx
 def train_worker(args, device) -> dict:
     from tokenseg.config import load_config
     from tokenseg.methods import StepContext, get_method
+    from tokenseg import optim
     from tokenseg.methods.base import default_param_groups
 
     cfg = load_config("cti", ["model.drop_path=0.1"])
     method = get_method("cti")
     torch.manual_seed(0)
     model = method.build(cfg, C).to(device).train()
-    opt = torch.optim.AdamW(default_param_groups(model, cfg), lr=1e-5)
+    opt = optim.adamw(default_param_groups(model, cfg), fused=args.worker != "authors" and cfg.train.fused_optimizer,
+                      lr=1e-5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g)
@@ -157,6 +167,8 @@ def train_worker(args, device) -> dict:
     def step():
         if args.worker == "authors":
             total = their_update(model, x, x2, y, memory)
+        elif args.worker == "floor":
+            total = floor_forward(model, x, x2, cfg.cti.swap_layer)
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.worker == "ours-bf16"):
                 out = method.forward(model, batch, ctx, cfg)
@@ -168,6 +180,19 @@ def train_worker(args, device) -> dict:
         return float(total.detach())
 
     return timed(step, args, device)
+
+
+def floor_forward(model, x, x2, swap: int) -> torch.Tensor:
+    """The block passes of our step with fused attention and nothing else: (view 1, view 2) through every
+    block, then view 1's block-``swap`` tokens twice more through the rest (the two infusion passes)."""
+    tokens, _ = model.embed(torch.cat([x, x2]))
+    head = tokens
+    for blk in model.blocks[:swap + 1]:
+        head = blk(head)
+    rest = torch.cat([head, head[:x.shape[0]].repeat(2, 1, 1)])
+    for blk in model.blocks[swap + 1:]:
+        rest = blk(rest)
+    return rest.square().mean()
 
 
 def maps_worker(args, device) -> dict:
@@ -251,7 +276,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--variants", default="authors,ours," + ",".join(MAPS), help=f"of {', '.join(TRAIN + MAPS)}")
+    ap.add_argument("--variants", default="authors,ours,floor," + ",".join(MAPS), help=f"of {', '.join(TRAIN + MAPS)}")
     ap.add_argument("--check", action="store_true", help="only check that both steps compute the same thing")
     ap.add_argument("--worker", choices=TRAIN + MAPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,6 +324,9 @@ def main() -> None:
                  "+ over model", "RSS vs ref"], rows))
     print("(CPU s: process time per step, all threads; with --threads 1 it is the work done, whatever the load)")
     print("(ref: authors for the training step, maps-mctformer-plus for the seeds)")
+    if "floor" in summary and "authors" in summary:
+        print(f"(floor: the block passes of our step alone, fused attention, no losses: authors / floor = "
+              f"{summary['authors']['s'] / summary['floor']['s']:.2f}× bounds an exact fp32 step's speed-up here)")
     print(json.dumps({"device": device.type, **summary}))
 
 

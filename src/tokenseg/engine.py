@@ -27,6 +27,7 @@ from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
 from .device import DistInfo, amp_dtype, autocast, barrier, init_distributed, resolve_device, setup
 from .data.guard import refuse_inside_dataset
 from .io import TokensegError, append_jsonl, job_lock, write_text_atomic
+from . import optim
 from .methods import Method, StepContext, get_method
 from .progress import progress_bar
 
@@ -72,9 +73,9 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: Config, steps_p
     groups = [g for g in method.param_groups(unwrap(model), cfg) if g["params"]]
     base_lr = tc.lr * tc.batch_size / tc.lr_base_batch
     if kind == "sgd-poly":
-        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        optimizer = optim.sgd(groups, tc.fused_optimizer, lr=base_lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
         return optimizer, lambda step, epoch: poly_lr(step, total_steps, base_lr, tc.poly_power)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, eps=1e-8)
+    optimizer = optim.adamw(groups, tc.fused_optimizer, lr=base_lr, eps=1e-8)
     warmup_steps = int(round(tc.warmup_epochs * steps_per_epoch))
     if tc.lr_schedule == "epoch":
         return optimizer, lambda step, epoch: lr_at_epoch(epoch, tc.epochs, tc.warmup_epochs, base_lr, tc.warmup_lr,

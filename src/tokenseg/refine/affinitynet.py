@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from ..progress import progress_bar as tqdm
 
+from .. import optim
 from ..checkpoint import read_weights
 from ..config import Config, PseudoConfig
 from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic
@@ -238,7 +239,7 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
     total = pc.aff_max_steps if pc.aff_max_steps > 0 else pc.aff_epochs * steps_per_epoch
     groups = [{"params": net.backbone_parameters(), "lr": pc.aff_lr, "base_lr": pc.aff_lr},
               {"params": net.head_parameters(), "lr": pc.aff_lr * 10, "base_lr": pc.aff_lr * 10}]
-    optimizer = torch.optim.SGD(groups, lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
+    optimizer = optim.sgd(groups, lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
     step = 0
     if state is not None:
         net.load_state_dict(state["model"])

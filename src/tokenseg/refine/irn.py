@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .. import optim
 from ..config import Config, IRNConfig
 from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic,
                   write_json_atomic)
@@ -409,7 +410,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
         net.encoder.requires_grad_(False)
     else:  # [I] fine-tuning the backbone too (IRN never does); at the boundary branch's lr
         groups.append({"params": net.backbone_parameters(), "lr": ic.lr, "base_lr": ic.lr})
-    optimizer = torch.optim.SGD(groups, lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
+    optimizer = optim.sgd(groups, lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

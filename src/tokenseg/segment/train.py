@@ -22,6 +22,7 @@ from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
 from ..io import IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic, write_json_atomic
+from .. import optim
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
 from ..device import amp_dtype as autocast_dtype
@@ -161,9 +162,9 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     groups = [{"params": model.backbone_parameters(), "lr": sc.lr, "base_lr": sc.lr},
               {"params": model.head_parameters(), "lr": sc.lr * sc.head_lr_mult, "base_lr": sc.lr * sc.head_lr_mult}]
     if sc.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+        optimizer = optim.adamw(groups, lr=sc.lr, weight_decay=sc.weight_decay)
     else:
-        optimizer = torch.optim.SGD(groups, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
+        optimizer = optim.sgd(groups, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
     amp = autocast_dtype(sc.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
