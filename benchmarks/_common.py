@@ -51,6 +51,30 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats
     return {"median": median(rates), "best": max(rates), "n": n}
 
 
+def timed_runs(fn, device: torch.device, warmup: int, repeats: int, per: int = 1) -> tuple[dict, object]:
+    """Call ``fn`` ``warmup + repeats`` times; returns ``(result, last output)``. The result holds the
+    wall and process (all threads) seconds of the timed calls divided by ``per`` (e.g. per image), the
+    process's peak RSS before and after, and on CUDA the peak allocated memory over the calls."""
+    rss0 = maxrss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda0 = torch.cuda.memory_allocated(device) / 2 ** 20
+    times, cpu, out = [], [], None
+    for i in range(warmup + repeats):
+        sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t) / per)
+            cpu.append((time.process_time() - c) / per)
+    res = {"times": times, "cpu": cpu, "rss_base_mb": rss0, "rss_peak_mb": maxrss_mb()}
+    if device.type == "cuda":
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        res["cuda_base_mb"] = cuda0
+    return res, out
+
+
 def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:
     """Run ``script --worker ...`` in a fresh process (so ru_maxrss is that variant's own peak) and
     parse the JSON line it prints last."""

@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (busy_warning, machine, matmul_rate, maxrss_mb, median, pick_device, run_worker,  # noqa: E402
-                     sync, table)
+from _common import busy_warning, machine, matmul_rate, median, pick_device, run_worker, table, timed_runs  # noqa: E402
 
 H_IMG, W_IMG = 375, 500
 PRESENT = [0, 8, 14]  # aeroplane, chair seat, person
@@ -187,23 +185,8 @@ def worker(args) -> None:
     else:
         model.visual_in(DTYPES[args.worker])  # the low-precision copy of the tower, made once
         fn = lambda: ours_maps(model, x, fg, bg, args.worker)  # noqa: E731
-    rss0 = maxrss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_cuda = torch.cuda.memory_allocated(device) / 2 ** 20
-    times, cpu, out = [], [], None
-    for i in range(args.warmup + args.repeats):
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        sync(device)
-        if i >= args.warmup:
-            times.append((time.perf_counter() - t) / batch)
-            cpu.append((time.process_time() - c) / batch)
-    res = {"variant": args.worker, "times": times, "cpu": cpu, "rss_base_mb": rss0, "rss_peak_mb": maxrss_mb()}
-    if device.type == "cuda":
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        res["cuda_base_mb"] = base_cuda
+    res, out = timed_runs(fn, device, args.warmup, args.repeats, per=batch)
+    res["variant"] = args.worker
     np.save(args.out, np.asarray(out.numpy() if torch.is_tensor(out) else out, np.float32))
     print(json.dumps(res))
 

@@ -36,14 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, maxrss_mb, median, pick_device, run_worker, sync, table  # noqa: E402
+from _common import busy_warning, machine, median, pick_device, run_worker, table, timed_runs  # noqa: E402
 
 TRAIN = ("authors", "ours", "ours-bf16", "floor")
 MAPS = ("maps-mctformer-plus", "maps-cti")
@@ -213,18 +212,8 @@ def maps_worker(args, device) -> dict:
 
 
 def timed(fn, args, device) -> dict:
-    rss0 = maxrss_mb()
-    times, cpu, value = [], [], None
-    for i in range(args.warmup + args.repeats):
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        value = fn()
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-    return {"variant": args.worker, "times": times, "cpu": cpu, "value": value, "rss_base_mb": rss0,
-            "rss_peak_mb": maxrss_mb()}
+    res, value = timed_runs(fn, device, args.warmup, args.repeats)
+    return {**res, "variant": args.worker, "value": value}
 
 
 def worker(args) -> None:

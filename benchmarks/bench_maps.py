@@ -33,7 +33,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +41,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (authors_blocks, busy_warning, machine, matmul_rate, maxrss_mb, median,  # noqa: E402
-                     pick_device, run_worker, sync, table)
+from _common import (authors_blocks, busy_warning, machine, matmul_rate, median, pick_device, run_worker,
+                     table, timed_runs)  # noqa: E402
 
 H_IMG, W_IMG = 375, 500
 SCALES = [1.0, 0.75, 1.25]
@@ -95,7 +94,7 @@ def authors_forward_stacked(model, x: torch.Tensor, K: int):
     C = model.num_classes
     x = torch.cat([model.cls_tokens + model.pos_embed_cls, tokens], dim=1)
     x, attn_weights, _ = authors_blocks(model, x, C)
-    x = model.norm(x)
+    x = model.output_norm(x)  # no final LayerNorm, as their code (METHODS.md §16)
     B, _, D = x.shape
     attn_weights = torch.stack(attn_weights)  # 12 × B × H × N × N
     attn_weights = torch.mean(attn_weights, dim=2)  # 12 × B × N × N
@@ -198,23 +197,8 @@ def worker(args) -> None:
         "bf16": lambda: ours_maps(model, img_u8, lab_t, maps_cfg("bf16")),
     }
     fn = fns[args.worker]
-    rss0 = maxrss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_cuda = torch.cuda.memory_allocated(device) / 2 ** 20
-    times = []
-    out = None
-    for i in range(args.warmup + args.repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        if i >= args.warmup:
-            times.append((time.perf_counter() - t) / batch)  # per image
-    res = {"variant": args.worker, "times": times, "rss_base_mb": rss0, "rss_peak_mb": maxrss_mb()}
-    if device.type == "cuda":
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        res["cuda_base_mb"] = base_cuda
+    res, out = timed_runs(fn, device, args.warmup, args.repeats, per=batch)  # per image
+    res["variant"] = args.worker
     np.save(args.out, np.asarray(out.numpy() if torch.is_tensor(out) else out, np.float32))
     print(json.dumps(res))
 

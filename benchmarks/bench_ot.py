@@ -36,14 +36,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, maxrss_mb, median, pick_device, run_worker, sync, table  # noqa: E402
+from _common import busy_warning, machine, median, pick_device, run_worker, table, timed_runs  # noqa: E402
 
 B = 16
 OTPL_M, OTPL_N, OTPL_D = 784, 21, 384
@@ -191,19 +190,8 @@ def worker(args) -> None:
     else:
         data = pot_data(device)
         fn = (lambda: pot_loop(*data)) if args.worker == "pot-loop" else (lambda: pot_ours(*data, args.worker))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, out = [], None
-    for i in range(args.warmup + args.repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    res = {"variant": args.worker, "times": times, "rss_peak_mb": maxrss_mb()}
-    if device.type == "cuda":
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    res, out = timed_runs(fn, device, args.warmup, args.repeats)
+    res["variant"] = args.worker
     np.save(args.out, out.float().cpu().numpy())
     print(json.dumps(res))
 

@@ -1,7 +1,8 @@
 """MCTformer+ training step (batch 4, 448², DeiT-S, 20 classes): ours vs the authors' style.
 
 One step = forward (class-token scores, GWRP PatchCAM scores, class tokens of all 12 layers for CCT),
-the three losses (:func:`tokenseg.engine.compute_losses`), backward, AdamW update.
+the three losses (:func:`tokenseg.methods.mctformer.compute_losses`), backward, AdamW update (ours: the
+fused AdamW ``tokenseg train`` builds; theirs: torch's default).
 
 ``authors``    explicit attention materialised in every layer (softmax(QKᵀ)·V, the attention tensors
                collected as their forward does), fp32 on the CPU / fp16 autocast + GradScaler on CUDA
@@ -21,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (authors_blocks, busy_warning, machine, maxrss_mb, median, pick_device,  # noqa: E402
-                     run_worker, sync, table)
+from _common import (authors_blocks, busy_warning, machine, median, pick_device, run_worker, table,
+                     timed_runs)  # noqa: E402
 
 VARIANTS = ("authors", "ours-fp32", "ours-bf16")
 
@@ -40,7 +40,7 @@ def authors_forward(model, x: torch.Tensor) -> dict:
     tokens, grid = model.embed(x)
     C = model.num_classes
     tokens, attn_weights, layer_cls = authors_blocks(model, tokens, C)
-    tokens = model.norm(tokens)
+    tokens = model.output_norm(tokens)  # no final LayerNorm, as their code (METHODS.md §16)
     fmap = model.patch_logits_map(tokens, grid)
     return {"cls_logits": tokens[:, :C].float().mean(-1), "patch_map": fmap,
             "patch_logits": pool_patch_scores(fmap, model.pooling, model.gwrp_decay),
@@ -48,18 +48,21 @@ def authors_forward(model, x: torch.Tensor) -> dict:
 
 
 def worker(args) -> None:
+    from tokenseg import optim
     from tokenseg.config import load_config
-    from tokenseg.engine import compute_losses, param_groups
-    from tokenseg.models import build_model
+    from tokenseg.methods import get_method
+    from tokenseg.methods.base import default_param_groups
+    from tokenseg.methods.mctformer import compute_losses
 
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     cfg = load_config("mctformer-plus", ["model.drop_path=0.1"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, 20).to(device).train()
+    model = get_method("mctformer-plus").build(cfg, 20).to(device).train()
     for blk in model.blocks:
         blk.attn.fused_attn = True
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5)
+    opt = optim.adamw(default_param_groups(model, cfg), fused=args.worker != "authors" and cfg.train.fused_optimizer,
+                      lr=1e-5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     y = (torch.rand(args.batch, 20, generator=g) < 0.15).float()
@@ -90,22 +93,8 @@ def worker(args) -> None:
             opt.step()
         return float(losses["total"].detach())
 
-    rss0 = maxrss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) / 2 ** 20
-    times, loss = [], None
-    for i in range(args.warmup + args.repeats):
-        sync(device)
-        t = time.perf_counter()
-        loss = step()
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    res = {"variant": v, "times": times, "loss": loss, "rss_base_mb": rss0, "rss_peak_mb": maxrss_mb()}
-    if device.type == "cuda":
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        res["cuda_base_mb"] = base
+    res, loss = timed_runs(step, device, args.warmup, args.repeats)
+    res.update(variant=v, loss=loss)
     print(json.dumps(res))
 
 

@@ -73,7 +73,8 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: Config, steps_p
     groups = [g for g in method.param_groups(unwrap(model), cfg) if g["params"]]
     base_lr = tc.lr * tc.batch_size / tc.lr_base_batch
     if kind == "sgd-poly":
-        optimizer = optim.sgd(groups, tc.fused_optimizer, lr=base_lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        optimizer = optim.sgd(groups, tc.fused_optimizer, lr=base_lr, momentum=tc.momentum,
+                              weight_decay=tc.weight_decay)
         return optimizer, lambda step, epoch: poly_lr(step, total_steps, base_lr, tc.poly_power)
     optimizer = optim.adamw(groups, tc.fused_optimizer, lr=base_lr, eps=1e-8)
     warmup_steps = int(round(tc.warmup_epochs * steps_per_epoch))

@@ -166,14 +166,19 @@ class ClassTokenViT(nn.Module):
         methods built on top, e.g. OTPL), and optionally every layer's class tokens (CCT)."""
         tokens, grid = self.embed(x)
         res = run_blocks(self.blocks, tokens, self.num_classes, keep_layer_tokens=return_layer_tokens)
-        tokens = self.output_norm(res.tokens)
+        return self.head_outputs(self.output_norm(res.tokens), grid, res.layer_tokens if return_layer_tokens else None)
+
+    def head_outputs(self, tokens: torch.Tensor, grid: tuple[int, int], layer_tokens: list | None = None) -> dict:
+        """What every class-token forward returns from its output tokens: ``cls_logits`` (the mean of each
+        of the first C tokens), ``tokens``, ``grid``, with a head ``patch_map`` and its pooled
+        ``patch_logits``, and ``layer_cls_tokens`` when given."""
         out = {"cls_logits": tokens[:, : self.num_classes].float().mean(-1), "tokens": tokens, "grid": grid}
         fmap = self.patch_logits_map(tokens, grid)
         if fmap is not None:
             out["patch_map"] = fmap
             out["patch_logits"] = pool_patch_scores(fmap, self.pooling, self.gwrp_decay)
-        if return_layer_tokens:
-            out["layer_cls_tokens"] = res.layer_tokens
+        if layer_tokens is not None:
+            out["layer_cls_tokens"] = layer_tokens
         return out
 
     # ------------------------------------------------------------------ maps

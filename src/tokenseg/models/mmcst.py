@@ -181,18 +181,13 @@ class MMCSTViT(ClassTokenViT):
         res = run_blocks(self.blocks, tokens, self.num_prefix, keep_layer_tokens=return_layer_tokens)
         tokens = self.output_norm(res.tokens)
         C = self.num_classes
-        out = {"cls_logits": tokens[:, :C].float().mean(-1), "tokens": tokens, "grid": grid}
+        out = self.head_outputs(tokens, grid, res.layer_tokens if return_layer_tokens else None)
         if self.text_tokens == "tokens":
             out["text_logits"] = tokens[:, C:2 * C].float().mean(-1)
         else:
             tmap = self.text_patch_logits(tokens, txt).view(x.shape[0], C, *grid)
             out["text_map"] = tmap
             out["text_logits"] = pool_patch_scores(tmap, self.pooling, self.gwrp_decay)
-        fmap = self.patch_logits_map(tokens, grid)
-        out["patch_map"] = fmap
-        out["patch_logits"] = pool_patch_scores(fmap, self.pooling, self.gwrp_decay)
-        if return_layer_tokens:
-            out["layer_cls_tokens"] = res.layer_tokens
         return out
 
     # ------------------------------------------------------------------ maps
