@@ -191,22 +191,28 @@ class ClassTokenViT(nn.Module):
 
         Only the needed attention rows are computed explicitly; other layers use fused attention."""
         tokens, grid = self.embed(x)
-        C, L = self.num_classes, len(self.blocks)
-        last_k = min(max(last_k, 1), L)
-        aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
-        res = run_blocks(self.blocks, tokens, C, row_layers=range(L - last_k, L),
-                         full_layers=range(aff_from, L) if affinity else ())
-        c2p = res.rows[:, :, C:]
-        if layer_reduce == "mean":
-            c2p = c2p / last_k
-        tokens = self.output_norm(res.tokens)
-        B = x.shape[0]
-        attention = c2p.reshape(B, C, grid[0], grid[1])
+        C = self.num_classes
+        tokens, rows, affinity_map = self.map_pass(tokens, C, last_k, affinity, layer_reduce, affinity_layers)
         fmap = self.patch_logits_map(tokens, grid)
         patchcam = F.relu(fmap.float()) if fmap is not None else None
-        affinity_map = res.full[:, C:, C:] if res.full is not None else None
-        return MapOutputs(attention=attention, patchcam=patchcam, affinity=affinity_map,
+        return MapOutputs(attention=rows.reshape(x.shape[0], C, *grid), patchcam=patchcam, affinity=affinity_map,
                           cls_logits=tokens[:, :C].float().mean(-1), grid=grid)
+
+    def map_pass(self, tokens: torch.Tensor, prefix: int, last_k: int, affinity: bool, layer_reduce: str,
+                 affinity_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The blocks of a map forward (every class-token model's): ``(output tokens, prefix-to-patch
+        attention (B, prefix, M) summed — or averaged — over the last ``last_k`` layers, patch affinity
+        (B, M, M) summed over the last ``affinity_layers`` layers (0 = all) or None)``."""
+        L = len(self.blocks)
+        last_k = min(max(last_k, 1), L)
+        aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
+        res = run_blocks(self.blocks, tokens, prefix, row_layers=range(L - last_k, L),
+                         full_layers=range(aff_from, L) if affinity else ())
+        rows = res.rows[:, :, prefix:]
+        if layer_reduce == "mean":
+            rows = rows / last_k
+        full = res.full[:, prefix:, prefix:] if res.full is not None else None
+        return self.output_norm(res.tokens), rows, full
 
 
 def _patch_size(backbone: nn.Module) -> int:

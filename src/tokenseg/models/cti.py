@@ -245,20 +245,11 @@ class CTIViT(ClassTokenViT):
         summed over the last ``affinity_layers`` layers (0 = all, their inference). Explicit attention
         only in those layers; foreground maps as :class:`MapOutputs`, the background token's apart."""
         tokens, grid = self.embed(x)
-        P, L = self.num_prefix, len(self.blocks)
-        last_k = min(max(last_k, 1), L)
-        aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
-        res = run_blocks(self.blocks, tokens, P, row_layers=range(L - last_k, L),
-                         full_layers=range(aff_from, L) if affinity else ())
-        att = res.rows[:, :, P:]
-        if layer_reduce == "mean":
-            att = att / last_k
-        B = x.shape[0]
-        att = att.reshape(B, P, grid[0], grid[1])
-        tokens = self.output_norm(res.tokens)
+        P = self.num_prefix
+        tokens, rows, affinity_map = self.map_pass(tokens, P, last_k, affinity, layer_reduce, affinity_layers)
+        att = rows.reshape(x.shape[0], P, *grid)
         pc = F.relu(self.patch_logits_map(tokens, grid).float())
-        return CTIMapOutputs(attention=att[:, 1:], patchcam=pc[:, 1:],
-                             affinity=res.full[:, P:, P:] if res.full is not None else None,
+        return CTIMapOutputs(attention=att[:, 1:], patchcam=pc[:, 1:], affinity=affinity_map,
                              cls_logits=tokens[:, 1:P].float().mean(-1), grid=grid,
                              bg_attention=att[:, :1], bg_patchcam=pc[:, :1])
 

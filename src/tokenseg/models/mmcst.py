@@ -199,15 +199,9 @@ class MMCSTViT(ClassTokenViT):
         ``text_tokens=classifier`` the textual map is the softmax over patches of the final patch
         tokens' textual scores (an attention row of each class vector) [I]."""
         tokens, grid, txt = self.embed_all(x)
-        C, P, L = self.num_classes, self.num_prefix, len(self.blocks)
-        last_k = min(max(last_k, 1), L)
-        aff_from = 0 if affinity_layers <= 0 else L - min(affinity_layers, L)
-        res = run_blocks(self.blocks, tokens, P, row_layers=range(L - last_k, L),
-                         full_layers=range(aff_from, L) if affinity else ())
-        rows = res.rows[:, :, P:]
-        if layer_reduce == "mean":
-            rows = rows / last_k
-        tokens = self.output_norm(res.tokens)
+        C = self.num_classes
+        tokens, rows, affinity_map = self.map_pass(tokens, self.num_prefix, last_k, affinity, layer_reduce,
+                                                   affinity_layers)
         vis = rows[:, :C]
         if self.text_tokens == "tokens":
             text = rows[:, C:2 * C]
@@ -217,9 +211,8 @@ class MMCSTViT(ClassTokenViT):
         B = x.shape[0]
         fmap = self.patch_logits_map(tokens, grid)
         scores = tokens[:, :C].float().mean(-1)
-        return MapOutputs(attention=att.reshape(B, C, *grid), patchcam=F.relu(fmap.float()),
-                          affinity=res.full[:, P:, P:] if res.full is not None else None, cls_logits=scores,
-                          grid=grid)
+        return MapOutputs(attention=att.reshape(B, C, *grid), patchcam=F.relu(fmap.float()), affinity=affinity_map,
+                          cls_logits=scores, grid=grid)
 
 
 def _sum_init_linear(d: int) -> nn.Linear:
