@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts (not a test; nothing here asserts a timing)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -73,6 +74,31 @@ def timed_runs(fn, device: torch.device, warmup: int, repeats: int, per: int = 1
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         res["cuda_base_mb"] = cuda0
     return res, out
+
+
+def bench_parser(doc: str, workers, rounds: int = 3, repeats: int = 3,
+                 quick_repeats: int = 2) -> argparse.ArgumentParser:
+    """The options every side-by-side benchmark takes (``--device --quick --rounds --repeats --warmup
+    --threads`` and the hidden ``--worker``/``--out`` of its worker processes); scripts add their own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    ap.add_argument("--quick", action="store_true", help=f"1 round × {quick_repeats} timed runs")
+    ap.add_argument("--rounds", type=int, default=rounds, help="rounds of fresh processes per variant (interleaved)")
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed runs per process")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.set_defaults(quick_repeats=quick_repeats)
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse; ``--quick`` (in the driver, not a worker) means one round of ``quick_repeats`` runs."""
+    args = ap.parse_args()
+    if args.quick and not args.worker:
+        args.rounds, args.repeats = 1, args.quick_repeats
+    return args
 
 
 def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:

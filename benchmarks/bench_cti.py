@@ -34,7 +34,6 @@ Each variant runs in its own process; the table gives medians and peak memory: R
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -43,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, median, pick_device, run_worker, table, timed_runs  # noqa: E402
+from _common import (bench_parser, busy_warning, machine, median, parse_bench_args, pick_device, run_worker, table,
+                     timed_runs)  # noqa: E402
 
 TRAIN = ("authors", "ours", "ours-bf16", "floor")
 MAPS = ("maps-mctformer-plus", "maps-cti")
@@ -257,25 +257,16 @@ def check_same_step() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="1 round × 2 timed runs")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap = bench_parser(__doc__, TRAIN + MAPS)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--variants", default="authors,ours,floor," + ",".join(MAPS), help=f"of {', '.join(TRAIN + MAPS)}")
     ap.add_argument("--check", action="store_true", help="only check that both steps compute the same thing")
-    ap.add_argument("--worker", choices=TRAIN + MAPS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
     if args.worker:
         return worker(args)
     if args.check:
         return check_same_step()
-    if args.quick:
-        args.rounds, args.repeats = 1, 2
     device = pick_device(args.device)
     variants = [v for v in args.variants.split(",") if v]
     print(f"bench_cti: CTI step (DeiT-S, batch {args.batch} at {args.size}², {C} classes, fp32) and seeds "

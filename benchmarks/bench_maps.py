@@ -29,7 +29,6 @@ are per image, peak memory is that of the whole batch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -41,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (authors_blocks, busy_warning, machine, matmul_rate, median, pick_device, run_worker,
-                     table, timed_runs)  # noqa: E402
+from _common import (authors_blocks, bench_parser, busy_warning, machine, matmul_rate, median, parse_bench_args,
+                     pick_device, run_worker, table, timed_runs)  # noqa: E402
 
 H_IMG, W_IMG = 375, 500
 SCALES = [1.0, 0.75, 1.25]
@@ -204,26 +203,16 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    ap.add_argument("--quick", action="store_true", help="1 round × 2 timed runs")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes per variant (interleaved)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap = bench_parser(__doc__, VARIANTS)
     ap.add_argument("--batch", type=int, default=0,
                     help="same-size images per call for our variants (default 1 on the CPU, 16 on CUDA; "
                          "the authors' code runs one image at a time); times are per image")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--sharpen", type=float, default=1.0,
                     help="scale q/k weights (random attention is near uniform; trained attention is peaky)")
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
     if args.worker:
         return worker(args)
-    if args.quick:
-        args.rounds, args.repeats = 1, 2
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     args.batch = args.batch or (16 if device.type == "cuda" else 1)

@@ -32,7 +32,6 @@ Variants, each in its own process, interleaved over rounds (medians of all timed
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -42,7 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, median, pick_device, run_worker, table, timed_runs  # noqa: E402
+from _common import (bench_parser, busy_warning, machine, median, parse_bench_args, pick_device, run_worker, table,
+                     timed_runs)  # noqa: E402
 
 B = 16
 OTPL_M, OTPL_N, OTPL_D = 784, 21, 384
@@ -197,21 +197,11 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    ap.add_argument("--quick", action="store_true", help="1 round × 3 timed runs")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes per variant (interleaved)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per process")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap = bench_parser(__doc__, VARIANTS, repeats=5, quick_repeats=3)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
     if args.worker:
         return worker(args)
-    if args.quick:
-        args.rounds, args.repeats = 1, 3
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]

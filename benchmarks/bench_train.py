@@ -19,7 +19,6 @@ Each variant runs in its own process: steps/s (median) and peak memory (``ru_max
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (authors_blocks, busy_warning, machine, median, pick_device, run_worker, table,
-                     timed_runs)  # noqa: E402
+from _common import (authors_blocks, bench_parser, busy_warning, machine, median, parse_bench_args, pick_device,
+                     run_worker, table, timed_runs)  # noqa: E402
 
 VARIANTS = ("authors", "ours-fp32", "ours-bf16")
 
@@ -99,22 +98,13 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="1 round × 2 timed steps")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap = bench_parser(__doc__, VARIANTS, rounds=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=448)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
     if args.worker:
         return worker(args)
-    if args.quick:
-        args.rounds, args.repeats = 1, 2
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
