@@ -101,6 +101,39 @@ def parse_bench_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+# ---------------------------------------------------------------------------------------- POT's released code
+def code_sinkhorn(K: torch.Tensor, u: torch.Tensor, v: torch.Tensor, thresh: float = 1e-2, max_iter: int = 100):
+    """Their ``Net.Sinkhorn`` on a stack of problems (re-written from its semantics): scaling updates
+    until the mean change of r drops below ``thresh``, one host sync per iteration."""
+    r, c = torch.ones_like(u), torch.ones_like(v)
+    for _ in range(max_iter):
+        r0 = r
+        r = u / torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
+        c = v / torch.matmul(K.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
+        if (r - r0).abs().mean().item() < thresh:
+            break
+    return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * K
+
+
+def library_kmeans(X: torch.Tensor, k: int, rng, tol: float = 1e-4, max_iter: int = 100):
+    """kmeans_pytorch 0.3 with cosine distance, re-written from its semantics (no tqdm): a Python loop
+    over the clusters and a host sync per iteration, as the released POT code runs it."""
+    state = X[torch.from_numpy(rng.choice(len(X), k, replace=False)).to(X.device)]
+    for _ in range(max_iter):
+        A = X.unsqueeze(1) / X.unsqueeze(1).norm(dim=-1, keepdim=True)
+        Bn = state.unsqueeze(0) / state.unsqueeze(0).norm(dim=-1, keepdim=True)
+        choice = torch.argmin(1 - (A * Bn).sum(-1), dim=1)
+        prev = state.clone()
+        new = []
+        for j in range(k):
+            sel = torch.nonzero(choice == j).squeeze(1)
+            new.append(torch.index_select(X, 0, sel).mean(0))
+        state = torch.stack(new)
+        if float(torch.sum(torch.sqrt(torch.sum((state - prev) ** 2, dim=1))) ** 2) < tol:
+            break
+    return choice, state
+
+
 def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:
     """Run ``script --worker ...`` in a fresh process (so ru_maxrss is that variant's own peak) and
     parse the JSON line it prints last."""

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, busy_warning, machine, median, parse_bench_args, pick_device, run_worker, table,
-                     timed_runs)  # noqa: E402
+from _common import (bench_parser, busy_warning, code_sinkhorn, library_kmeans, machine, median,  # noqa: E402
+                     parse_bench_args, pick_device, run_worker, table, timed_runs)
 
 B = 16
 OTPL_M, OTPL_N, OTPL_D = 784, 21, 384
@@ -91,35 +91,6 @@ def pot_data(device, sep: float = 0.2):
 
 
 # ------------------------------------------------------------------------------ the released code's approach
-def code_sinkhorn(K, u, v, thresh=1e-2, max_iter=100):
-    """Their Net.Sinkhorn on one stack of problems (re-written from its semantics)."""
-    r, c = torch.ones_like(u), torch.ones_like(v)
-    for _ in range(max_iter):
-        r0 = r
-        r = u / torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
-        c = v / torch.matmul(K.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
-        if (r - r0).abs().mean().item() < thresh:
-            break
-    return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * K
-
-
-def library_style_kmeans(X, k, rng, tol=1e-4, max_iter=100):
-    """kmeans_pytorch 0.3's algorithm with cosine distance (re-written from its semantics; no tqdm)."""
-    state = X[torch.from_numpy(rng.choice(len(X), k, replace=False)).to(X.device)]
-    for _ in range(max_iter):
-        A = X.unsqueeze(1) / X.unsqueeze(1).norm(dim=-1, keepdim=True)
-        Bn = state.unsqueeze(0) / state.unsqueeze(0).norm(dim=-1, keepdim=True)
-        choice = torch.argmin(1 - (A * Bn).sum(-1), dim=1)
-        prev = state.clone()
-        for j in range(k):
-            sel = torch.nonzero(choice == j).squeeze().to(X.device)
-            state[j] = torch.index_select(X, 0, sel).mean(0)
-        shift = torch.sum(torch.sqrt(torch.sum((state - prev) ** 2, dim=1)))
-        if shift ** 2 < tol:
-            break
-    return choice, state
-
-
 def otpl_loop(cost, a, b):
     out = []
     for i in range(B):  # one image at a time, the code's solver
@@ -137,7 +108,7 @@ def pot_loop(feats, masks, _present):
             if len(valid) < POT_K:
                 cents.append(feats.new_zeros(POT_K, POT_D))
                 continue
-            _, c = library_style_kmeans(valid, POT_K, rng)
+            _, c = library_kmeans(valid, POT_K, rng)
             cents.append(c)
         cents = torch.stack(cents)  # (P, K, D)
         fn = feats[i] / (feats[i].norm(dim=1, keepdim=True) + 1e-5)

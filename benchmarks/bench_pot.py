@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_warning, machine, median, pick_device, sync, table  # noqa: E402
+from _common import busy_warning, code_sinkhorn, library_kmeans, machine, median, pick_device, sync, table  # noqa: E402
 
 B, C, SIDE, D = 16, 20, 512, 768
 GRID = SIDE // 16
@@ -79,35 +79,6 @@ def options(**kw):
 
 
 # ------------------------------------------------------------------------------ the released code's way
-def library_kmeans(X, k, rng, tol=1e-4, max_iter=100):
-    """kmeans_pytorch 0.3 with cosine distance, re-written from its semantics (no tqdm)."""
-    state = X[torch.from_numpy(rng.choice(len(X), k, replace=False)).to(X.device)]
-    for _ in range(max_iter):
-        A = X.unsqueeze(1) / X.unsqueeze(1).norm(dim=-1, keepdim=True)
-        Bn = state.unsqueeze(0) / state.unsqueeze(0).norm(dim=-1, keepdim=True)
-        choice = torch.argmin(1 - (A * Bn).sum(-1), dim=1)
-        prev = state.clone()
-        new = []
-        for j in range(k):
-            sel = torch.nonzero(choice == j).squeeze(1)
-            new.append(torch.index_select(X, 0, sel).mean(0))
-        state = torch.stack(new)
-        if float(torch.sum(torch.sqrt(torch.sum((state - prev) ** 2, dim=1))) ** 2) < tol:
-            break
-    return choice, state
-
-
-def code_sinkhorn(Kmat, u, v, thresh=1e-2, max_iter=100):
-    r, c = torch.ones_like(u), torch.ones_like(v)
-    for _ in range(max_iter):
-        r0 = r
-        r = u / torch.matmul(Kmat, c.unsqueeze(-1)).squeeze(-1)
-        c = v / torch.matmul(Kmat.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
-        if (r - r0).abs().mean().item() < thresh:
-            break
-    return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * Kmat
-
-
 def loop_stages(feats, base, present, tau=0.7, K=3, eps=0.1):
     """Per image, per class, as get_seed_aff_x4 loops (features masked per class, absent ones skipped)."""
     rng = np.random.RandomState(0)
