@@ -101,7 +101,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimiser steps (0 = run all epochs)
     compile: bool = False
     optimizer: str = "auto"  # auto (the method's) | adamw (warm-up + cosine) | sgd (poly decay)
-    fused_optimizer: bool = True  # torch's fused AdamW/SGD kernel where it has one (same numbers, ~6x faster step)
+    fused_optimizer: bool = True  # fused AdamW/SGD kernels where torch has them, in every training loop (same numbers)
     momentum: float = 0.9  # sgd
     poly_power: float = 0.9  # sgd
     tensorboard: bool = False  # scalars under <output_dir>/tensorboard (pip install "tokenseg[tensorboard]")

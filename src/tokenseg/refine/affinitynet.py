@@ -239,7 +239,8 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
     total = pc.aff_max_steps if pc.aff_max_steps > 0 else pc.aff_epochs * steps_per_epoch
     groups = [{"params": net.backbone_parameters(), "lr": pc.aff_lr, "base_lr": pc.aff_lr},
               {"params": net.head_parameters(), "lr": pc.aff_lr * 10, "base_lr": pc.aff_lr * 10}]
-    optimizer = optim.sgd(groups, lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
+    optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
+                          lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
     step = 0
     if state is not None:
         net.load_state_dict(state["model"])

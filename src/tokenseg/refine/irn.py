@@ -410,7 +410,8 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
         net.encoder.requires_grad_(False)
     else:  # [I] fine-tuning the backbone too (IRN never does); at the boundary branch's lr
         groups.append({"params": net.backbone_parameters(), "lr": ic.lr, "base_lr": ic.lr})
-    optimizer = optim.sgd(groups, lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
+    optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
+                          lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

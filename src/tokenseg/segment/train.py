@@ -162,9 +162,10 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     groups = [{"params": model.backbone_parameters(), "lr": sc.lr, "base_lr": sc.lr},
               {"params": model.head_parameters(), "lr": sc.lr * sc.head_lr_mult, "base_lr": sc.lr * sc.head_lr_mult}]
     if sc.optimizer == "adamw":
-        optimizer = optim.adamw(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+        optimizer = optim.adamw(groups, cfg.train.fused_optimizer, lr=sc.lr, weight_decay=sc.weight_decay)
     else:
-        optimizer = optim.sgd(groups, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
+        optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
+                              lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
     amp = autocast_dtype(sc.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
