@@ -1,8 +1,8 @@
 """Exact to the authors' code: MCTformer-V1/V2/+ against outputs their own code produced.
 
-The fixtures (tests/fixtures/authors-mctformer, see its README) hold tiny random checkpoints saved by
-their code, five images, and what their ``generate_attention_maps_ms``, ``train_one_epoch`` loss and
-``evaluation.py`` computed. Nothing here restates their equations: every expected number is theirs.
+The fixtures (tests/fixtures/authors-mctformer, see its README) hold five images and what their
+``generate_attention_maps_ms``, ``train_one_epoch`` loss and ``evaluation.py`` computed; the tiny random
+checkpoints their code saved are read from ../shared/fixtures (tests/authors_weights.py). Nothing here restates their equations: every expected number is theirs.
 """
 import json
 import shutil
@@ -20,6 +20,8 @@ from tokenseg.methods.mctformer import compute_losses, uses_cct
 from tokenseg.evaluate import evaluate_seeds
 from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed
 from tokenseg.maps_authors import generate_seeds_authors
+
+from authors_weights import authors_weights
 
 FIX = Path(__file__).parent / "fixtures" / "authors-mctformer"
 METHODS = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus"}
@@ -58,7 +60,7 @@ def assert_maps_equal(seeds_dir: Path, expected: Path, ds: WSSSDataset, atol=1e-
 
 @pytest.mark.parametrize("tag", ["v1", "v2", "plus"])
 def test_checkpoint_by_path_reproduces_every_recipe(tag, tmp_path):
-    model, cfg, names = load_model_from_checkpoint(FIX / tag / "checkpoint.pth", num_heads=HEADS)
+    model, cfg, names = load_model_from_checkpoint(authors_weights(f"authors-mctformer/{tag}/checkpoint.pth"), num_heads=HEADS)
     assert cfg.model.method == METHODS[tag] and not cfg.model.final_norm
     assert model.class_names_source == "default"  # their files hold no names
     ds = fixture_dataset()
@@ -96,8 +98,8 @@ def test_cli_maps_from_authors_and_converted_checkpoint(tag, tmp_path):
     fname, kind, r = next(iter(recipes(tag)))
     recipe = [f"maps.kinds=[{kind}]", f"maps.layers={r['layer_index']}", f"maps.scales={r['scales']}"]
     ours = tmp_path / "ours.pt"
-    assert main(["convert", str(FIX / tag / "checkpoint.pth"), str(ours), "--num-heads", str(HEADS)]) == 0
-    for ckpt in (FIX / tag / "checkpoint.pth", ours):
+    assert main(["convert", str(authors_weights(f"authors-mctformer/{tag}/checkpoint.pth")), str(ours), "--num-heads", str(HEADS)]) == 0
+    for ckpt in (authors_weights(f"authors-mctformer/{tag}/checkpoint.pth"), ours):
         out = tmp_path / f"seeds_{ckpt.stem}"
         args = ["maps", METHODS[tag], *cli_overrides(tmp_path, data), *recipe,
                 "--checkpoint", str(ckpt), "--split", "all", "--out", str(out), "--quiet"]
@@ -110,7 +112,7 @@ def test_cli_maps_from_authors_and_converted_checkpoint(tag, tmp_path):
 def test_v1_checkpoint_with_a_patchcam_recipe_is_a_clear_error(tmp_path, capsys):
     data = folder_dataset(tmp_path / "data")
     code = main(["maps", "mctformer-plus", *cli_overrides(tmp_path, data), "--checkpoint",
-                 str(FIX / "v1" / "checkpoint.pth"), "--split", "all", "--quiet"])
+                 str(authors_weights("authors-mctformer/v1/checkpoint.pth")), "--split", "all", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "mctformer-v1" in err and "attention, attention_affinity" in err
     assert "fused_affinity" in err
@@ -120,7 +122,7 @@ def test_authors_checkpoint_class_count_must_match(tmp_path, capsys):
     data = folder_dataset(tmp_path / "data")
     (data / "classes.txt").write_text("c0\nc1\nc2\nc3\nc4\nc5\n")
     code = main(["maps", "mctformer-plus", *cli_overrides(tmp_path, data), "--checkpoint",
-                 str(FIX / "plus" / "checkpoint.pth"), "--split", "all", "--quiet"])
+                 str(authors_weights("authors-mctformer/plus/checkpoint.pth")), "--split", "all", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "5 class tokens" in err and "6 classes" in err
 
@@ -142,7 +144,7 @@ def _to_authors_grad(name: str, model, tag: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("tag", ["v1", "v2", "plus"])
 def test_training_forward_losses_and_gradients(tag):
-    model, cfg, _ = load_model_from_checkpoint(FIX / tag / "checkpoint.pth", num_heads=HEADS,
+    model, cfg, _ = load_model_from_checkpoint(authors_weights(f"authors-mctformer/{tag}/checkpoint.pth"), num_heads=HEADS,
                                                overrides=["model.drop_path=0"])
     model.train()
     batch = np.load(FIX / "train_batch.npz")
@@ -211,7 +213,7 @@ def test_cli_evaluate_on_their_seeds_and_float16_cost(tmp_path):
 
 
 def test_checkpoint_without_names_rejects_a_dataset_with_another_count():
-    model, _, names = load_model_from_checkpoint(FIX / "plus" / "checkpoint.pth", num_heads=HEADS)
+    model, _, names = load_model_from_checkpoint(authors_weights("authors-mctformer/plus/checkpoint.pth"), num_heads=HEADS)
     assert len(names) == 5
     with pytest.raises(TokensegError, match="heads"):
-        load_model_from_checkpoint(FIX / "plus" / "checkpoint.pth")  # 96 is not a multiple of 64
+        load_model_from_checkpoint(authors_weights("authors-mctformer/plus/checkpoint.pth"))  # 96 is not a multiple of 64

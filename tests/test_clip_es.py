@@ -21,6 +21,8 @@ from tokenseg import clip_es as ce  # noqa: E402
 from tokenseg.io import TokensegError  # noqa: E402
 from tokenseg.models import clip as mc  # noqa: E402
 
+from authors_weights import authors_weights  # noqa: E402
+
 FX = Path(__file__).parent / "fixtures" / "authors-clip-es"
 LABELS = json.loads((FX / "labels.json").read_text())["labels"]
 META = json.loads((FX / "meta.json").read_text())
@@ -30,7 +32,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    return mc.load_clip(FX / "visual_state_dict.pth")
+    return mc.load_clip(authors_weights("authors-clip-es/visual_state_dict.pth"))
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,7 @@ def test_position_grid_resize():
 
 # ---------------------------------------------------------------------------------------- loading
 def _fixture_sd():
-    return torch.load(FX / "visual_state_dict.pth", weights_only=True)
+    return torch.load(authors_weights("authors-clip-es/visual_state_dict.pth"), weights_only=True)
 
 
 @pytest.mark.parametrize("layout", ["wrapped", "safetensors", "torchscript"])

@@ -21,6 +21,8 @@ from tokenseg.methods.cti import compute_losses, plan_for
 from tokenseg.models.convert import model_from_state
 from tokenseg.models.cti import append_memory
 
+from authors_weights import authors_weights
+
 FIX = Path(__file__).parent / "fixtures" / "authors-cti"
 HEADS = 2  # their tiny model: embed 64, 2 heads (not inferable from the weights)
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 outputs of magnitude up to ~8: 1e-5 absolute + 1e-5 relative
@@ -37,7 +39,7 @@ def tiny(tmp_path, *extra, out="run"):
 
 
 def fixture_model(*overrides):
-    return load_model_from_checkpoint(FIX / "checkpoint.pth", num_heads=HEADS,
+    return load_model_from_checkpoint(authors_weights("authors-cti/checkpoint.pth"), num_heads=HEADS,
                                       overrides=["model.drop_path=0", "cti.weights=[1, 1, 1]", *overrides])
 
 
@@ -141,11 +143,11 @@ def test_cli_maps_reproduce_their_inference_by_path_and_converted(tmp_path):
     layers, max-norm, background channel) equals their infer_multi; so does the converted checkpoint."""
     data = folder_dataset(tmp_path / "data")
     ours = tmp_path / "ours.pt"
-    assert main(["convert", str(FIX / "checkpoint.pth"), str(ours), "--num-heads", str(HEADS)]) == 0
+    assert main(["convert", str(authors_weights("authors-cti/checkpoint.pth")), str(ours), "--num-heads", str(HEADS)]) == 0
     common = ["data.format=folder", f"data.root={data}", "data.train_split=all", "data.val_split=all",
               f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "maps.save_dtype=float32",
               f"model.backbone_kwargs={{num_heads: {HEADS}}}", "data.num_workers=0"]
-    for ckpt in (FIX / "checkpoint.pth", ours):
+    for ckpt in (authors_weights("authors-cti/checkpoint.pth"), ours):
         out = tmp_path / f"seeds_{ckpt.stem}"
         assert main(["maps", "cti", *common, "--checkpoint", str(ckpt), "--split", "all", "--out", str(out),
                      "--quiet"]) == 0
@@ -156,9 +158,9 @@ def test_cli_maps_reproduce_their_inference_by_path_and_converted(tmp_path):
 # ---------------------------------------------------------------------------------------- their layout
 def test_convert_both_ways_is_lossless(tmp_path):
     ours, back = tmp_path / "ours.pt", tmp_path / "back.pth"
-    assert main(["convert", str(FIX / "checkpoint.pth"), str(ours), "--num-heads", str(HEADS)]) == 0
+    assert main(["convert", str(authors_weights("authors-cti/checkpoint.pth")), str(ours), "--num-heads", str(HEADS)]) == 0
     assert main(["convert", str(ours), str(back), "--to", "authors"]) == 0
-    theirs = torch.load(FIX / "checkpoint.pth", weights_only=True)
+    theirs = torch.load(authors_weights("authors-cti/checkpoint.pth"), weights_only=True)
     again = torch.load(back, weights_only=True)
     assert "model" not in again and list(again) == list(theirs)  # a bare state dict, as their save_model
     for k, v in theirs.items():
@@ -184,13 +186,13 @@ def test_convert_both_ways_is_lossless(tmp_path):
 
 
 def test_wrong_layout_for_the_method_is_a_clear_error(tmp_path, capsys):
-    mct = Path(__file__).parent / "fixtures" / "authors-mctformer" / "plus" / "checkpoint.pth"
+    mct = authors_weights("authors-mctformer/plus/checkpoint.pth")
     assert main(["convert", str(mct), str(tmp_path / "x.pt"), "--method", "cti", "--num-heads", "3"]) == 2
     err = capsys.readouterr().err
     assert "x.pt" not in err and "checkpoint.pth" in err and "bg_token" in err and "mctformer-plus" in err
     with pytest.raises(TokensegError, match="not a CTI checkpoint.*bg_token"):
         model_from_state(torch.load(mct, weights_only=True), str(mct), method="cti", num_heads=3)
-    assert main(["convert", str(FIX / "checkpoint.pth"), str(tmp_path / "y.pt"), "--method", "mctformer-plus",
+    assert main(["convert", str(authors_weights("authors-cti/checkpoint.pth")), str(tmp_path / "y.pt"), "--method", "mctformer-plus",
                  "--num-heads", "2"]) == 2
     assert "is a CTI checkpoint" in capsys.readouterr().err
 
