@@ -102,14 +102,15 @@ def seeds_from_masks(root: Path, out: Path, split: str = "train", blur: float = 
     return out
 
 
-def tiny_classifier_checkpoint(path: Path, root: Path, tmp: Path) -> Path:
-    """A randomly initialised tiny MCTformer+ checkpoint in the engine's format."""
+def tiny_classifier_checkpoint(path: Path, root: Path, tmp: Path, *overrides: str) -> Path:
+    """A randomly initialised tiny MCTformer+ checkpoint in the engine's format (``overrides``: config keys)."""
     import torch
 
     from tokenseg.models import build_model
 
     cfg = toy_config(root, tmp, "model.backbone=vit_tiny_patch16_224", "model.img_size=64",
-                     "model.method=mctformer-plus", "maps.scales=[1.0]", "maps.flip=false", "maps.layers=2")
+                     "model.method=mctformer-plus", "maps.scales=[1.0]", "maps.flip=false", "maps.layers=2",
+                     *overrides)
     cfg.model.backbone_kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=len(CLASSES))

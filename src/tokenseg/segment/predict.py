@@ -240,17 +240,15 @@ class _ClassifierPredictor:
         labels = (self.class_probabilities(xin) > self.cls_threshold).float()
         if labels.sum() == 0:
             return torch.zeros(1, H, W), np.zeros(1, np.uint8)
+        from ..io import SeedMaps
+        from ..refine.scores import seed_scores
+
         mb = self.compute_map_batch(self.model, x, labels, self.cfg, [self.kind])
-        m = mb.maps[self.kind].float().cpu()  # (K, H, W), the present classes in ascending order
-        present = mb.pairs[:, 1].cpu()
-        if self.background == "channel":
-            bg = mb.background[self.kind][0].float().cpu()
-        elif self.background == "power":
-            bg = (1 - m.clamp(0, 1).amax(0)).clamp_min(0) ** self.alpha
-        else:
-            bg = torch.full((H, W), float(self.bg))
-        scores = torch.cat([bg[None], m], 0)
-        return scores, np.concatenate([[0], present.numpy() + 1]).astype(np.uint8)
+        bg = mb.background[self.kind][0].float().cpu().numpy() if self.background == "channel" else None
+        seed = SeedMaps(classes=mb.pairs[:, 1].cpu().numpy(), maps=mb.maps[self.kind].float().cpu().numpy(),
+                        background=bg)  # the present classes in ascending order, (K, H, W)
+        scores, values = seed_scores(seed, (H, W), self.background, float(self.bg), self.alpha)
+        return torch.from_numpy(scores), values.astype(np.uint8)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         scores, values = self.scores(image)
@@ -282,7 +280,7 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
 
 
 def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device, bg_threshold,
-             cls_threshold, skip_existing, progress, max_side, kind=None) -> list[dict]:
+             cls_threshold, skip_existing, progress, max_side, kind) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     dinfo = init_distributed(resolve_device(device).type)  # under torchrun each rank predicts its share
     dev = resolve_device(device, dinfo.local_rank)
