@@ -86,8 +86,42 @@ def folder_dataset(root: Path) -> Path:
 
 def cli_overrides(tmp_path, data_root):
     return ["data.format=folder", f"data.root={data_root}", "data.train_split=all", "data.val_split=all",
-            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "maps.mode=authors",
-            "maps.save_dtype=float32", f"model.backbone_kwargs={{num_heads: {HEADS}}}", "data.num_workers=0"]
+            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}",
+            f"model.backbone_kwargs={{num_heads: {HEADS}}}", "data.num_workers=0"]
+
+
+# the fixture each preset's own map recipe (kinds, K, scales) corresponds to
+PRESET_FIXTURE = {"v1": "maps_mct_K3_refine_s1.0.npz", "v2": "maps_fused_K3_refine_s1.0.npz",
+                  "plus": "maps_fused_K12_refine_s1.0-0.75-1.25.npz"}
+
+
+@pytest.mark.parametrize("tag", ["v1", "v2", "plus"])
+def test_preset_default_maps_are_the_authors(tag, tmp_path):
+    """What a user runs: `tokenseg maps <preset> --checkpoint their.pth`, no maps.* key set, gives the
+    seeds their generate_attention_maps_ms gives for the preset's recipe (≤ 1e-5), stored as float32."""
+    data = folder_dataset(tmp_path / "data")
+    out = tmp_path / "seeds"
+    assert main(["maps", METHODS[tag], *cli_overrides(tmp_path, data), "--split", "all", "--out", str(out),
+                 "--checkpoint", str(authors_weights(f"authors-mctformer/{tag}/checkpoint.pth")), "--quiet"]) == 0
+    meta = json.loads((out / "maps_meta.json").read_text())
+    assert meta["mode"] == "authors" and meta["maps"]["mode"] == "authors"  # auto resolved, and recorded
+    kind = "attention_affinity" if tag == "v1" else "fused_affinity"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [kind]
+    assert_maps_equal(out / kind, FIX / tag / PRESET_FIXTURE[tag], fixture_dataset())
+
+
+def test_batched_only_settings_with_the_exact_default_are_refused(tmp_path, capsys):
+    """bf16 or another size rounding cannot run under the authors' inference: an error that says how
+    to get the batched pipeline, never a setting silently ignored."""
+    data = folder_dataset(tmp_path / "data")
+    ckpt = str(authors_weights("authors-mctformer/plus/checkpoint.pth"))
+    for key in ("maps.dtype=bf16", "maps.size_rounding=round"):
+        code = main(["maps", "mctformer-plus", *cli_overrides(tmp_path, data), key, "--split", "all",
+                     "--checkpoint", ckpt, "--out", str(tmp_path / "s"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and key in err and "maps.mode=tokenseg" in err, err
+    assert main(["maps", "mctformer-plus", *cli_overrides(tmp_path, data), "maps.dtype=bf16", "maps.mode=tokenseg",
+                 "--split", "all", "--checkpoint", ckpt, "--out", str(tmp_path / "s"), "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("tag", ["v1", "v2", "plus"])

@@ -47,7 +47,7 @@ def _is_override(token: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .device import set_threads
+    from .device import close_distributed, set_threads
 
     argv, threads = _take_threads(list(sys.argv[1:] if argv is None else argv))
     set_threads(threads)
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokenseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_distributed()
     return int(result or 0)
 
 

@@ -121,8 +121,10 @@ class MapsConfig:
     dtype: str = "fp32"  # fp32 | bf16
     overlays: bool = False
     size_rounding: str = "auto"  # auto (the method's) | round (nearest multiple of the patch) | floor (authors) | ceil | none
-    mode: str = "tokenseg"  # tokenseg (batched, fast) | authors (their inference exactly: tokenseg.maps_authors)
-    save_dtype: str = "float16"  # float16 (half the disk) | float32 (exact; the authors save float32 .npy)
+    # auto (the method's exact default: the authors' inference where the method has a separate one) |
+    # authors (their inference exactly: batch 1, PIL resize, floor to the patch) | tokenseg (batched; deviations)
+    mode: str = "auto"
+    save_dtype: str = "float32"  # float32 (exact; the authors save float32 .npy) | float16 (half the disk, ~2e-4)
     max_side: int = 0  # cap the longest side of the largest view (px; 0 = no cap); seeds stay at image size
     memory_mb: int = 2048  # batch images by this estimated peak memory as well as by maps.batch_size
 
@@ -337,7 +339,7 @@ def validate(cfg: Config) -> None:
     choice("maps.fusion", cfg.maps.fusion, ("sqrt", "product"))
     choice("maps.dtype", cfg.maps.dtype, ("fp32", "bf16"))
     choice("maps.size_rounding", cfg.maps.size_rounding, ("auto", "round", "floor", "ceil", "none"))
-    choice("maps.mode", cfg.maps.mode, ("tokenseg", "authors"))
+    choice("maps.mode", cfg.maps.mode, ("auto", "tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power", "channel"))
     from .wsol import INTERPOLATIONS
 

@@ -34,6 +34,13 @@ def init_distributed(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def close_distributed() -> None:
+    """Leave the process group before the interpreter exits: gloo's threads torn down at exit abort
+    the process now and then ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` → CUDA when available (this rank's GPU under torchrun), else the CPU."""
     if name == "auto":

@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
 from .data.base import image_hw
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise_images
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
 from .data.guard import refuse_inside_dataset
 from .io import SeedMaps, TokensegError, job_lock, save_seed, seed_path
 from .methods import BACKGROUND, MapRecipe, get_method
@@ -104,16 +104,6 @@ def recipe_of(model) -> MapRecipe:
 
 def rounding_of(cfg: MapsConfig, recipe: MapRecipe) -> str:
     return recipe.size_rounding if cfg.size_rounding == "auto" else cfg.size_rounding
-
-
-def input_scales(cfg: MapsConfig, size: tuple[int, int]) -> list[float]:
-    """``maps.scales``, shrunk so that the largest view's longest side stays within ``maps.max_side``."""
-    scales = list(cfg.scales)
-    if cfg.max_side > 0:
-        r = cfg.max_side / (max(size) * max(scales))
-        if r < 1:
-            scales = [s * r for s in scales]
-    return scales
 
 
 def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
@@ -323,6 +313,29 @@ def map_settings(cfg: Config, method: str, checkpoint: str) -> dict:
     return settings
 
 
+# maps.* values that only the batched pipeline has: each is a deviation from the authors' inference
+_BATCHED_ONLY = {"dtype": ("fp32",), "size_rounding": ("auto", "floor")}
+
+
+def resolve_mode(mc: MapsConfig, recipe: MapRecipe, method: str) -> str:
+    """``maps.mode`` for ``method``: ``auto`` is the recipe's exact default. The authors' inference
+    takes no batched-only deviation (bf16, other size rounding): asking for one is an error that says
+    how to get it, never silently ignored."""
+    mode = recipe.default_mode if mc.mode == "auto" else mc.mode
+    if mode != "authors":
+        return mode
+    if recipe.authors is None:
+        raise TokensegError(f"maps.mode=authors: {method} has no separate authors' inference (its default "
+                            f"pipeline follows their code; see README)")
+    for key, allowed in _BATCHED_ONLY.items():
+        if getattr(mc, key) not in allowed:
+            raise TokensegError(
+                f"maps.{key}={getattr(mc, key)} is a deviation of the batched pipeline; {method}'s seeds are "
+                f"made by the authors' exact inference{' by default' if mc.mode == 'auto' else ''}: add "
+                f"maps.mode=tokenseg to use it (README: \"Exact by default\")")
+    return mode
+
+
 def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
              out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False,
              overwrite: bool = False) -> Path:
@@ -350,11 +363,9 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     model.tokenseg_method = method.name
     recipe = method.recipe
     recipe.check_kinds(cfg.maps.kinds, f"{ckpt or method.name}: a {method.name} model")
+    cfg = replace(cfg, maps=replace(cfg.maps, mode=resolve_mode(cfg.maps, recipe, method.name)))
     if export_npy and cfg.maps.mode != "authors":
         raise TokensegError("--export-npy needs maps.mode=authors (the .npy dicts are the authors' format)")
-    if cfg.maps.mode == "authors" and recipe.authors is None:
-        raise TokensegError(f"maps.mode=authors: {method.name} has no separate authors' inference (its default "
-                            f"pipeline follows their code; see README)")
     if getattr(model, "class_names_source", "") == "default" and len(names) == ds.num_classes:
         names = list(ds.class_names)  # the authors' files hold no names: take the dataset's
     if len(names) != ds.num_classes:

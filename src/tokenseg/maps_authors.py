@@ -41,7 +41,7 @@ from .progress import progress_bar as tqdm
 
 from .config import MapsConfig
 from .data import WSSSDataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
 from .io import (SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed, seed_path,
                  write_json_atomic)
 from .models import ClassTokenViT, MapOutputs, explicit_attention
@@ -92,6 +92,8 @@ def authors_forward(model: ClassTokenViT, x: torch.Tensor, last_k: int, layer_re
     C = model.num_classes
     cls = (model.cls_tokens + model.pos_embed_cls).expand(B, -1, -1)
     tokens = torch.cat([cls, tokens], dim=1)
+    if hasattr(model, "norm_pre"):  # an identity for DeiT (theirs has none)
+        tokens = model.norm_pre(tokens)
     L = len(model.blocks)
     last_k = min(max(int(last_k), 1), L)
     c2p = p2p = None
@@ -155,7 +157,7 @@ def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: 
     present = torch.nonzero(labels > 0).flatten()
     need_aff = any(k in AFFINITY_KINDS for k in kinds)
     acc: dict[str, torch.Tensor] = {k: torch.zeros(labels.numel(), H, W, device=device) for k in kinds}
-    for s in cfg.scales:
+    for s in input_scales(cfg, (H, W)):  # maps.scales as given unless the largest view passes maps.max_side
         x = pil_to_input(scaled_pil(image, s), device)
         for flipped in ((False, True) if cfg.flip else (False,)):
             # batch 1 per view, as the authors: batching changes GEMM blocking, i.e. the last float bits,
@@ -247,7 +249,8 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
     ``.npy`` dicts (float32) instead. ``method`` (``model.method``) picks the position-embedding
     interpolation (V1/V2: +0.1 offset); without it ``maps.layer_reduce=sum`` means V1/V2.
 
-    ``maps.dtype``, ``maps.batch_size`` and ``maps.size_rounding`` do not apply (fp32, batch 1, floor)."""
+    fp32, batch 1, floor to the patch (``maps.batch_size`` does not apply; :func:`tokenseg.maps.resolve_mode`
+    refuses bf16 and other roundings); ``maps.max_side`` shrinks the scales of a larger photo only."""
     out_dir = Path(out_dir)
     device = torch.device(device)
     model = model.to(device).eval()

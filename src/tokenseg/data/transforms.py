@@ -142,3 +142,14 @@ class ClassificationSet(Dataset):
         else:
             x = self.transform(img)
         return x, torch.from_numpy(self.ds.multi_hot(i)), i
+
+
+def input_scales(cfg, size: tuple[int, int]) -> list[float]:
+    """``maps.scales``, shrunk so that the largest view's longest side stays within ``maps.max_side``
+    (``cfg``: a MapsConfig; ``size``: the image's (H, W)). Without a cap, or under it, the scales as given."""
+    scales = list(cfg.scales)
+    if cfg.max_side > 0:
+        r = cfg.max_side / (max(size) * max(scales))
+        if r < 1:
+            scales = [s * r for s in scales]
+    return scales

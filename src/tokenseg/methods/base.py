@@ -51,6 +51,9 @@ class MapRecipe:
     needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
     # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.maps_authors)
     authors: Callable[..., Any] | None = None
+    # what maps.mode=auto (the default) runs: "authors" where that inference is the exact one (MCTformer),
+    # "tokenseg" where the batched pipeline already follows the authors' code (CTI, CLIP-ES) or none exists
+    default_mode: str = "tokenseg"
     # a method's own seed loop instead of the scale/flip pipeline, same contract as maps.generate_seeds
     # (CLIP-ES: PIL resizing, one Grad-CAM pass per batch, CAA)
     generate: Callable[..., Any] | None = None

@@ -114,9 +114,12 @@ def load_foreign(state, source: str, overrides=(), num_heads: int | None = None,
     return model_from_state(state, source, overrides=overrides, path=path, num_heads=num_heads)
 
 
+# maps.mode=auto runs the authors' inference: the batched pipeline deviates from it (nearest rounding,
+# torch resizing of the normalised tensor, no +0.1 position-embedding offset for V1/V2; README)
 V1_RECIPE = MapRecipe(kinds=ATTENTION_KINDS, default_kinds=("attention_affinity",), combine=combine,
-                      authors=_authors)
-RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=_authors)
+                      authors=_authors, default_mode="authors")
+RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=_authors,
+                   default_mode="authors")
 
 for _name, _recipe, _summary in (
         ("mctformer-v1", V1_RECIPE, "C class tokens; class-to-patch attention seeds (CVPR 2022)"),
