@@ -21,6 +21,8 @@ from tokenseg.methods.cti import compute_losses, plan_for
 from tokenseg.models.convert import model_from_state
 from tokenseg.models.cti import append_memory
 
+from floors import background_only_miou
+
 from authors_weights import authors_weights
 
 FIX = Path(__file__).parent / "fixtures" / "authors-cti"
@@ -245,6 +247,10 @@ def test_train_maps_evaluate_through_the_cli(tmp_path, capsys):
                  "--quiet"]) == 0
     res = json.loads((tmp_path / "e.json").read_text())["fused_affinity"]
     assert res["background"] == "channel" and 0 < res["miou"] <= 100
+    # not yet above background everywhere (20.3 vs 21.9 here): CTI's from-scratch demo recipe is
+    # the open "demo recipes must learn" issue; this pins where it stands so a regression shows
+    floor = background_only_miou(build_dataset(load_config("demo-cti", over[:-1]).data, "val"))
+    assert res["miou"] > floor - 3, (res["miou"], floor)
 
 
 def fixed_batch(cfg):

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 from tokenseg.cli import main
 from tokenseg.config import load_config
+from tokenseg.data import build_dataset
 from tokenseg.io import TokensegError, load_seed
 from tokenseg.methods import MapRecipe, Method, available_methods, get_method, register
+
+from floors import background_only_miou
 
 TINY_DATA = ["data.format=synthetic", "data.train_split=train", "data.val_split=val", "data.num_workers=0",
              "data.synthetic={num_classes: 3, image_size: 48, train_images: 48, val_images: 16, seed: 1}",
@@ -44,6 +47,8 @@ def test_cam_worked_example_trains_maps_and_evaluates(tmp_path, capsys):
     assert main(["evaluate", "cam", *over, "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
     res = json.loads((tmp_path / "e.json").read_text())["cam"]
     assert 0 < res["miou"] <= 100 and res["threshold"] is not None
+    floor = background_only_miou(build_dataset(load_config("cam", over).data, "val"))
+    assert res["miou"] > floor, (res["miou"], floor)
 
 
 # ---------------------------------------------------------------------------------- a method from outside

@@ -11,12 +11,15 @@ from PIL import Image
 
 from tokenseg.cli import main
 from tokenseg.config import load_config
+from tokenseg.data import build_dataset
 from tokenseg.engine import train
 from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed, seed_path
 from tokenseg.methods import get_method
 from tokenseg.methods.otpl import OTPLConfig, SeedCropView, fuse, otpl_terms
 from tokenseg.models.otpl import (Assignment, ProxyConv, assign, classifier_cam, make_proxies, positives,
                                   proxy_patch_contrastive)
+
+from floors import background_only_miou
 
 TINY = ["model.method=otpl", "maps.kinds=[fused, proxy, otpl, otpl_affinity]", "train.eval_every=0"]
 CLIP_MODEL = ["model.method=otpl-clip-es", "maps.kinds=[proxy]", "train.eval_every=0", "train.augment=simple",
@@ -377,6 +380,8 @@ def test_otpl_cli_train_maps_evaluate_pseudo(tiny_overrides, tmp_path, capsys):
     res = json.loads((tmp_path / "e.json").read_text())
     assert set(res) == {"fused", "proxy", "otpl", "otpl_affinity"}
     assert all(0 < r["miou"] <= 100 for r in res.values())
+    floor = background_only_miou(build_dataset(load_config("tiny", over).data, "val"))
+    assert res["otpl"]["miou"] > floor, ({k: r["miou"] for k, r in res.items()}, floor)
     assert main(["pseudo", *common, "pseudo.kind=otpl", "pseudo.split=val"]) == 0
     assert len(list((tmp_path / "run" / "pseudo").glob("*.png"))) == 16
 
