@@ -235,3 +235,18 @@ def test_demo_cli_prints_the_table_and_writes_the_gallery(tmp_path, capsys):
 
     with Image.open(out / "gallery.png") as g:
         assert g.size[0] > 8 * 100  # input, ground truth, 5 maps, argmax
+
+
+def test_run_makes_seeds_from_the_best_checkpoint_under_keep_best(tiny_overrides, tmp_path):
+    """MMCST's selection: with train.keep_best the chain's seeds come from checkpoint_best.pt (the file
+    recorded beside the seeds), without it from the last checkpoint."""
+    run = tmp_path / "run"
+    assert main(["run", "tiny", *tiny_overrides, "train.keep_best=true", "maps.kinds=[fused]", "--quiet"]) == 0
+    assert (run / "checkpoint_best.pt").is_file()
+    meta = json.loads((run / "seeds" / "val" / "maps_meta.json").read_text())
+    assert meta["checkpoint"] == str(run / "checkpoint_best.pt")
+    other = tmp_path / "last"
+    over = [o for o in tiny_overrides if not o.startswith("output_dir")] + [f"output_dir={other}"]
+    assert main(["run", "tiny", *over, "maps.kinds=[fused]", "--quiet"]) == 0
+    meta = json.loads((other / "seeds" / "val" / "maps_meta.json").read_text())
+    assert meta["checkpoint"] == str(other / "checkpoint.pt") and not (other / "checkpoint_best.pt").exists()

@@ -30,6 +30,15 @@ BEST_NAME = "checkpoint_best.pt"  # train.keep_best: the epoch with the best val
 FORMAT = "tokenseg-checkpoint/1"
 
 
+def run_checkpoint(cfg: Config) -> Path:
+    """The checkpoint a run's later stages read when none is named: ``checkpoint_best.pt`` when
+    ``train.keep_best`` wrote one (MMCST's model selection: the best val mAP), else the last one."""
+    out = Path(cfg.output_dir)
+    if cfg.train.keep_best and (out / BEST_NAME).is_file():
+        return out / BEST_NAME
+    return out / CHECKPOINT_NAME
+
+
 # ----------------------------------------------------------------------------- reading files
 def _safe_globals() -> list:
     """Besides tensors: the authors' ``argparse.Namespace`` and plain numpy arrays (our checkpoints'

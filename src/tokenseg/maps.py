@@ -344,14 +344,16 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     own inference, e.g. :mod:`tokenseg.maps_authors`). ``export_npy`` (authors mode) writes the authors'
     ``.npy`` dicts instead of ``.npz``. Resuming into a folder made with other settings is an error
     unless ``overwrite``."""
-    from .checkpoint import load_model_from_checkpoint
+    from .checkpoint import BEST_NAME, load_model_from_checkpoint, run_checkpoint
     from .device import setup
 
     method = get_method(cfg.model.method)
     split = split or cfg.maps.split
     ds = build_dataset(cfg.data, split)
     if method.trainable:
-        ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
+        ckpt = Path(checkpoint) if checkpoint else run_checkpoint(cfg)
+        if ckpt.name == BEST_NAME and not checkpoint and progress:
+            print(f"maps: from {ckpt} (train.keep_best: the epoch with the best val mAP)")
         if not ckpt.is_file():
             raise TokensegError(f"{ckpt}: checkpoint not found; train first: `tokenseg train {cfg.name} ...` "
                                 f"(or pass --checkpoint)")

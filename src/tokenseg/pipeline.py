@@ -32,6 +32,18 @@ def train_step(cfg: Config, resume: bool = True, progress: bool = True) -> Path:
     return train(cfg, resume=resume, progress=progress)
 
 
+def trained_checkpoint(cfg: Config, progress: bool = True) -> Path | None:
+    """Train (resuming) and return the checkpoint the later stages read: the best-val one under
+    ``train.keep_best`` (MMCST's selection), else the last; ``None`` for a training-free method."""
+    from .checkpoint import run_checkpoint
+    from .methods import get_method
+
+    if not get_method(cfg.model.method).trainable:
+        return None
+    train_step(cfg, resume=True, progress=progress)
+    return run_checkpoint(cfg)
+
+
 def maps_step(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
               out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False,
               overwrite: bool = False) -> Path:
@@ -153,9 +165,7 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
 def run(cfg: Config, progress: bool = True) -> dict[str, dict]:
     """``tokenseg run``: train (resuming; skipped for a training-free method), generate seeds for
     ``maps.split`` (and ``eval.split``), evaluate them."""
-    from .methods import get_method
-
-    ckpt = train_step(cfg, resume=True, progress=progress) if get_method(cfg.model.method).trainable else None
+    ckpt = trained_checkpoint(cfg, progress)
     maps_step(cfg, checkpoint=ckpt, progress=progress)
     if cfg.eval.split != cfg.maps.split:
         maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
@@ -187,9 +197,7 @@ def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = Tr
     out = Path(cfg.output_dir)
     print(f"tokenseg demo ({cfg.model.method}): writing to {out}")
     ds_val = build_dataset(cfg.data, cfg.eval.split)  # generates the synthetic set on first use
-    from .methods import get_method
-
-    ckpt = train_step(cfg, resume=True, progress=progress) if get_method(cfg.model.method).trainable else None
+    ckpt = trained_checkpoint(cfg, progress)
     maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
     results = evaluate_step(cfg, progress=progress, verbose=False)
     baseline = background_only_miou(ds_val)
@@ -226,7 +234,7 @@ def _demo_reference(folder: Path, overrides, progress: bool) -> dict[str, dict]:
 
         return json.loads(done.read_text(encoding="utf-8"))["seeds"]
     print(f"(MCTformer+ reference: training it once in {folder}; later demos reuse it)")
-    ckpt = train_step(cfg, resume=True, progress=progress)
+    ckpt = trained_checkpoint(cfg, progress)
     maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
     return evaluate_step(cfg, progress=progress, verbose=False)
 

@@ -245,9 +245,9 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
 
 # ----------------------------------------------------------------------------- attention affinity
 def _load_classifier(cfg: Config, checkpoint: str | Path | None):
-    from ..checkpoint import load_model_from_checkpoint
+    from ..checkpoint import load_model_from_checkpoint, run_checkpoint
 
-    ckpt = Path(checkpoint or cfg.pseudo.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
+    ckpt = Path(checkpoint or cfg.pseudo.checkpoint or run_checkpoint(cfg))
     loaded = load_model_from_checkpoint(ckpt)
     model = loaded[0]
     device = resolve_device(cfg.pseudo.device)
