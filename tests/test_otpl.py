@@ -245,13 +245,11 @@ def test_first_step_proxies_are_the_class_tokens_and_pcls_equals_the_class_token
 
 
 # ------------------------------------------------------------------------------------------ CLIP-ES variant
-def _fake_clip_seeds(cfg, folder, background=False):
+def _fake_clip_seeds(cfg, folder, background=False, split=None):
     """Seeds shaped like CLIP-ES's: blurred ground-truth masks of the labelled classes, max 1."""
     from scipy.ndimage import uniform_filter
 
-    from tokenseg.data import build_dataset
-
-    ds = build_dataset(cfg.data, cfg.data.train_split)
+    ds = build_dataset(cfg.data, split or cfg.data.train_split)
     for i in range(len(ds)):
         m = ds.load_mask(i)
         classes = np.asarray(ds.labels[i], np.int64)
@@ -386,16 +384,52 @@ def test_otpl_cli_train_maps_evaluate_pseudo(tiny_overrides, tmp_path, capsys):
     assert len(list((tmp_path / "run" / "pseudo").glob("*.png"))) == 16
 
 
-def test_clip_variant_cli_chain(tiny_overrides, tmp_path):
+def test_clip_variant_cli_chain(tiny_overrides, tmp_path, capsys):
     cfg = load_config("tiny", tiny_overrides)
     _fake_clip_seeds(cfg, tmp_path / "clip", background=True)
     over = ["tiny", *tiny_overrides, *CLIP_MODEL, f"otpl.clip_seeds={tmp_path / 'clip'}", "train.epochs=1", "--quiet"]
     assert main(["train", *over]) == 0
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert bool(state["model"]["memory_filled"].all())
+    _fake_clip_seeds(cfg, tmp_path / "clip", background=True, split="val")  # map time: the val images' seeds
     assert main(["maps", *over, "--split", "val"]) == 0
     assert main(["evaluate", *over, "--json", str(tmp_path / "e.json")]) == 0
-    assert 0 < json.loads((tmp_path / "e.json").read_text())["proxy"]["miou"] <= 100
+    with_seeds = json.loads((tmp_path / "e.json").read_text())["proxy"]["miou"]
+    assert 0 < with_seeds <= 100
+    # without seeds at map time: the running-average prototypes, said in the log
+    bare = [o for o in over if not o.startswith("otpl.clip_seeds")]
+    capsys.readouterr()
+    assert main(["maps", *bare, "otpl.clip_seeds=", "--split", "val", "--out", str(tmp_path / "mem")]) == 0
+    assert "running average" in capsys.readouterr().out
+    assert main(["evaluate", *bare, "--seeds", str(tmp_path / "mem" / "proxy"), "--split", "val",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["proxy"]["miou"] != with_seeds
+
+
+def test_clip_variant_maps_use_the_training_prototypes_of_the_image_seeds(tiny_overrides):
+    """At map time the proxy CAM of an image with seeds is the one its training forward makes from them
+    (Eq. 13), not the memory's: the same proxies, so the same map."""
+    from tokenseg.maps import compute_map_batch
+    from tokenseg.models.otpl import proxy_cam
+
+    cfg = load_config("tiny", tiny_overrides + CLIP_MODEL + ["maps.scales=[1.0]", "maps.flip=false"])
+    method = get_method("otpl-clip-es")
+    torch.manual_seed(0)
+    model = method.build(cfg, 3).eval()
+    x = torch.randn(2, 3, 48, 48)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    seeds = torch.rand(2, 4, 48, 48)
+    with torch.no_grad():
+        out = model({"image": x, "clip_cam": seeds, "labels": labels})
+        expect = proxy_cam(out["otpl_proxies"][:, 1:], out["tokens"])
+        mb = compute_map_batch(model, x, labels, cfg, ["proxy"], method.recipe, extras=seeds)
+        free = compute_map_batch(model, x, labels, cfg, ["proxy"], method.recipe)
+    pairs = torch.nonzero(labels > 0)
+    raw = expect[pairs[:, 0], pairs[:, 1]].view(-1, 1, 6, 6)
+    up = F.interpolate(raw, size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
+    up = up / (up.flatten(1).amax(1)[:, None, None] + 1e-5)  # the recipe's max normalisation
+    torch.testing.assert_close(mb.maps["proxy"], up, atol=1e-5, rtol=0)
+    assert not torch.allclose(free.maps["proxy"], up, atol=1e-3)
 
 
 @pytest.mark.parametrize("over, match", [

@@ -107,8 +107,10 @@ def rounding_of(cfg: MapsConfig, recipe: MapRecipe) -> str:
 
 
 def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
-                      recipe: MapRecipe | None = None) -> MapBatch:
-    """Seeds of a batch of same-size normalised images (B,3,H,W) with multi-hot ``labels`` (B,C)."""
+                      recipe: MapRecipe | None = None, extras: torch.Tensor | None = None) -> MapBatch:
+    """Seeds of a batch of same-size normalised images (B,3,H,W) with multi-hot ``labels`` (B,C).
+    ``extras`` (B, N, H, W): per-image maps from the recipe's ``map_extras`` (e.g. OTPL's CLIP-ES seeds),
+    handed to ``combine`` with every view (mirrored with the flipped views, any size: combine pools them)."""
     cfg = _as_config(cfg)
     mc = cfg.maps
     recipe = recipe or recipe_of(model)
@@ -132,11 +134,12 @@ def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, ki
         hs, ws = scaled_size(H, W, s, patch, rounding)
         x = images if (hs, ws) == (H, W) else F.interpolate(
             images, size=(hs, ws), mode="bicubic", align_corners=False, antialias=True)
-        lab = labels
+        lab, ext = labels, extras
         if mc.flip:
             x, lab = torch.cat([x, x.flip(-1)]), labels.repeat(2, 1)
+            ext = None if extras is None else torch.cat([extras, extras.flip(-1)])
         with autocast, (torch.enable_grad() if recipe.needs_grad else torch.no_grad()):
-            out = recipe.combine(model, x, lab, classes, cfg, kinds)
+            out = recipe.combine(model, x, lab, classes, cfg, kinds, **({} if ext is None else {"extras": ext}))
         for kind in kinds:
             m = out[kind].float()
             views = (b_idx, b_idx + B) if mc.flip else (b_idx,)
@@ -169,15 +172,18 @@ def compute_maps(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=N
 
 # ------------------------------------------------------------------------------ data feeding
 class _ImageSet(Dataset):
-    def __init__(self, ds: WSSSDataset) -> None:
-        self.ds = ds
+    """(uint8 CHW image, multi-hot labels, index[, the recipe's per-image extras]) for the loader."""
+
+    def __init__(self, ds: WSSSDataset, extras=None) -> None:
+        self.ds, self.extras = ds, extras
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         arr = np.asarray(self.ds.load_image(i), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.from_numpy(self.ds.multi_hot(i)), i
+        item = (torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.from_numpy(self.ds.multi_hot(i)), i)
+        return item if self.extras is None else (*item, torch.from_numpy(np.asarray(self.extras(i), np.float32)))
 
 
 def image_bytes(size: tuple[int, int], pairs: int, cfg: MapsConfig, patch: int, prefix: int) -> int:
@@ -247,12 +253,14 @@ def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: tor
 
     batches = size_batches(ds, todo, mc.batch_size, budget, cost)
     _warn_tokens(ds, todo, mc, patch)
-    loader = DataLoader(_ImageSet(ds), batch_sampler=batches, num_workers=num_workers)
+    extras = recipe.map_extras(cfg, ds) if recipe.map_extras is not None else None
+    loader = DataLoader(_ImageSet(ds, extras), batch_sampler=batches, num_workers=num_workers)
     bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
-    for raw, labels, idx in loader:
+    for raw, labels, idx, *ext in loader:
         images = normalise(raw.to(device), recipe.mean, recipe.std)
         try:
-            mb = compute_map_batch(model, images, labels.to(device), cfg, kinds, recipe)
+            mb = compute_map_batch(model, images, labels.to(device), cfg, kinds, recipe,
+                                   ext[0].to(device) if ext else None)
         except (RuntimeError, MemoryError) as exc:
             if not _is_alloc_error(exc):
                 raise

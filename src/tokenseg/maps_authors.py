@@ -156,34 +156,31 @@ def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: 
     W, H = image.size
     present = torch.nonzero(labels > 0).flatten()
     need_aff = any(k in AFFINITY_KINDS for k in kinds)
-    acc: dict[str, torch.Tensor] = {k: torch.zeros(labels.numel(), H, W, device=device) for k in kinds}
+    weight = labels[present].view(1, -1, 1, 1)  # theirs multiplies every class by the label vector: the
+    # absent ones are 0 before the per-class normalisation drops them, so only the present are computed
+    acc: dict[str, torch.Tensor] = {k: torch.zeros(len(present), H, W, device=device) for k in kinds}
     for s in input_scales(cfg, (H, W)):  # maps.scales as given unless the largest view passes maps.max_side
         x = pil_to_input(scaled_pil(image, s), device)
-        for flipped in ((False, True) if cfg.flip else (False,)):
-            # batch 1 per view, as the authors: batching changes GEMM blocking, i.e. the last float bits,
-            # which the per-class min-max of near-uniform maps can amplify to ~1e-5
-            out = authors_forward(model, x.flip(-1) if flipped else x, cfg.layers, cfg.layer_reduce, dino_offset,
-                                  affinity=need_aff)
-            base = {"attention": out.attention}
-            if out.patchcam is not None:
-                base["patchcam"] = out.patchcam
-                fused = out.attention * out.patchcam
-                base["fused"] = torch.sqrt(fused) if cfg.fusion == "sqrt" else fused
-            for kind in kinds:
-                m = base[kind.removesuffix("_affinity")]
-                if kind in AFFINITY_KINDS:
-                    m = torch.matmul(out.affinity.unsqueeze(1), m.flatten(2).unsqueeze(-1)).reshape(m.shape)
-                m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
-                m = m[0] * labels.view(-1, 1, 1)
-                acc[kind] += m.flip(-1) if flipped else m
+        # the view and its mirror image in one batch (theirs: one each): the same maps to float rounding
+        # (the fixtures to 1e-5), and the GEMMs of two views run ~15 % faster than two of one
+        views = torch.cat([x, x.flip(-1)]) if cfg.flip else x
+        out = authors_forward(model, views, cfg.layers, cfg.layer_reduce, dino_offset, affinity=need_aff)
+        base = {"attention": out.attention}
+        if out.patchcam is not None:
+            base["patchcam"] = out.patchcam
+            fused = out.attention * out.patchcam
+            base["fused"] = torch.sqrt(fused) if cfg.fusion == "sqrt" else fused
+        for kind in kinds:
+            m = base[kind.removesuffix("_affinity")][:, present]
+            if kind in AFFINITY_KINDS:
+                m = torch.matmul(out.affinity.unsqueeze(1), m.flatten(2).unsqueeze(-1)).reshape(m.shape)
+            m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False) * weight
+            acc[kind] += m[0] + m[1].flip(-1) if cfg.flip else m[0]
     result = {}
-    for kind, m in acc.items():
-        maps = np.zeros((len(present), H, W), np.float32)
-        for j, c in enumerate(present.tolist()):
-            cam = m[c]
-            lo, hi = cam.min(), cam.max()
-            maps[j] = ((cam - lo) / (hi - lo + 1e-8)).cpu().numpy()
-        result[kind] = maps
+    for kind, m in acc.items():  # per-class min-max over the summed views
+        lo = m.amin(dim=(1, 2), keepdim=True)
+        hi = m.amax(dim=(1, 2), keepdim=True)
+        result[kind] = ((m - lo) / (hi - lo + 1e-8)).cpu().numpy().astype(np.float32, copy=False)
     return result
 
 

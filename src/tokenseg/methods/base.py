@@ -51,6 +51,9 @@ class MapRecipe:
     needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
     # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.maps_authors)
     authors: Callable[..., Any] | None = None
+    # map_extras(cfg, ds) -> None or i -> (N, H, W) float maps of image i, given to combine(..., extras=)
+    # with every view (OTPL's CLIP-ES variant: the image's CLIP-ES seeds for its per-image prototypes)
+    map_extras: Callable[..., Any] | None = None
     # what maps.mode=auto (the default) runs: "authors" where that inference is the exact one (MCTformer),
     # "tokenseg" where the batched pipeline already follows the authors' code (CTI, CLIP-ES) or none exists
     default_mode: str = "tokenseg"

@@ -55,9 +55,10 @@ class OTPLConfig:
     ppc_background: bool = False  # [I] Eq. 19 runs over the foreground classes only
     start_epoch: int = 0  # [I] epoch (0-based) from which L_p.cls and L_ppc count; the paper starts from
     # pretrained weights (0); from scratch the CAM/plan positives are noise at first (demo-otpl: 5)
-    ppc_features: str = "detach"  # [I] L_ppc's gradient into the patch features: detach (the loss moves the
-    # proxies, hence the class tokens and the proxy conv) | train (also the features; from scratch on the demo
-    # that wrecked the base: val mAP 38 instead of 91, seeds 19 instead of 47 — README "OTPL")
+    ppc_features: str = "train"  # L_ppc's gradient into the patch features: train (the paper: Eq. 12 trains
+    # the network on the sum, features included) | detach [I] (only the proxies, hence the class tokens and
+    # the proxy conv, move; the from-scratch demo's choice: there `train` wrecked the base, val mAP 38
+    # instead of 91, seeds 19 instead of 47 — README "OTPL")
     sinkhorn_eps: float = 0.1  # [I] ε, as POT (same authors)
     sinkhorn_iters: int = 50  # [I] fixed iterations, no host sync (POT's code: at most 100, stops at
     # mean |Δr| < 1e-2, which these problems reach in far fewer; see README "OTPL")
@@ -451,6 +452,14 @@ class ClipSeedExtras:
                 return p
         raise TokensegError(f"otpl.clip_seeds: no seed file for image {self.ids[i]!r} ({npz} or .npy)")
 
+    def dense(self, i: int) -> np.ndarray:
+        """(C + 1, H, W) scores of image i, background first, 0 for the classes its seed does not hold."""
+        e = self(i)
+        out = np.zeros((self.C + 1, *e["clip_bg"].shape), np.float32)
+        out[0] = e["clip_bg"]
+        out[e["clip_classes"] + 1] = e["clip_maps"]
+        return out
+
     def __call__(self, i: int) -> dict:
         seed = load_seed(self.path(i))
         maps = np.asarray(seed.maps, np.float32)
@@ -475,12 +484,27 @@ def clip_extras(cfg, dataset):
     return ClipSeedExtras(cfg.otpl.clip_seeds, dataset.ids, dataset.num_classes, cfg.otpl.clip_bg_power)
 
 
-def clip_combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
-    """``proxy``: the proxy CAM, with M^cls from the memory prototypes (no seeds at map time)."""
-    from ..models.otpl import memory_cam, proxy_cam
+def clip_map_extras(cfg, ds):
+    """At map time, as in training (Eq. 13), each image's prototypes come from its own CLIP-ES seeds
+    (``otpl.clip_seeds``, found by image id); without that key, from the running-average memory [I]."""
+    if not cfg.otpl.clip_seeds:
+        print("otpl-clip-es maps: otpl.clip_seeds is not set: class prototypes from the running average "
+              "kept in training (memory), not from each image's CLIP-ES seeds")
+        return None
+    return ClipSeedExtras(cfg.otpl.clip_seeds, ds.ids, ds.num_classes, cfg.otpl.clip_bg_power).dense
+
+
+def clip_combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds,
+                 extras: torch.Tensor | None = None) -> dict:
+    """``proxy``: the proxy CAM; M^cls from the views' CLIP-ES seeds (``extras``, (B, C+1, H, W)) as in
+    training, or from the memory prototypes when no seeds are given."""
+    from ..models.otpl import memory_cam, pool_to_grid, proxy_cam
 
     feats, grid = model.encoder(x)
-    cam = memory_cam(feats, model.memory, labels, model.settings.cam_bg_power, model.settings.cam_norm)
+    if extras is not None:
+        cam = pool_to_grid(extras, grid)
+    else:
+        cam = memory_cam(feats, model.memory, labels, model.settings.cam_bg_power, model.settings.cam_norm)
     prox = model.proxy_outputs(feats, cam, labels)
     m = proxy_cam(prox["otpl_proxies"][:, 1:], feats)[:, classes]
     return {"proxy": m.view(x.shape[0], len(classes), *grid)}
@@ -503,7 +527,7 @@ def validate_clip(cfg) -> None:
 
 
 CLIP_RECIPE = MapRecipe(kinds=CLIP_KINDS, default_kinds=CLIP_KINDS, combine=clip_combine, normalise="max",
-                        mean=CLIP_MEAN, std=CLIP_STD)
+                        mean=CLIP_MEAN, std=CLIP_STD, map_extras=clip_map_extras)
 
 register(Method(
     name="otpl", summary="OT-assisted proxy learning on a class-token base (otpl.base; ICCV 2025)",
