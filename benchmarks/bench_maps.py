@@ -11,8 +11,10 @@ Variants, each in its own process (peak RSS = ``ru_maxrss`` of that process; on 
                   batch 1 per view, explicit attention in all 12 layers appended to a list and stacked
                   (12×1×6×N×N), head mean, all 20 classes refined and upsampled, per-class Python loop
                   min–max on the CPU (numpy);
-``authors-mode``  ``tokenseg.maps_authors`` (``maps.mode=authors``): the same maps, reduced on the fly;
-``fp32`` / ``bf16``  ``tokenseg.maps.compute_maps`` (our default path), fp32 and bf16 autocast.
+``authors-mode``  ``tokenseg.maps_authors``: what ``tokenseg maps mctformer-plus`` runs by default
+                  (``maps.mode=auto``): the same maps, view + mirror in one batch, reduced on the fly;
+``fp32`` / ``bf16``  ``tokenseg.maps.compute_maps`` (``maps.mode=tokenseg``, the opt-in batched path with its
+                  deviations), fp32 and bf16 autocast.
 
 Printed: median and best time per image (images/s), matmul GFLOP/s achieved (FLOPs counted below)
 against the machine's measured matmul rate (best of 7 2048³ products), the arithmetic bound (FLOPs /
