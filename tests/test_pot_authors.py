@@ -119,8 +119,20 @@ def test_a_training_step_through_the_method_equals_theirs(setup, monkeypatch):
                                        ("maps.layers", "4"), ("maps.fusion", "product"),
                                        ("maps.layer_reduce", "sum"), ("model.backbone_kwargs", "{depth: 2}")])
 def test_keys_pot_does_not_read_are_refused_by_name(key, value):
-    with pytest.raises(TokensegError, match=f"'{key}' is not used by POT"):
+    with pytest.raises(TokensegError, match=f"'{key}' is not used by POT here"):
         load_config("pot", [f"{key}={value}"])
+
+
+def test_keys_unused_under_the_chosen_optimizer_or_mode_are_refused_only_there():
+    with pytest.raises(TokensegError, match="'model.backbone' .*set pot.backbone"):
+        load_config("pot", ["model.backbone=resnet101"])
+    with pytest.raises(TokensegError, match="'train.warmup_epochs' is not used by POT here.*SGD"):
+        load_config("pot", ["train.warmup_epochs=1"])
+    load_config("pot", ["train.optimizer=adamw", "train.warmup_epochs=1"])  # read by the AdamW schedule
+    load_config("pot", ["train.momentum=0.5"])  # paper mode: SGD's momentum
+    with pytest.raises(TokensegError, match="'train.momentum' .*pot.momentum=train"):
+        load_config("pot-clip-es", ["pot.mode=code", "train.momentum=0.5"])
+    load_config("pot-clip-es", ["pot.mode=code", "pot.momentum=train", "train.momentum=0.5"])
 
 
 def test_every_pot_preset_loads_and_code_mode_follows_the_code():

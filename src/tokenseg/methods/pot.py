@@ -653,27 +653,39 @@ CHOICES = {"mode": ("paper", "code"), "augment": ("auto", "sipe", "resize"), "fl
 
 # keys of other sections that POT never reads, with what to set instead: set away from their defaults,
 # they are refused (a silently ignored setting would let a user believe it took effect)
-IGNORED = {"model.backbone": "pot.backbone", "model.backbone_kwargs": "pot.backbone_kwargs",
+IGNORED = {"model.backbone": "set pot.backbone", "model.backbone_kwargs": "set pot.backbone_kwargs",
            "model.stem": "", "model.drop_path": "", "model.final_norm": "", "model.token_init": "",
-           "model.pooling": "", "model.gwrp_decay": "", "model.cls_loss_weight": "pot.cls_weight",
+           "model.pooling": "", "model.gwrp_decay": "", "model.cls_loss_weight": "set pot.cls_weight",
            "model.patch_loss_weight": "", "model.cct_weight": "", "model.cct_layers": "",
-           "train.augment": "pot.augment, pot.resize_long, pot.crop, pot.resize, pot.flip",
-           "train.crop_scale": "pot.resize_long, pot.crop", "train.color_jitter": "",
-           "maps.layers": "", "maps.layer_reduce": "", "maps.fusion": ""}
+           "train.augment": "set pot.augment, pot.resize_long, pot.crop, pot.resize, pot.flip",
+           "train.crop_scale": "set pot.resize_long, pot.crop", "train.color_jitter": "",
+           "train.decay_pos_embed": "", "maps.layers": "", "maps.layer_reduce": "", "maps.fusion": ""}
+SGD_IGNORED = ("train.warmup_epochs", "train.warmup_lr", "train.min_lr", "train.lr_schedule")
+
+
+def ignored_keys(cfg) -> dict[str, str]:
+    """The keys this config does not read, each with its hint: :data:`IGNORED`, the AdamW schedule's
+    keys under SGD + poly decay, ``train.momentum`` where the code's momentum runs."""
+    keys = dict(IGNORED)
+    if cfg.train.optimizer in ("auto", "sgd"):
+        keys.update({k: "POT trains with SGD + poly decay (train.poly_power); it applies to train.optimizer=adamw"
+                     for k in SGD_IGNORED})
+    if momentum_of(cfg.pot, cfg.train) == CODE_MOMENTUM and cfg.pot.momentum == "auto":
+        keys["train.momentum"] = "pot.mode=code runs the code's 1e-4 (METHODS.md §16.16): set pot.momentum=train to use it"
+    return keys
 
 
 def refuse_ignored(cfg) -> None:
-    """A clear error for each key of :data:`IGNORED` set away from its default."""
+    """A clear error for the first key of :func:`ignored_keys` set away from its default."""
     from ..config import Config
 
     default = Config()
-    for key, instead in IGNORED.items():
+    for key, hint in ignored_keys(cfg).items():
         section, name = key.split(".")
         value, base = getattr(getattr(cfg, section), name), getattr(getattr(default, section), name)
         if value != base:
-            hint = f"; set {instead}" if instead else ""
-            raise TokensegError(f"config key '{key}' is not used by POT (got {value!r}, default {base!r}): remove "
-                                f"it{hint}")
+            raise TokensegError(f"config key '{key}' is not used by POT here (got {value!r}, default {base!r}): "
+                                f"remove it{'; ' + hint if hint else ''}")
 
 
 def validate(cfg) -> None:
