@@ -23,6 +23,7 @@ from tokenseg.data import VOC_CLASSES
 from tokenseg.io import SeedMaps, TokensegError, save_seed
 from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
+from tokenseg.methods.pot import flip_of, numpy_init_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "authors-pot"
@@ -141,8 +142,13 @@ def test_every_pot_preset_loads_and_code_mode_follows_the_code():
     for preset in ("pot-clip-es", "pot-clip-es-coco"):
         load_config(preset)
         cfg = load_config(preset, ["pot.mode=code"])
-        from tokenseg.methods.pot import flip_of, numpy_init_of
-
         assert not flip_of(cfg.pot) and numpy_init_of(cfg.pot)  # their VOC training: no flip; their k-means draws
+    from tokenseg.methods.pot import augment_of, clusters_of
+
+    a = load_config("pot", ["pot.mode=code", "pot.clip_seeds=x"]).pot
+    b = load_config("pot-clip-es", ["pot.mode=code"]).pot
+    for f in (augment_of, flip_of, clusters_of, numpy_init_of):
+        assert f(a) == f(b), f.__name__  # `pot` and `pot-clip-es` run the same code path in code mode
+    assert (augment_of(a), clusters_of(a)) == ("resize", 2)
     with pytest.raises(TokensegError, match="pot.kmeans_init=numpy"):
         load_config("pot", ["pot.kmeans_init=numpy"])
