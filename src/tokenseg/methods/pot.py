@@ -16,9 +16,10 @@ Seeds carry an explicit background channel (``eval.background=channel``). The k-
 batched over every (image, class) pair of a batch (:mod:`tokenseg.ot`).
 
 Maps that need per-image inputs besides the image (the CLIP-ES seeds) or the code's IS_CAM + IS_CAM1
-(IS_CAM from the first scale only, combined after normalisation) run in POT's own loop over the map
-pipeline's :func:`~tokenseg.maps.compute_map_batch` (``maps.mode=authors``, set automatically): the
-generic pipeline passes no per-image inputs to a recipe yet.
+(IS_CAM from the first scale only, combined after normalisation) run in POT's own loop, one scale at a
+time as their ``make_cam.py`` (PIL bicubic rescale of the uint8 image, maps upsampled from the grid to
+the image) (``maps.mode=authors``, set automatically): the generic pipeline passes no per-image inputs
+to a recipe yet. ``tests/test_pot_authors.py`` checks code mode against the released code.
 """
 from __future__ import annotations
 
@@ -519,8 +520,8 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
              progress: bool = True, meta: dict | None = None, method: str | None = None,
              export_npy: bool = False, combine_fn=None) -> Path:
-    """POT's map loop (``maps.mode=authors``): the map pipeline's :func:`~tokenseg.maps.compute_map_batch`
-    for one scale at a time, fed with each batch's CLIP-ES seeds, then the code's combination.
+    """POT's map loop (``maps.mode=authors``): :func:`_scale_maps` for one scale at a time, fed with each
+    batch's CLIP-ES seeds, then the code's combination.
 
     ``is_cam`` = its fused map at the *first* of ``maps.scales`` (their ``IS_CAM_list[0]``); ``is_cam1``
     = its prototype map summed over all scales, max-normalised, then foreground × 2 and background
