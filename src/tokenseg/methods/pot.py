@@ -16,9 +16,10 @@ Seeds carry an explicit background channel (``eval.background=channel``). The k-
 batched over every (image, class) pair of a batch (:mod:`tokenseg.ot`).
 
 Maps that need per-image inputs besides the image (the CLIP-ES seeds) or the code's IS_CAM + IS_CAM1
-(IS_CAM from the first scale only, combined after normalisation) run in POT's own loop over the map
-pipeline's :func:`~tokenseg.maps.compute_map_batch` (``maps.mode=authors``, set automatically): the
-generic pipeline passes no per-image inputs to a recipe yet.
+(IS_CAM from the first scale only, combined after normalisation) run in POT's own loop, one scale at a
+time as their ``make_cam.py`` (PIL bicubic rescale of the uint8 image, maps upsampled from the grid to
+the image) (``maps.mode=authors``, set automatically): the generic pipeline passes no per-image inputs
+to a recipe yet. ``tests/test_pot_authors.py`` checks code mode against the released code.
 """
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ class POTConfig:
     # inference
     flip_fusion: str = "features"  # features (the code sums orig + flipped features) | maps (sum maps)
     seed: int = 0  # k-means initialisation at inference
+    kmeans_init: str = "auto"  # auto (code: numpy, paper: torch) | torch (batched draws) | numpy (kmeans_pytorch's
+    # np.random.choice per channel, as the code: RandomState(pot.seed) per image and scale at inference,
+    # RandomState(the step's seed) per training step; code mode only)
     momentum: str = "auto"  # auto (paper: train.momentum; code: 1e-4, §16.16) | train | code
 
 
@@ -109,6 +113,10 @@ def flip_of(pc) -> bool:
 
 def target_of(pc) -> str:
     return pc.target if pc.target != "auto" else ("fused" if pc.mode == "code" else "classifier")
+
+
+def numpy_init_of(pc) -> bool:
+    return pc.kmeans_init == "numpy" or (pc.kmeans_init == "auto" and pc.mode == "code")
 
 
 def momentum_of(pc, tc) -> float:
@@ -350,11 +358,14 @@ def views(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- training
-def _step_generator(cfg, ctx, device: torch.device) -> torch.Generator:
+def _step_seed(cfg, ctx) -> int:
     """The k-means initialisation of a step: a function of (seed, step, rank), so a resumed run draws
     the same points as an uninterrupted one."""
-    s = int(np.random.SeedSequence([int(cfg.train.seed), int(ctx.step), int(ctx.rank), 7]).generate_state(1)[0])
-    return torch.Generator(device=device).manual_seed(s)
+    return int(np.random.SeedSequence([int(cfg.train.seed), int(ctx.step), int(ctx.rank), 7]).generate_state(1)[0])
+
+
+def _step_generator(cfg, ctx, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_step_seed(cfg, ctx))
 
 
 def _to_grid(t: torch.Tensor, size, mode: str) -> torch.Tensor:
@@ -388,7 +399,9 @@ def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
     with torch.autocast(dev.type, enabled=False):
         cam = out["cam"].float()
         if pc.mode == "code":
-            maps, vm = code_stage(feats.float(), cam, labels, valid, pc.kmeans_iters, gen, clusters_of(pc))
+            seed = _step_seed(cfg, ctx) if numpy_init_of(pc) else None
+            maps, vm = code_stage(feats.float(), cam, labels, valid, pc.kmeans_iters, gen, clusters_of(pc),
+                                  training=True, numpy_seed=seed)
             pred, target = code_fusion(maps, clip, vm, training=True)
             weight = None
         else:
@@ -425,24 +438,29 @@ def loss(out: dict, batch: dict, ctx, cfg) -> dict:
 
 # ----------------------------------------------------------------------------------------- maps
 def clip_on_grid(extras: dict | None, B: int, C: int, input_size, grid, code: bool, stride: int = 16
-                 ) -> torch.Tensor | None:
-    """The batch's CLIP-ES maps (pairs at image size) on the feature grid, dense (B, C, h, w). Code mode
-    as their inference: to (H//stride, W//stride) then to the grid, bilinear with align_corners=True;
-    paper mode one antialiased bilinear step [I]."""
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The batch's CLIP-ES maps (pairs at image size) on the feature grid, dense (B, C, h, w), and in
+    code mode their background (B, 1, h, w). Code mode as their inference: the maps to (H//stride,
+    W//stride), background 1 − max there, [background, maps] to the grid (bilinear, align_corners=True);
+    paper mode one antialiased bilinear step [I] and no background."""
     if not extras or "clip_maps" not in extras:
-        return None
+        return None, None
     pairs, maps = extras["clip_pairs"], extras["clip_maps"].float()
-    out = maps.new_zeros(B, C, *grid)
-    if len(pairs) == 0:
-        return out
-    m = maps[:, None]
-    if code:
-        coarse = (max(input_size[0] // stride, 1), max(input_size[1] // stride, 1))
-        m = F.interpolate(m, coarse, mode="bilinear", align_corners=True)
-        m = F.interpolate(m, grid, mode="bilinear", align_corners=True)
-    else:
-        m = F.interpolate(m, grid, mode="bilinear", align_corners=False, antialias=m.shape[-1] > grid[-1])
-    return out.index_put((pairs[:, 0], pairs[:, 1]), m[:, 0])
+    if not code:
+        out = maps.new_zeros(B, C, *grid)
+        if len(pairs) == 0:
+            return out, None
+        m = F.interpolate(maps[:, None], grid, mode="bilinear", align_corners=False,
+                          antialias=maps.shape[-1] > grid[-1])
+        return out.index_put((pairs[:, 0], pairs[:, 1]), m[:, 0]), None
+    coarse = (max(input_size[0] // stride, 1), max(input_size[1] // stride, 1))
+    dense = maps.new_zeros(B, C, *coarse)
+    if len(pairs):
+        m = F.interpolate(maps[:, None], coarse, mode="bilinear", align_corners=True)
+        dense = dense.index_put((pairs[:, 0], pairs[:, 1]), m[:, 0])
+    both = torch.cat([1.0 - dense.amax(1, keepdim=True), dense], 1)
+    both = F.interpolate(both, grid, mode="bilinear", align_corners=True)
+    return both[:, 1:], both[:, :1]
 
 
 def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds, extras=None) -> dict:
@@ -465,9 +483,11 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
         feats, cam, lab = feats[:B] + feats[B:].flip(-1), cam[:B] + cam[B:].flip(-1), lab[:B]
     n, C = feats.shape[0], lab.shape[1]
     grid = feats.shape[-2:]
-    clip = clip_on_grid(extras, B, C, x.shape[-2:], grid, pc.mode == "code", getattr(model, "output_stride", 16))
+    clip, clip_bg = clip_on_grid(extras, B, C, x.shape[-2:], grid, pc.mode == "code",
+                                 getattr(model, "output_stride", 16))
     if clip is not None and n == B2 and flip:
         clip = torch.cat([clip, clip.flip(-1)])
+        clip_bg = None if clip_bg is None else torch.cat([clip_bg, clip_bg.flip(-1)])
     valid = feats.new_ones(n, *grid)
     gen = torch.Generator(device=feats.device).manual_seed(int(pc.seed))
     res = {}
@@ -483,8 +503,10 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
             if clip is None:
                 raise TokensegError("maps.kinds is_cam / is_cam1 fuse the CLIP-ES seeds (pot.clip_seeds): the "
                                     "model was trained without them; use maps.kinds=[pot]")
-            maps, _ = code_stage(feats, cam, lab, valid, pc.kmeans_iters, gen, clusters_of(pc))
-            cc, fused = code_fusion(maps, clip * lab[:, :, None, None], None, training=False)
+            seed = int(pc.seed) if numpy_init_of(pc) else None
+            maps, _ = code_stage(feats, cam, lab, valid, pc.kmeans_iters, gen, clusters_of(pc), training=False,
+                                 numpy_seed=seed, per_image=True)
+            cc, fused = code_fusion(maps, clip * lab[:, :, None, None], None, training=False, clip_bg=clip_bg)
             res["is_cam1"], res["is_cam1" + BACKGROUND] = cc[:, 1:], cc[:, :1]
             res["is_cam"], res["is_cam" + BACKGROUND] = fused[:, 1:], fused[:, :1]
     result = {}
@@ -498,8 +520,8 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
              progress: bool = True, meta: dict | None = None, method: str | None = None,
              export_npy: bool = False, combine_fn=None) -> Path:
-    """POT's map loop (``maps.mode=authors``): the map pipeline's :func:`~tokenseg.maps.compute_map_batch`
-    for one scale at a time, fed with each batch's CLIP-ES seeds, then the code's combination.
+    """POT's map loop (``maps.mode=authors``): :func:`_scale_maps` for one scale at a time, fed with each
+    batch's CLIP-ES seeds, then the code's combination.
 
     ``is_cam`` = its fused map at the *first* of ``maps.scales`` (their ``IS_CAM_list[0]``); ``is_cam1``
     = its prototype map summed over all scales, max-normalised, then foreground × 2 and background
@@ -534,19 +556,15 @@ def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1
                               lambda i, size: mp.image_bytes(size, len(ds.labels[i]), mc, patch, 0))
     loader = DataLoader(mp._ImageSet(ds), batch_sampler=batches, num_workers=num_workers)
     bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
-    raw_recipe = dataclasses.replace(RECIPE, normalise="none")
     for raw, labels, idx in loader:
-        images = mp.normalise(raw.to(device), RECIPE.mean, RECIPE.std)
         labels = labels.to(device)
-        H, W = images.shape[-2:]
+        H, W = raw.shape[-2:]
         ex = clip.batch(idx.tolist(), (H, W), device) if clip is not None else None
-        recipe = dataclasses.replace(raw_recipe, combine=partial(combine_fn or combine, extras=ex))
+        comb = partial(combine_fn or combine, extras=ex)
         acc, bgs, pairs = {}, {}, None
         for j, s in enumerate(mp.input_scales(mc, (H, W))):
             need = [k for k in base if k != "is_cam" or j == 0]
-            one = copy.copy(cfg)
-            one.maps = dataclasses.replace(mc, scales=[s], max_side=0)
-            mb = mp.compute_map_batch(model, images, labels, one, need, recipe)
+            mb = _scale_maps(model, raw, labels, s, cfg, need, comb)
             pairs = mb.pairs
             for k in need:
                 acc[k] = acc[k] + mb.maps[k] if k in acc else mb.maps[k]
@@ -565,6 +583,48 @@ def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1
         bar.update(len(idx))
     bar.close()
     return out_dir
+
+
+def _scale_maps(model, raw: torch.Tensor, labels: torch.Tensor, s: float, cfg, kinds, comb):
+    """One scale of a batch of same-size uint8 images (B, 3, H, W), as their make_cam: each image
+    resized with PIL bicubic to round(H·s) × round(W·s) (their ``pil_rescale``), normalised in float64
+    (their ``TorchvisionNormalize``), with its mirror when ``maps.flip``; the maps of ``comb`` (a
+    :func:`combine`) bilinearly upsampled from the grid straight to (H, W), the mirror's flipped back and
+    added. Returns a :class:`~tokenseg.maps.MapBatch` (not normalised)."""
+    from PIL import Image
+
+    from .. import maps as mp
+
+    mc = cfg.maps
+    B, _, H, W = raw.shape
+    hs, ws = mp.scaled_size(H, W, s, model.patch_size, mp.rounding_of(mc, RECIPE))
+    if (hs, ws) != (H, W):
+        raw = torch.stack([torch.from_numpy(np.array(Image.fromarray(r.permute(1, 2, 0).cpu().numpy())
+                                                        .resize((ws, hs), Image.BICUBIC))).permute(2, 0, 1)
+                           for r in raw])
+    dev = labels.device
+    mean = torch.tensor(RECIPE.mean, dtype=torch.float64, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(RECIPE.std, dtype=torch.float64, device=dev).view(1, 3, 1, 1)
+    x = ((raw.to(dev, torch.float64) / 255.0 - mean) / std).float()
+    pairs = torch.nonzero(labels > 0)
+    classes = torch.unique(pairs[:, 1])
+    local = torch.full((labels.shape[1],), -1, dtype=torch.long, device=dev)
+    local[classes] = torch.arange(len(classes), device=dev)
+    b_idx, k_idx = pairs[:, 0], local[pairs[:, 1]]
+    lab = labels
+    if mc.flip:
+        x, lab = torch.cat([x, x.flip(-1)]), labels.repeat(2, 1)
+    one = copy.copy(cfg)
+    one.maps = dataclasses.replace(mc, scales=[1.0], max_side=0)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mc.dtype == "bf16"), torch.no_grad():
+        out = comb(model, x, lab, classes, one, kinds)
+    views = (b_idx, b_idx + B) if mc.flip else (b_idx,)
+    maps, bg = {}, {}
+    for k in kinds:
+        m = out[k].float()
+        maps[k] = mp._add_views(mp._upsample(torch.cat([m[v, k_idx] for v in views]), (H, W)), len(pairs), mc.flip)
+        bg[k] = mp._add_views(mp._upsample(out[k + BACKGROUND].float()[:, 0], (H, W)), B, mc.flip)
+    return mp.MapBatch(pairs, maps, bg)
 
 
 def _export_npy(folder: Path, pairs, maps, bg, idx, ds) -> None:
@@ -590,7 +650,43 @@ CHOICES = {"mode": ("paper", "code"), "augment": ("auto", "sipe", "resize"), "fl
            "marginal": ("similarity", "relu", "size", "uniform"), "solver": ("code", "log"),
            "update": ("soft", "hard", "none"), "update_region": ("confident", "all"),
            "target": ("auto", "classifier", "fused"), "flip_fusion": ("features", "maps"),
-           "momentum": ("auto", "train", "code")}
+           "momentum": ("auto", "train", "code"), "kmeans_init": ("auto", "torch", "numpy")}
+
+# keys of other sections that POT never reads, with what to set instead: set away from their defaults,
+# they are refused (a silently ignored setting would let a user believe it took effect)
+IGNORED = {"model.backbone": "set pot.backbone", "model.backbone_kwargs": "set pot.backbone_kwargs",
+           "model.stem": "", "model.drop_path": "", "model.final_norm": "", "model.token_init": "",
+           "model.pooling": "", "model.gwrp_decay": "", "model.cls_loss_weight": "set pot.cls_weight",
+           "model.patch_loss_weight": "", "model.cct_weight": "", "model.cct_layers": "",
+           "train.augment": "set pot.augment, pot.resize_long, pot.crop, pot.resize, pot.flip",
+           "train.crop_scale": "set pot.resize_long, pot.crop", "train.color_jitter": "",
+           "train.decay_pos_embed": "", "maps.layers": "", "maps.layer_reduce": "", "maps.fusion": ""}
+SGD_IGNORED = ("train.warmup_epochs", "train.warmup_lr", "train.min_lr", "train.lr_schedule")
+
+
+def ignored_keys(cfg) -> dict[str, str]:
+    """The keys this config does not read, each with its hint: :data:`IGNORED`, the AdamW schedule's
+    keys under SGD + poly decay, ``train.momentum`` where the code's momentum runs."""
+    keys = dict(IGNORED)
+    if cfg.train.optimizer in ("auto", "sgd"):
+        keys.update({k: "POT trains with SGD + poly decay (train.poly_power); it applies to train.optimizer=adamw"
+                     for k in SGD_IGNORED})
+    if momentum_of(cfg.pot, cfg.train) == CODE_MOMENTUM and cfg.pot.momentum == "auto":
+        keys["train.momentum"] = "pot.mode=code runs the code's 1e-4 (METHODS.md §16.16): set pot.momentum=train to use it"
+    return keys
+
+
+def refuse_ignored(cfg) -> None:
+    """A clear error for the first key of :func:`ignored_keys` set away from its default."""
+    from ..config import Config
+
+    default = Config()
+    for key, hint in ignored_keys(cfg).items():
+        section, name = key.split(".")
+        value, base = getattr(getattr(cfg, section), name), getattr(getattr(default, section), name)
+        if value != base:
+            raise TokensegError(f"config key '{key}' is not used by POT here (got {value!r}, default {base!r}): "
+                                f"remove it{'; ' + hint if hint else ''}")
 
 
 def validate(cfg) -> None:
@@ -609,6 +705,9 @@ def validate(cfg) -> None:
         raise TokensegError(f"pot.resize_long must be [min, max] with 0 < min <= max, got {pc.resize_long}")
     if pc.crop < 16 or pc.resize < 16:
         raise TokensegError("pot.crop and pot.resize must be >= 16 pixels")
+    if pc.kmeans_init == "numpy" and pc.mode != "code":
+        raise TokensegError("pot.kmeans_init=numpy draws as the released code's k-means: only with pot.mode=code")
+    refuse_ignored(cfg)
     if pc.mode == "code" and not pc.clip_seeds:
         raise TokensegError("pot.mode=code needs pot.clip_seeds: the released code always fuses precomputed "
                             "CLIP-ES CAMs (make them with `tokenseg maps clip-es`)")

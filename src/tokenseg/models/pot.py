@@ -18,12 +18,13 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..io import TokensegError
-from ..ot import kmeans, sinkhorn, sinkhorn_code
+from ..ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
 
 __all__ = ["POTNet", "PaperStage", "paper_stage", "code_stage", "code_fusion", "max_norm", "class_slots",
            "grid_size", "CODE_CLUSTERS"]
@@ -335,16 +336,23 @@ def paper_stage(features: torch.Tensor, baseline: torch.Tensor, present: torch.T
 
 # ----------------------------------------------------------------------------------------- code (§11.4)
 def code_stage(features: torch.Tensor, cam_logits: torch.Tensor, present: torch.Tensor, valid: torch.Tensor,
-               kmeans_iters: int = 100, generator: torch.Generator | None = None, clusters: int = CODE_CLUSTERS
+               kmeans_iters: int = 100, generator: torch.Generator | None = None, clusters: int = CODE_CLUSTERS,
+               training: bool = True, numpy_seed: int | None = None, per_image: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The released code's ``get_seed_aff_x4`` for every image and channel at once [C:POT@d0ecbbf].
 
     The classifier CAM ``ReLU(cam)/max`` with background ``1 − max`` over *all* classes, masked by
-    ``[1, y]`` and ``valid``; seeds = its argmax (background included); per image and channel (the
+    ``[1, y]`` and ``valid``; seeds = its argmax (background included) masked by ``[1, y]``: in training
+    the argmax of the masked CAM (their ``Net`` passes the masked map), at inference (``training=False``,
+    their ``CAM``) the argmax over *every* class, so a pixel won by an absent class seeds nothing; per image and channel (the
     background too) with ≥ K seed pixels, cosine k-means with K = 2 on ``F`` at the seeds; the map is
     the *mean* over clusters of cos(F, centre) (no ReLU), masked, max-normalised (the max over the whole
     grid, masked zeros included, as ``adaptive_max_pool2d``). The OT they solve next is never used and
-    is skipped. Returns ``(maps (B, C+1, h, w), vm (B, C+1, h, w) the mask [valid, valid·y])``."""
+    is skipped. k-means starts from K random seed pixels per channel: drawn with ``generator``, or, with
+    ``numpy_seed``, as ``kmeans_pytorch`` draws them (``np.random.choice`` per channel in order) from
+    ``RandomState(numpy_seed)`` — one stream for the batch, or a fresh one per image (``per_image``: their
+    inference runs one image per call). Returns ``(maps (B, C+1, h, w), vm (B, C+1, h, w) the mask
+    [valid, valid·y])``."""
     B, D, h, w = features.shape
     C = present.shape[1]
     N = h * w
@@ -355,15 +363,17 @@ def code_stage(features: torch.Tensor, cam_logits: torch.Tensor, present: torch.
         ncam = F.interpolate(ncam, (h, w), mode="bilinear", align_corners=True)
     lab = torch.cat([torch.ones_like(present[:, :1]), present], 1).float()  # (B, C+1)
     vm = valid[:, None].float() * lab[:, :, None, None]
-    ncam = ncam * vm
+    if training:
+        ncam = ncam * vm
     seeds = F.one_hot(ncam.argmax(1), C + 1).permute(0, 3, 1, 2).float() * vm  # (B, C+1, h, w)
     X, xnorm = _points(features)
     sl = class_slots(lab)
     mask = seeds.reshape(B, C + 1, N)[sl.b, sl.c] > 0  # (G, N)
     ok = mask.sum(1) >= clusters  # the code skips channels with fewer seeds than clusters
     mask = mask & ok[:, None]
+    init = None if numpy_seed is None else _library_init(X, mask, sl, clusters, numpy_seed, per_image)
     km = kmeans(X.detach(), clusters, mask=mask, iters=kmeans_iters, distance="cosine", tol=1e-4,
-                generator=generator, x_index=sl.b)
+                generator=generator, x_index=sl.b, init=init)
     assign = F.one_hot(km.labels.clamp_min(0), clusters).to(X.dtype) * (km.labels >= 0)[..., None]
     sums, counts = _slot_prototypes(X, assign, sl)
     centres = torch.where((counts > 0)[..., None], sums / counts.clamp_min(1)[..., None], 0.0)
@@ -372,8 +382,21 @@ def code_stage(features: torch.Tensor, cam_logits: torch.Tensor, present: torch.
     return max_norm(maps), vm
 
 
-def code_fusion(cam_class: torch.Tensor, clip: torch.Tensor, vm: torch.Tensor | None, training: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _library_init(X: torch.Tensor, mask: torch.Tensor, sl: Slots, k: int, seed: int, per_image: bool
+                  ) -> torch.Tensor:
+    """kmeans_pytorch's initial points of every pair (G, k, D): one ``RandomState(seed)`` stream over the
+    pairs in order, or a fresh one per image (pairs are sorted by image, so the parts concatenate)."""
+    if not per_image:
+        return kmeans_pytorch_init(X, k, mask, np.random.RandomState(seed), x_index=sl.b)
+    parts = []
+    for b in torch.unique_consecutive(sl.b).tolist():
+        sel = sl.b == b
+        parts.append(kmeans_pytorch_init(X, k, mask[sel], np.random.RandomState(seed), x_index=sl.b[sel]))
+    return torch.cat(parts) if parts else X.new_zeros(0, k, X.shape[-1])
+
+
+def code_fusion(cam_class: torch.Tensor, clip: torch.Tensor, vm: torch.Tensor | None, training: bool,
+                clip_bg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The code's fusion of the prototype maps with the CLIP-ES CAM (§11.4, §16.21).
 
     cam_class (B, C+1, h, w) from :func:`code_stage`; clip (B, C, h, w) the CLIP-ES maps on the grid
@@ -382,8 +405,11 @@ def code_fusion(cam_class: torch.Tensor, clip: torch.Tensor, vm: torch.Tensor | 
     foreground ``ReLU(clip − 0.15 b)`` with a new ``1 − max`` background, masked by ``vm``), then
     ``ReLU(1.2 x − 0.2 Σ_channels x)``, max-normalised, (training: values below half their row mean
     zeroed); where both argmaxes agree, + 0.2 cc (inference 0.3); capped at 1.
-    Returns ``(cc, fused)``, both (B, C+1, h, w): IS_CAM1's and IS_CAM's per-scale maps at inference."""
-    clip_bg = 1.0 - clip.amax(1, keepdim=True)
+    ``clip_bg`` (B, 1, h, w) replaces b (their inference takes 1 − max on the coarser CLIP grid, then
+    resizes it with the maps). Returns ``(cc, fused)``, both (B, C+1, h, w): IS_CAM1's and IS_CAM's
+    per-scale maps at inference."""
+    if clip_bg is None:
+        clip_bg = 1.0 - clip.amax(1, keepdim=True)
     fg = F.relu(cam_class[:, 1:] - 0.5 * clip_bg)
     cc = torch.cat([1.0 - fg.amax(1, keepdim=True), fg], 1)
     if training:
