@@ -237,7 +237,7 @@ def test_cli_evaluate_on_their_seeds_and_float16_cost(tmp_path):
     for dtype in ("float32", "float16"):
         _write_fixture_seeds(tmp_path / dtype, dtype)
         out = tmp_path / f"{dtype}.json"
-        assert main(["evaluate", "mctformer-plus", *cli_overrides(tmp_path, data), "eval.t_max=0.59",
+        assert main(["evaluate", "mctformer-plus", *cli_overrides(tmp_path, data), "eval.early_stop=false",
                      "--seeds", str(tmp_path / dtype), "--split", "all", "--json", str(out), "--quiet"]) == 0
         res = json.loads(out.read_text())[dtype]
         shifts[dtype] = max(abs(g["miou"] - e["mIoU"]) for g, e in zip(res["per_threshold"],
@@ -251,3 +251,17 @@ def test_checkpoint_without_names_rejects_a_dataset_with_another_count():
     assert len(names) == 5
     with pytest.raises(TokensegError, match="heads"):
         load_model_from_checkpoint(authors_weights("authors-mctformer/plus/checkpoint.pth"))  # 96 is not a multiple of 64
+
+
+def test_preset_default_evaluate_is_their_curve_run(tmp_path):
+    """`tokenseg evaluate mctformer-plus` with no eval.* key set scores their seeds as their
+    `evaluation.py --curve` does: t = 0.00..0.59, stopping at the first threshold that does not improve."""
+    data = folder_dataset(tmp_path / "data")
+    expected = json.loads((FIX / "eval" / "expected.json").read_text())["best_with_their_early_stop"]
+    _write_fixture_seeds(tmp_path / "seeds", "float32")
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "mctformer-plus", *cli_overrides(tmp_path, data), "--seeds", str(tmp_path / "seeds"),
+                 "--split", "all", "--json", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())["seeds"]
+    assert res["threshold"] == expected["threshold"] and res["miou"] == pytest.approx(expected["mIoU"], abs=1e-6)
+

@@ -491,3 +491,12 @@ def test_local_imagenet_weights_file_loads_and_a_missing_one_is_named(tmp_path):
     cfg.model.pretrained = str(tmp_path / "none.pth")
     with pytest.raises(TokensegError, match="model.pretrained: weights file .*none.pth not found"):
         get_method("pot").build(cfg, 3)
+
+
+def test_code_mode_masks_read_the_seeds_code_mode_makes():
+    """pot.mode=code makes is_cam_sum / is_cam1, not `pot`: the preset's pseudo.kind follows (their IRN
+    reads IS_CAM1), so `tokenseg pseudo` finds its seeds."""
+    cfg = load_config("pot-clip-es", ["pot.mode=code"])
+    assert cfg.maps.kinds == ["is_cam_sum", "is_cam1"] and cfg.pseudo.kind == "is_cam1"
+    assert load_config("pot-clip-es").pseudo.kind == "pot"  # paper mode keeps its own seeds
+

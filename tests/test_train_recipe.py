@@ -23,6 +23,22 @@ def test_per_epoch_schedule_equals_timm_cosine_stepped_after_each_epoch():
     assert lr_at_epoch(0, epochs, warmup, base, wlr, mlr) == lr_at_epoch(1, epochs, warmup, base, wlr, mlr) == wlr
 
 
+def test_cti_schedule_equals_timm_cosine_stepped_with_the_next_epoch():
+    """CTI's loop steps ``scheduler.step(epo + 1)`` after each epoch (METHODS.md §16.4): its preset's
+    ``train.lr_schedule=epoch_ahead`` runs every epoch at the lr their optimizer holds then."""
+    from timm.scheduler import CosineLRScheduler
+
+    cfg = load_config("cti")
+    assert cfg.train.lr_schedule == "epoch_ahead"
+    epochs, warmup, base, wlr, mlr = 12, 5, 1e-3, 1e-6, 1e-5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=mlr, warmup_t=warmup, warmup_lr_init=wlr)
+    for epoch in range(epochs):
+        assert lr_at_epoch(epoch, epochs, warmup, base, wlr, mlr, ahead=True) == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-12)
+        sched.step(epoch + 1)
+
+
 def _decayed(cfg):
     model = build_model(cfg.model, 3, decay_pos_embed=decays_pos_embed(cfg))
     groups = default_param_groups(model, cfg)

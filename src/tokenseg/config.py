@@ -89,7 +89,9 @@ class TrainConfig:
     augment: str = "deit"  # deit (RandomResizedCrop+flip+RandAugment+RandomErasing, as timm) | simple (crop+flip)
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     color_jitter: float = 0.0  # the authors' 0.4 is inert under RandAugment in timm (§16.2); > 0 adds it
-    lr_schedule: str = "epoch"  # epoch: timm's cosine stepped after each epoch, as the authors (§16.4) | step
+    # epoch: timm's cosine stepped after each epoch, as the authors (§16.4) | epoch_ahead: stepped with
+    # epoch + 1 (CTI's step(epo+1)) | step: per optimiser step
+    lr_schedule: str = "epoch"
     decay_pos_embed: str = "auto"  # weight decay on position embeddings: auto (as the authors' code: decayed
     # for MCTformer+, not for V1/V2, §16.3) | true | false
     amp: str = "auto"  # auto (bf16 on CUDA/CPU-off) | bf16 | fp16 | none
@@ -329,7 +331,7 @@ def validate(cfg: Config) -> None:
     choice("model.pooling", cfg.model.pooling, ("gap", "gmp", "gwrp"))
     choice("train.augment", cfg.train.augment, ("deit", "simple"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "fp16", "none"))
-    choice("train.lr_schedule", cfg.train.lr_schedule, ("epoch", "step"))
+    choice("train.lr_schedule", cfg.train.lr_schedule, ("epoch", "epoch_ahead", "step"))
     choice("train.optimizer", cfg.train.optimizer, ("auto", "adamw", "sgd"))
     choice("train.decay_pos_embed", str(cfg.train.decay_pos_embed).lower(), ("auto", "true", "false"))
     choice("model.token_init", cfg.model.token_init, ("auto", "copy", "independent"))

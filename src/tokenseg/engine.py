@@ -46,12 +46,14 @@ def lr_at(step: int, total: int, warmup: int, base: float, warmup_lr: float, min
     return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def lr_at_epoch(epoch: int, epochs: int, warmup_epochs: float, base: float, warmup_lr: float, min_lr: float) -> float:
+def lr_at_epoch(epoch: int, epochs: int, warmup_epochs: float, base: float, warmup_lr: float, min_lr: float,
+                ahead: bool = False) -> float:
     """The authors' schedule: timm's ``CosineLRScheduler`` stepped once per epoch *after* it
     (``lr_scheduler.step(epoch)``), so epoch ``e`` runs at the scheduler's value for ``t = max(e - 1, 0)``:
-    epochs 0 and 1 both at ``warmup_lr`` (METHODS.md §16.4). The cosine runs over ``t / epochs``
-    (timm's default, no warm-up prefix), its floor ``min_lr`` from ``epochs`` on."""
-    t = max(epoch - 1, 0)
+    epochs 0 and 1 both at ``warmup_lr`` (METHODS.md §16.4). CTI steps ``step(epo + 1)`` instead
+    (``ahead``): epoch ``e`` runs at ``t = e``. The cosine runs over ``t / epochs`` (timm's default, no
+    warm-up prefix), its floor ``min_lr`` from ``epochs`` on."""
+    t = epoch if ahead else max(epoch - 1, 0)
     if t < warmup_epochs:
         return warmup_lr + t * (base - warmup_lr) / warmup_epochs
     if t >= epochs:
@@ -78,9 +80,10 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: Config, steps_p
         return optimizer, lambda step, epoch: poly_lr(step, total_steps, base_lr, tc.poly_power)
     optimizer = optim.adamw(groups, tc.fused_optimizer, lr=base_lr, eps=1e-8)
     warmup_steps = int(round(tc.warmup_epochs * steps_per_epoch))
-    if tc.lr_schedule == "epoch":
+    if tc.lr_schedule in ("epoch", "epoch_ahead"):
+        ahead = tc.lr_schedule == "epoch_ahead"
         return optimizer, lambda step, epoch: lr_at_epoch(epoch, tc.epochs, tc.warmup_epochs, base_lr, tc.warmup_lr,
-                                                          tc.min_lr)
+                                                          tc.min_lr, ahead)
     # DeiT scales the peak lr by batch/512 but not the floor
     return optimizer, lambda step, epoch: lr_at(step, total_steps, warmup_steps, base_lr, tc.warmup_lr, tc.min_lr)
 

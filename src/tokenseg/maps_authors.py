@@ -1,4 +1,5 @@
-"""The authors' seed inference, reproduced exactly (``maps.mode=authors``; METHODS.md §2–§6).
+"""The authors' seed inference, reproduced exactly (``maps.mode=authors``, what ``auto`` runs for
+MCTformer-V1/V2/+; METHODS.md §2–§6).
 
 Per image (batch 1, as in their ``generate_attention_maps_ms``), for every scale ``s``:
 
@@ -24,8 +25,8 @@ Differences from our default (:mod:`tokenseg.maps`): the default resizes the *no
 torch bicubic + antialias to the nearest multiple of the patch (no pixel dropped), interpolates the
 position embedding without the +0.1 offset, batches images of equal size, computes only the attention
 rows it needs with fused attention elsewhere, and can run in bf16. Seeds are written as our ``.npz``
-(float16) or, with ``export_npy``, in the authors' ``.npy`` dict format (float32) so their evaluation
-scripts read them.
+(``maps.save_dtype``, float32 by default) or, with ``export_npy``, in the authors' ``.npy`` dict format
+(float32) so their evaluation scripts read them.
 """
 from __future__ import annotations
 

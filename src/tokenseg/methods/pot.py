@@ -715,6 +715,8 @@ def validate(cfg) -> None:
         raise TokensegError("pot.target=fused fuses the CLIP-ES seeds: set pot.clip_seeds")
     if pc.mode == "code" and list(cfg.maps.kinds) == list(RECIPE.default_kinds):
         cfg.maps.kinds = ["is_cam_sum", "is_cam1"]  # what their eval_cam.py scores, and what IRN reads
+    if pc.mode == "code" and cfg.pseudo.kind == "pot" and "pot" not in cfg.maps.kinds:
+        cfg.pseudo.kind = "is_cam1"  # the masks come from the seeds code mode makes (their IRN reads IS_CAM1)
     if pc.clip_seeds or any(k in CODE_KINDS for k in cfg.maps.kinds):
         cfg.maps.mode = "authors"  # POT's own loop: the generic pipeline passes no per-image seeds
 
