@@ -2,6 +2,7 @@
 written outside --out) and, where a Chromium is installed, the page opened headless in a real browser."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ def two_runs(tmp_path_factory):
     assert main(["pseudo", "tiny", cache, f"output_dir={runs[0]}", "pseudo.split=val", "pseudo.kind=fused",
                  "--quiet"]) == 0
     (runs[1] / "seeds" / "val" / "eval_patchcam.json").unlink()  # the report evaluates it in memory
+    ds = build_dataset(load_config(str(runs[1] / "config.yaml")).data, "val")
+    (runs[1] / "predictions").mkdir()
+    for i in range(0, len(ds), 2):  # "predictions" of every other image: its ground truth (mIoU 100)
+        shutil.copyfile(ds.mask_paths[i], runs[1] / "predictions" / f"{ds.ids[i]}.png")
     return tmp, runs
 
 
@@ -88,6 +93,7 @@ def test_report_numbers_tiles_and_reuse(report, capsys):
         assert entry["runs"][0]["k"]["fused"] == pytest.approx(100 * np.mean(ious), abs=0.01)
         assert entry["cls"] == sorted(int(v) - 1 for v in np.unique(gt) if 0 < v < 255)
         assert "ps" in entry["runs"][0] and "ps" not in entry["runs"][1]  # pseudo masks of the first run only
+        assert entry["runs"][1].get("pr") == (100.0 if i % 2 == 0 else None)  # predictions where they exist
         tiles = out / data["tiles"] / f"{i:06d}"
         for c in entry["runs"][1]["c"]:
             assert (tiles / f"r1-patchcam-c{c}.jpg").is_file()
