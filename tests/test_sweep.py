@@ -125,6 +125,7 @@ def test_points_that_differ_in_maps_keys_share_one_training_and_seeds_give_mean_
     assert table["trainings"] == 2 and len(table["rows"]) == 4
     shared = out / "train.seed=0,maps.scales=_1.0,0.75_"
     assert not (shared / "checkpoint.pt").exists() and (shared / "seeds" / "val" / "fused").is_dir()
+    assert load_config(str(shared / "config.yaml")).maps.scales == [1.0, 0.75]  # its own settings, for a report
     assert table["rows"][1]["trained_in"].endswith("train.seed=0,maps.scales=_1.0_")
     groups = table["variance"]
     assert [g["point"] for g in groups] == [{"maps.scales": "[1.0]"}, {"maps.scales": "[1.0,0.75]"}]

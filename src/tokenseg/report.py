@@ -386,6 +386,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, split: str | N
     for k, r in enumerate(runs):  # two runs with one folder name (a/demo, b/demo): tell them apart
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({k + 1})"
+    if len({r.split for r in runs}) > 1:
+        raise TokensegError("report: the runs' seeds are of different splits ("
+                            + ", ".join(f"{r.folder}: {r.split}" for r in runs) + "); choose one with --split")
     ds = build_dataset(runs[0].cfg.data, runs[0].split)
     for r in runs[1:]:
         if list(r.results[best_kind(r)]["iou"]) != list(runs[0].results[best_kind(runs[0])]["iou"]):
@@ -442,7 +445,7 @@ def render_page(runs: list[RunInfo], n_images: int) -> str:
     diff = ""
     if len(runs) > 1:
         diff = ("<h2>Per-class IoU, best kind of each run</h2>"
-                + _table(["class", *(r.name for r in runs), f"Δ (last − first)"], class_diff_rows(runs), "class-diff"))
+                + _table(["class", *(r.name for r in runs), "Δ (last − first)"], class_diff_rows(runs), "class-diff"))
     body = (f"<h1>{html.escape(title)}</h1><div class='runs'>{''.join(sections)}</div>{diff}"
             f"<h2>Charts</h2><div class='charts' id='charts'>{curve_svg(runs)}{class_iou_svg(runs)}</div>"
             "<h2>Images</h2><div id='controls'></div><div id='legend'></div><div id='images'></div>"

@@ -202,6 +202,9 @@ def run_point(cfg: Config, stage: str = "seeds", progress: bool = True, previous
         ckpt = None
         if get_method(cfg.model.method).trainable:
             ckpt = pipeline.train_step(train_cfg or cfg, resume=True, progress=progress)
+        if train_cfg is not None:  # the point's own settings, for check_folder and `tokenseg report`
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg.save(folder / "config.yaml")
         pipeline.maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
         seeds = pipeline.evaluate_step(cfg, progress=progress, verbose=False)
         best = max(seeds, key=lambda k: seeds[k]["miou"])
