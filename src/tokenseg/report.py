@@ -343,9 +343,18 @@ def class_diff_rows(runs: list[RunInfo]) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ the site
+def _stamp(path: str | None) -> int | None:
+    """A file's modification time (a retrained checkpoint makes new tiles), None when absent."""
+    try:
+        return Path(path).stat().st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
 def _signature(runs: list[RunInfo], ids: list[str]) -> str:
+    """What the tiles depend on: the runs, split, map settings, checkpoint, chosen thresholds, images."""
     key = {"thumb": THUMB, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest(),
-           "runs": [[str(r.folder.resolve()), r.split, r.meta.get("settings", {}), {
+           "runs": [[str(r.folder.resolve()), r.split, r.meta.get("settings", {}), _stamp(r.meta.get("checkpoint")), {
                k: [v.get("background"), v.get("threshold"), v.get("alpha")] for k, v in r.results.items()},
                str(r.pseudo), str(r.pred)] for r in runs]}
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -360,9 +369,6 @@ def _check_out(out: Path, runs: list[RunInfo], ds: WSSSDataset) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise TokensegError(f"report --out {out}: folder exists, is not empty and holds no tokenseg report "
                             f"({META_FILE}); choose another --out")
-    for r in runs:
-        if out.resolve() == r.folder.resolve():
-            raise TokensegError(f"report --out {out}: is the run folder itself; use a sub-folder such as {out / 'report'}")
 
 
 def _asset(name: str) -> str:
