@@ -95,7 +95,7 @@ def test_report_numbers_tiles_and_reuse(report, capsys):
         assert "ps" in entry["runs"][0] and "ps" not in entry["runs"][1]  # pseudo masks of the first run only
         assert entry["runs"][1].get("pr") == (100.0 if i % 2 == 0 else None)  # predictions where they exist
         tiles = out / data["tiles"] / f"{i:06d}"
-        for c in entry["runs"][1]["c"]:
+        for c in entry["runs"][1]["ck"]["patchcam"]:
             assert (tiles / f"r1-patchcam-c{c}.jpg").is_file()
         assert (tiles / "r0-ps.png").is_file() and (tiles / "gt.png").is_file()
     # a rebuild reuses every thumbnail

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .config import Config, load_config
 from .data import WSSSDataset, build_dataset
-from .io import TokensegError, read_mask, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .io import TokensegError, load_seed, read_mask, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .metrics import confusion_matrix, scores_from_confusion
 from .pipeline import KIND_TITLES, seed_folders
 from .plot import COLOURS, nice_ticks
@@ -39,6 +39,7 @@ __all__ = ["build_report", "load_run", "image_miou", "RunInfo", "META_FILE"]
 META_FILE = "report_meta.json"
 THUMB = 144  # longest side of a tile, pixels
 PAGE_SIZE = 20
+FORMAT = 2  # of entry.json: tiles of an older layout are made anew
 
 
 @dataclass
@@ -150,13 +151,40 @@ def _small(mask: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize(wh, Image.NEAREST))
 
 
+def _run_tiles(r: int, run: RunInfo, image_id: str, small: np.ndarray, size: tuple[int, int],
+               gt: np.ndarray | None, n: int, folder: Path) -> dict:
+    """One run's tiles of one image: per kind a heat map per class of the seed and the argmax at the
+    kind's chosen background; the pseudo mask and prediction where they exist; their mIoU (``gt``)."""
+    wh = (small.shape[1], small.shape[0])
+    out: dict = {"k": {}, "ck": {}}
+    for kind, kfolder in run.kinds.items():
+        found = find_seed_file(kfolder, image_id)
+        if found is None:
+            continue
+        seed = load_seed(found)
+        present = [int(c) for c in np.asarray(seed.classes)]
+        for c, m in zip(present, np.asarray(seed.maps, np.float32)):
+            heat = np.asarray(Image.fromarray(m).resize(wh, Image.BILINEAR), np.float32)
+            _jpeg(folder / f"r{r}-{kind}-c{c}.jpg", overlay(small, heat))
+        am = _argmax(seed, size, run.results[kind])
+        _png(folder / f"r{r}-{kind}-am.png", colour_mask(_small(am, wh)))
+        out["k"][kind] = image_miou(am, gt, n) if gt is not None else None
+        out["ck"][kind] = present
+    for key, mfolder in (("ps", run.pseudo), ("pr", run.pred)):
+        p = mfolder / f"{image_id}.png" if mfolder is not None else None
+        if p is not None and p.is_file():
+            m = read_mask(p)
+            _png(folder / f"r{r}-{key}.png", colour_mask(_small(m, wh)))
+            out[key] = image_miou(m, gt, n) if gt is not None and m.shape == gt.shape else None
+    return out
+
+
 def _image_tiles(i: int, ds: WSSSDataset, runs: list[RunInfo], folder: Path) -> dict:
     """Write one image's tiles into ``folder`` and return its entry (per-run, per-kind mIoU)."""
     folder.mkdir(parents=True, exist_ok=True)
     image_id = ds.ids[i]
     img = np.asarray(ds.load_image(i).convert("RGB"))
-    H, W = img.shape[:2]
-    wh = _thumb_size(H, W)
+    wh = _thumb_size(*img.shape[:2])
     small = np.asarray(Image.fromarray(img).resize(wh, Image.BILINEAR))
     _jpeg(folder / "photo.jpg", small)
     has_gt = ds.mask_paths is not None and ds.mask_paths[i] is not None
@@ -167,34 +195,8 @@ def _image_tiles(i: int, ds: WSSSDataset, runs: list[RunInfo], folder: Path) -> 
         classes = sorted(int(v) - 1 for v in np.unique(gt) if 0 < v < 255)
     else:
         classes = sorted(int(c) for c in ds.labels[i])
-    entry = {"id": image_id, "gt": has_gt, "cls": classes, "runs": []}
-    for r, run in enumerate(runs):
-        out = {"k": {}, "c": []}
-        for kind, kfolder in run.kinds.items():
-            found = find_seed_file(kfolder, image_id)
-            if found is None:
-                continue
-            from .io import load_seed
-
-            seed = load_seed(found)
-            present = [int(c) for c in np.asarray(seed.classes)]
-            out["c"] = sorted(set(out["c"]) | set(present))
-            maps = np.asarray(seed.maps, np.float32)
-            if len(present):
-                hm = np.asarray(
-                    [np.asarray(Image.fromarray(m).resize(wh, Image.BILINEAR)) for m in maps], np.float32)
-                for c, m in zip(present, hm):
-                    _jpeg(folder / f"r{r}-{kind}-c{c}.jpg", overlay(small, m))
-            am = _argmax(seed, (H, W), run.results[kind])
-            _png(folder / f"r{r}-{kind}-am.png", colour_mask(_small(am, wh)))
-            out["k"][kind] = image_miou(am, gt, n) if has_gt else None
-        for key, mfolder in (("ps", run.pseudo), ("pr", run.pred)):
-            p = mfolder / f"{image_id}.png" if mfolder is not None else None
-            if p is not None and p.is_file():
-                m = read_mask(p)
-                _png(folder / f"r{r}-{key}.png", colour_mask(_small(m, wh)))
-                out[key] = image_miou(m, gt, n) if has_gt and m.shape == gt.shape else None
-        entry["runs"].append(out)
+    entry = {"id": image_id, "gt": has_gt, "cls": classes,
+             "runs": [_run_tiles(r, run, image_id, small, img.shape[:2], gt, n, folder) for r, run in enumerate(runs)]}
     entry["wh"] = list(wh)
     write_json_atomic(folder / "entry.json", entry)  # last: its presence marks the image as done
     return entry
@@ -353,7 +355,7 @@ def _stamp(path: str | None) -> int | None:
 
 def _signature(runs: list[RunInfo], ids: list[str]) -> str:
     """What the tiles depend on: the runs, split, map settings, checkpoint, chosen thresholds, images."""
-    key = {"thumb": THUMB, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest(),
+    key = {"format": FORMAT, "thumb": THUMB, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest(),
            "runs": [[str(r.folder.resolve()), r.split, r.meta.get("settings", {}), _stamp(r.meta.get("checkpoint")), {
                k: [v.get("background"), v.get("threshold"), v.get("alpha")] for k, v in r.results.items()},
                str(r.pseudo), str(r.pred)] for r in runs]}

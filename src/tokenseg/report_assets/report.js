@@ -119,7 +119,7 @@
         if (!(kind in info.k)) return;
         const t = el("div", {class: "tiles kind-row"});
         const title = R.titles[kind] || kind;
-        info.c.forEach(function (c) {
+        info.ck[kind].forEach(function (c) {
           t.appendChild(tile(base + "r" + k + "-" + kind + "-c" + c + ".jpg", title + ": " + R.classes[c], img.wh));
         });
         t.appendChild(tile(base + "r" + k + "-" + kind + "-am.png",
