@@ -235,6 +235,8 @@ def test_demo_cli_prints_the_table_and_writes_the_gallery(tmp_path, capsys):
 
     with Image.open(out / "gallery.png") as g:
         assert g.size[0] > 8 * 100  # input, ground truth, 5 maps, argmax
+    assert "report:" in printed and (out / "report" / "index.html").is_file()  # the report, made from the run
+    assert (out / "report" / "data.js").read_text().count('"id":') == 16
 
 
 def test_run_makes_seeds_from_the_best_checkpoint_under_keep_best(tiny_overrides, tmp_path):

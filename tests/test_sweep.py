@@ -1,6 +1,7 @@
 """``tokenseg sweep``: the grid, one folder per point, resume (finished points skipped, an interrupted one
 continued to the same weights), the table, the plot, refusal of a folder made with other settings."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,89 @@ def test_sweep_runs_two_values_resumes_and_refuses_other_settings(tiny_overrides
     assert main([*args[:3], "train.epochs=1", *args[4:]]) == 2
     err = capsys.readouterr().err
     assert "train.epochs" in err and "another --out" in err
+
+
+def test_points_that_differ_in_maps_keys_share_one_training_and_seeds_give_mean_and_std(tiny_overrides, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """train.seed=0,1 × two map scales: two trainings (one per seed), four maps; mean ± std over the seeds
+    per scale, checked against numpy; the plot drawn with error bars."""
+    import numpy as np
+
+    from tokenseg.sweep import training_key
+
+    a = load_config("tiny", ["maps.scales=[1.0]", "eval.t_step=0.05", "output_dir=a"])
+    b = load_config("tiny", ["maps.scales=[1.0,0.75]", "output_dir=b"])
+    assert training_key(a) == training_key(b)
+    assert training_key(a) != training_key(load_config("tiny", ["train.seed=1"]))
+    out = tmp_path / "sweep"
+    trained = []
+    real_train = pipeline.train_step
+
+    def counting(cfg, resume=True, progress=True):
+        ckpt = Path(cfg.output_dir) / "checkpoint.pt"
+        before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
+        res = real_train(cfg, resume=resume, progress=False)
+        if ckpt.stat().st_mtime_ns != before:
+            trained.append(Path(cfg.output_dir).name)
+        return res
+
+    monkeypatch.setattr(pipeline, "train_step", counting)
+    args = ["sweep", "tiny", "train.seed=0,1", "maps.scales=[1.0],[1.0,0.75]", "maps.kinds=[fused,patchcam]",
+            "train.max_steps=2", tiny_overrides[0], "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert trained == ["train.seed=0,maps.scales=_1.0_", "train.seed=1,maps.scales=_1.0_"]
+    table = json.loads((out / "sweep.json").read_text())
+    assert table["trainings"] == 2 and len(table["rows"]) == 4
+    shared = out / "train.seed=0,maps.scales=_1.0,0.75_"
+    assert not (shared / "checkpoint.pt").exists() and (shared / "seeds" / "val" / "fused").is_dir()
+    assert load_config(str(shared / "config.yaml")).maps.scales == [1.0, 0.75]  # its own settings, for a report
+    assert table["rows"][1]["trained_in"].endswith("train.seed=0,maps.scales=_1.0_")
+    groups = table["variance"]
+    assert [g["point"] for g in groups] == [{"maps.scales": "[1.0]"}, {"maps.scales": "[1.0,0.75]"}]
+    for g in groups:
+        rows = [r for r in table["rows"] if r["point"]["maps.scales"] == g["point"]["maps.scales"]]
+        assert g["seeds"] == ["0", "1"]
+        for kind in ("fused", "patchcam"):
+            v = np.array([r["seeds"][kind]["miou"] for r in rows])
+            st = g["kinds"][kind]
+            assert st["mean"] == pytest.approx(v.mean()) and st["std"] == pytest.approx(v.std(ddof=1))
+            assert (st["min"], st["max"], st["n"]) == (v.min(), v.max(), 2)
+        assert g["best"]["mean"] == pytest.approx(np.mean([r["best"]["miou"] for r in rows]))
+    st = groups[0]["kinds"]["fused"]
+    assert f"{st['mean']:.2f} ± {st['std']:.2f} [{st['min']:.2f}, {st['max']:.2f}]" in printed
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_markers_integer_ticks_margin_and_overlaps(tmp_path):
+    """Integer keys get their values as ticks, the y range a margin, identical lines a legend name that
+    says so, and the legend sits where no line passes."""
+    from tokenseg.plot import line_plot
+    from tokenseg.sweep import _x_axis, name_overlaps, plot_sweep
+
+    table = {"config": "demo-otpl", "axes": {"otpl.top_k": ["1", "3", "5", "7"]}, "rows": [
+        {"point": {"otpl.top_k": k}, "seeds": {"attention": {"miou": 40 + int(k)}, "patchcam": {"miou": 40 + int(k)},
+                                                "fused": {"miou": 45 - int(k) / 2}}, "best": {"miou": 47}}
+        for k in ("1", "3", "5", "7")]}
+    xpos, label, ticks = _x_axis(table, "otpl.top_k")
+    assert ticks == [1.0, 3.0, 5.0, 7.0] and label == "otpl.top_k"
+    assert _x_axis({"axes": {"k": ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "20"]}}, "k")[2] == \
+        [5.0, 10.0, 15.0, 20.0]
+    assert _x_axis({"axes": {"x": ["0", "0.2", "1"]}}, "x")[2] is None
+    series = {"attention": ([1, 3], [41, 43]), "patchcam": ([1, 3], [41, 43]), "fused": ([1, 3], [44.5, 43.5])}
+    named, errs = name_overlaps(series, {"patchcam": [1, 1]})
+    assert list(named) == ["attention", "patchcam (= attention)", "fused"] and errs == {"patchcam (= attention)": [1, 1]}
+    lay = line_plot(tmp_path / "p.png", {"rising": ([1, 3, 5, 7], [41, 43, 45, 47]), "falling": ([1, 7], [44.5, 41.5])},
+                    markers=True, xticks=[1, 3, 5, 7], margin=0.1)
+    assert lay["xticks"] == [1, 3, 5, 7]
+    assert lay["ylim"][0] == pytest.approx(41 - 0.6) and lay["ylim"][1] == pytest.approx(47 + 0.6)
+    left, top, right, bottom = lay["box"]
+    x0, x1 = lay["xlim"]
+    y0, y1 = lay["ylim"]
+    bx0, by0, bx1, by1 = lay["legend"]
+    for x, y in ((7, 47), (6, 46), (1, 44.5), (1, 41)):  # points of both lines: none under the legend
+        px = left + (x - x0) / (x1 - x0) * (right - left)
+        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
+        assert not (bx0 <= px <= bx1 and by0 <= py <= by1)
+    plot_sweep(table, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

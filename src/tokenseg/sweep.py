@@ -5,7 +5,13 @@ every point of the grid (here 3 × 2), train → maps (``eval.split``) → evalu
 :mod:`tokenseg.pipeline`, each point in its own folder ``DIR/<key>=<value>[,...]``; with ``--stage
 masks`` also pseudo masks from the point's best seeds (its best background threshold) and their mIoU.
 A ``key=value`` without a top-level comma is a fixed override of every point (``maps.scales=[1.0,0.5]``
-is one list value, not an axis).
+is one list value, not an axis). Points that differ only in ``maps.*``, ``eval.*`` or ``pseudo.*`` keys
+share one trained model: it is trained (or resumed) in the first such point's folder, the others make
+their maps from its checkpoint.
+
+Run-to-run variance: with ``train.seed=0,1,2`` among the axes, every point of the other axes also gets
+each seed kind's mIoU over the seeds as mean ± std (n − 1), min and max, in the printed table, in
+``sweep.json`` (``variance``) and in the plot (error bars).
 
 Resumable: a finished point (``sweep_point.json``) is not redone; an interrupted one resumes (training
 from its checkpoint, maps from the files written); a folder whose ``config.yaml`` differs from the
@@ -29,7 +35,7 @@ from .config import Config, load_config, parse_override
 from .io import TokensegError, write_json_atomic
 
 __all__ = ["split_values", "parse_axes", "grid", "point_name", "run_point", "run_sweep", "format_table",
-           "plot_sweep", "POINT_FILE", "TABLE_FILE", "PLOT_FILE"]
+           "plot_sweep", "plot_variance", "training_key", "variance", "POINT_FILE", "TABLE_FILE", "PLOT_FILE"]
 
 POINT_FILE = "sweep_point.json"
 TABLE_FILE = "sweep.json"
@@ -105,6 +111,47 @@ def _value(raw: str):
     return parse_override(f"x={raw}")[1]
 
 
+# ------------------------------------------------------------------------------------------ training
+NOT_TRAINING = ("maps", "eval", "pseudo")  # sections that do not change the classifier a point trains
+SEED_KEY = "train.seed"
+
+
+def training_key(cfg: Config) -> str:
+    """The settings that make a point's trained model: the config without ``output_dir``, ``name`` and the
+    :data:`NOT_TRAINING` sections. Points with one key share one training (the first one's folder)."""
+    d = yaml.safe_load(cfg.to_yaml()) or {}
+    for k in ("output_dir", "name", *NOT_TRAINING):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _stats(values: list[float]) -> dict:
+    """mean, sample standard deviation (n − 1; 0 for one value), min, max and n."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def variance(table: dict) -> list[dict]:
+    """Run-to-run variance over ``train.seed``: for every point of the other axes, each seed kind's
+    (and the best kind's, the masks') mIoU over the seeds as mean ± std, min, max."""
+    others = [k for k in table["axes"] if k != SEED_KEY]
+    groups: dict[tuple, list[dict]] = {}
+    for r in table["rows"]:
+        groups.setdefault(tuple(r["point"][k] for k in others), []).append(r)
+    out = []
+    for values, rows in groups.items():
+        kinds = list(dict.fromkeys(k for r in rows for k in r["seeds"]))
+        entry = {"point": dict(zip(others, values)), "seeds": [r["point"][SEED_KEY] for r in rows],
+                 "kinds": {k: _stats([r["seeds"][k]["miou"] for r in rows if k in r["seeds"]]) for k in kinds},
+                 "best": _stats([r["best"]["miou"] for r in rows])}
+        if all(r.get("masks") for r in rows):
+            entry["masks"] = _stats([r["masks"]["miou"] for r in rows])
+        out.append(entry)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ one point
 def _config_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
     keys = []
@@ -137,11 +184,13 @@ def _seed_summary(res: dict) -> dict:
     return {k: res.get(k) for k in keep if k in res}
 
 
-def run_point(cfg: Config, stage: str = "seeds", progress: bool = True, previous: dict | None = None) -> dict:
+def run_point(cfg: Config, stage: str = "seeds", progress: bool = True, previous: dict | None = None,
+              train_cfg: Config | None = None) -> dict:
     """The chain for one grid point (``cfg.output_dir`` is the point's folder): train (resuming; skipped
     for training-free methods) → maps of ``eval.split`` → evaluate, and for ``stage="masks"`` pseudo
     masks from the best kind at its best threshold → mask mIoU. ``previous``: a finished seeds result to
-    extend with masks."""
+    extend with masks. ``train_cfg``: the config of an earlier point with the same training settings,
+    whose model (trained, or resumed, in its own folder) makes this point's maps."""
     from . import pipeline
     from .methods import get_method
 
@@ -152,12 +201,17 @@ def run_point(cfg: Config, stage: str = "seeds", progress: bool = True, previous
     else:
         ckpt = None
         if get_method(cfg.model.method).trainable:
-            ckpt = pipeline.train_step(cfg, resume=True, progress=progress)
+            ckpt = pipeline.train_step(train_cfg or cfg, resume=True, progress=progress)
+        if train_cfg is not None:  # the point's own settings, for check_folder and `tokenseg report`
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg.save(folder / "config.yaml")
         pipeline.maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
         seeds = pipeline.evaluate_step(cfg, progress=progress, verbose=False)
         best = max(seeds, key=lambda k: seeds[k]["miou"])
         result = {"output_dir": str(folder), "seeds": {k: _seed_summary(v) for k, v in seeds.items()},
                   "best": {"kind": best, "miou": seeds[best]["miou"]}, "seconds": 0.0}
+        if ckpt is not None and train_cfg is not None:
+            result["trained_in"] = str(train_cfg.output_dir)
     if stage == "masks" and result.get("masks") is None:
         result["masks"] = _masks(cfg, result, progress)
     result["seconds"] = round(float(result.get("seconds") or 0.0) + time.time() - t0, 1)
@@ -198,8 +252,10 @@ def run_sweep(config: str, axes: dict[str, list[str]], fixed: Sequence[str] = ()
     points = grid(axes)
     cfgs = [load_config(config, [*fixed, *(f"{k}={v}" for k, v in p.items()), f"output_dir={out / point_name(p)}"])
             for p in points]  # every point's config is valid before the first one trains
+    owners: dict[str, Config] = {}
+    trainers = [owners.setdefault(training_key(c), c) for c in cfgs]  # the first point of each training config
     rows = []
-    for n, (point, cfg) in enumerate(zip(points, cfgs), 1):
+    for n, (point, cfg, trainer) in enumerate(zip(points, cfgs, trainers), 1):
         folder = Path(cfg.output_dir)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         done_path = folder / POINT_FILE
@@ -210,15 +266,19 @@ def run_sweep(config: str, axes: dict[str, list[str]], fixed: Sequence[str] = ()
                 print(f"sweep [{n}/{len(points)}] {label}: done ({folder})")
             result = previous
         else:
+            shared = trainer is not cfg
             if progress:
-                print(f"sweep [{n}/{len(points)}] {label}: {'masks' if previous else 'running'} in {folder}")
-            result = run_point(cfg, stage, progress, previous)
+                print(f"sweep [{n}/{len(points)}] {label}: {'masks' if previous else 'running'} in {folder}"
+                      + (f" (the model of {Path(trainer.output_dir).name}: same training settings)" if shared else ""))
+            result = run_point(cfg, stage, progress, previous, train_cfg=trainer if shared else None)
             result["point"] = dict(point)
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(done_path, result)
         rows.append({**result, "point": dict(point)})
     table = {"config": config, "fixed": list(fixed), "axes": axes, "stage": stage, "split": base.eval.split,
-             "out": str(out), "rows": rows}
+             "out": str(out), "rows": rows, "trainings": len({id(t) for t in trainers})}
+    if len(axes.get(SEED_KEY, [])) > 1:
+        table["variance"] = variance(table)
     write_json_atomic(out / TABLE_FILE, table)
     table["plot"] = str(plot_sweep(table, out / PLOT_FILE))
     write_json_atomic(out / TABLE_FILE, table)
@@ -245,22 +305,84 @@ def format_table(table: dict) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     title = f"seed mIoU (%) on {table.get('split', 'the eval split')}, best background per row"
-    return "\n".join([title, fmt.format(*head), rule,
+    text = "\n".join([title, fmt.format(*head), rule, *(fmt.format(*c) for c in lines)])
+    if table.get("variance"):
+        text += "\n\n" + format_variance(table)
+    return text
+
+
+def format_variance(table: dict) -> str:
+    """mean ± std [min, max] of each kind's mIoU over the seeds, one row per point of the other axes."""
+    groups = table["variance"]
+    keys = list(groups[0]["point"])
+    kinds = list(dict.fromkeys(k for g in groups for k in g["kinds"]))
+    cols = [*kinds, "best", *(["masks"] if any("masks" in g for g in groups) else [])]
+
+    def cell(st: dict | None) -> str:
+        return "-" if st is None else f"{st['mean']:.2f} ± {st['std']:.2f} [{st['min']:.2f}, {st['max']:.2f}]"
+
+    lines = [[*(str(g["point"][k]) for k in keys),
+              *(cell(g["kinds"].get(c) if c in kinds else g.get(c)) for c in cols)] for g in groups]
+    head = [*keys, *cols]
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    n = max(g["best"]["n"] for g in groups)
+    title = (f"over {SEED_KEY} ({n} seeds: {', '.join(groups[0]['seeds'])}): mean ± std (n − 1) [min, max] "
+             f"of the seed mIoU (%)")
+    return "\n".join([title, fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1)),
                       *(fmt.format(*c) for c in lines)])
+
+
+def _x_axis(table: dict, key: str) -> tuple[dict[str, float], str, list[float] | None]:
+    """x position of each value of ``key``, the x label, and the ticks: the values themselves for integer
+    (or non-numeric) keys with at most 12 values, integer ticks for longer integer axes, else automatic."""
+    from .plot import nice_ticks
+
+    raw = table["axes"][key]
+    vals = [_value(v) for v in raw]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    integer = numeric and all(float(v).is_integer() for v in vals)
+    xpos = {r: (float(v) if numeric else float(i)) for i, (r, v) in enumerate(zip(raw, vals))}
+    ticks = None
+    if not numeric or (integer and len(vals) <= 12):
+        ticks = sorted(xpos.values())
+    elif integer:
+        ticks = [t for t in nice_ticks(min(xpos.values()), max(xpos.values())) if float(t).is_integer()]
+    label = key if numeric else f"{key} ({', '.join(f'{i}={v}' for i, v in enumerate(raw))})"
+    return xpos, label, ticks
+
+
+def _sorted_series(points: list[tuple[float, float, float]]) -> tuple[list[float], list[float], list[float]]:
+    points = sorted(points)
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+
+def name_overlaps(series: dict, errors: dict | None = None) -> tuple[dict, dict]:
+    """Rename a series identical to an earlier one to ``name (= earlier)``: lines drawn on top of each
+    other are told apart in the legend (their markers differ too)."""
+    out, errs = {}, {}
+    for name, (xs, ys) in series.items():
+        same = next((n for n, (xa, ya) in out.items() if list(xa) == list(xs) and
+                     all(abs(a - b) < 1e-9 for a, b in zip(ya, ys)) and len(ya) == len(ys)), None)
+        new = f"{name} (= {same.split(' (= ')[0]})" if same else name
+        out[new] = (xs, ys)
+        if errors and name in errors:
+            errs[new] = errors[name]
+    return out, errs
 
 
 def plot_sweep(table: dict, path: str | Path) -> Path:
     """Seed mIoU against the first swept value: one line per seed kind (one axis), or per combination
     of the other axes with each point's best kind (several axes); non-numeric values are plotted at
-    their position 0, 1, ... (named in the x label)."""
+    their position 0, 1, ... (named in the x label). Markers per series, integer ticks for integer keys,
+    a margin around the values. With ``train.seed`` swept, see :func:`plot_variance`."""
     from .plot import line_plot
 
+    if table.get("variance"):
+        return plot_variance(table, path)
     keys = list(table["axes"])
     first = keys[0]
-    raw = table["axes"][first]
-    vals = [_value(v) for v in raw]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
-    xpos = {r: (float(v) if numeric else float(i)) for i, (r, v) in enumerate(zip(raw, vals))}
+    xpos, xlabel, xticks = _x_axis(table, first)
     series: dict[str, tuple[list[float], list[float]]] = {}
     rows = table["rows"]
     if len(keys) == 1:
@@ -278,6 +400,55 @@ def plot_sweep(table: dict, path: str | Path) -> Path:
             xs.append(xpos[r["point"][first]])
             ys.append(r["best"]["miou"])
         series = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in series.items()}
-    xlabel = first if numeric else f"{first} ({', '.join(f'{i}={v}' for i, v in enumerate(raw))})"
-    line_plot(path, series, xlabel=xlabel, ylabel="seed mIoU (%)", title=f"{table['config']}: sweep of {first}")
+    series, _ = name_overlaps(series)
+    line_plot(path, series, xlabel=xlabel, ylabel="seed mIoU (%)", title=f"{table['config']}: sweep of {first}",
+              markers=True, xticks=xticks, margin=0.06)
+    return Path(path)
+
+
+def plot_variance(table: dict, path: str | Path) -> Path:
+    """Mean seed mIoU over ``train.seed`` with ± std error bars: against the first other axis (a line per
+    kind, or per combination of the further axes with the best kind), or, when the seed is the only
+    axis, one point per seed kind."""
+    from .plot import line_plot
+
+    groups = table["variance"]
+    others = [k for k in table["axes"] if k != SEED_KEY]
+    n = max(g["best"]["n"] for g in groups)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    errors: dict[str, list[float]] = {}
+
+    def add(name: str, pts: list[tuple[float, float, float]]) -> None:
+        xs, ys, es = _sorted_series(pts)
+        series[name], errors[name] = (xs, ys), es
+
+    if not others:
+        g = groups[0]
+        cats = [*g["kinds"].items(), *([("pseudo masks", g["masks"])] if "masks" in g else [])]
+        for i, (kind, st) in enumerate(cats):
+            add(kind, [(float(i), st["mean"], st["std"])])
+        xlabel = "seed kind (" + ", ".join(f"{i}={k}" for i, (k, _) in enumerate(cats)) + ")"
+        xticks, lines, x0 = [float(i) for i in range(len(cats))], False, "seed kind"
+    else:
+        x0 = others[0]
+        xpos, xlabel, xticks = _x_axis(table, x0)
+        lines = True
+        if len(others) == 1:
+            kinds = list(dict.fromkeys(k for g in groups for k in g["kinds"]))
+            for kind in kinds:
+                add(kind, [(xpos[g["point"][x0]], g["kinds"][kind]["mean"], g["kinds"][kind]["std"])
+                           for g in groups if kind in g["kinds"]])
+            if all("masks" in g for g in groups):
+                add("pseudo masks", [(xpos[g["point"][x0]], g["masks"]["mean"], g["masks"]["std"]) for g in groups])
+        else:
+            combos: dict[str, list] = {}
+            for g in groups:
+                name = ", ".join(f"{k.split('.')[-1]}={g['point'][k]}" for k in others[1:])
+                combos.setdefault(name, []).append((xpos[g["point"][x0]], g["best"]["mean"], g["best"]["std"]))
+            for name, pts in combos.items():
+                add(name, pts)
+    series, errors = name_overlaps(series, errors)
+    line_plot(path, series, xlabel=xlabel, ylabel=f"seed mIoU (%), mean ± std over {n} seeds",
+              title=f"{table['config']}: {x0}, {n} values of {SEED_KEY}", markers=True, errors=errors,
+              xticks=xticks, margin=0.08, lines=lines)
     return Path(path)

@@ -5,4 +5,5 @@ MODULES = [
     "tokenseg.commands.convert",
     "tokenseg.commands.post",
     "tokenseg.commands.sweep",
+    "tokenseg.commands.report",
 ]

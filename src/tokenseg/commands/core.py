@@ -6,10 +6,16 @@ from .common import config_args, load
 
 
 def cmd_demo(args) -> int:
-    from ..pipeline import demo
+    from pathlib import Path
+
+    from ..pipeline import demo, demo_preset
+    from ..report import build_report
 
     demo(args.out, overrides=args.overrides, progress=not args.quiet, chain=not args.seeds_only,
          method=args.method)
+    out = Path(args.out or f"runs/{demo_preset(args.method)}")
+    index = build_report([out], out / "report", progress=not args.quiet)
+    print(f"report: {index}  (open it in a browser)")
     return 0
 
 
@@ -81,7 +87,8 @@ def register(sub) -> None:
     from ..methods import available_methods
 
     p = sub.add_parser("demo", help="the whole chain on the built-in synthetic dataset, from scratch on the CPU: "
-                                    "train, seeds, evaluation table, gallery, pseudo masks, segmentation")
+                                    "train, seeds, evaluation table, gallery, pseudo masks, segmentation, and a "
+                                    "report to open in a browser (<out>/report/index.html)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-<method>)")
     p.add_argument("--method", default="mctformer-plus",
                    help="the method to demo (its demo-<method> preset), printed next to MCTformer+ "
