@@ -200,9 +200,9 @@ def test_authors_mode_cli_exports_npy_that_evaluate_reads(tiny_overrides, tmp_pa
     assert main(["evaluate", *args, "--seeds", str(out / "fused_affinity"), "--split", "val",
                  "--json", str(js), "--quiet"]) == 0
     assert 0 <= json.loads(js.read_text())["fused_affinity"]["miou"] <= 100
-    # .npy export is the authors' format only
-    assert main(["maps", "tiny", *tiny_overrides, "--split", "val", "--out", str(tmp_path / "x"),
-                 "--export-npy", "--quiet"]) == 2
+    # .npy export is the authors' format only: refused on the batched path
+    assert main(["maps", "tiny", *tiny_overrides, "maps.mode=tokenseg", "--split", "val", "--out",
+                 str(tmp_path / "x"), "--export-npy", "--quiet"]) == 2
 
 
 def test_run_cli_chains_train_maps_evaluate_and_resumes(tiny_overrides, tmp_path, capsys):

@@ -75,7 +75,7 @@ def test_report_numbers_tiles_and_reuse(report, capsys):
     assert data["classes"] == ["disc", "block", "wedge"] and len(data["images"]) == 16
     html = (out / "index.html").read_text()
     assert "http://" not in html and "https://" not in html and "<svg" in html
-    for name in ("disc", "block", "wedge", "fused (attention x PatchCAM)", "maps.mode=tokenseg"):
+    for name in ("disc", "block", "wedge", "fused (attention x PatchCAM)", "maps.mode=authors"):
         assert name in html
     # one image's mIoU by hand: argmax of [t, maps] at the run's best threshold, IoU per class present
     cfg = load_config(str(runs[0] / "config.yaml"))
