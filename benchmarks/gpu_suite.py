@@ -144,19 +144,29 @@ def mem_text(d: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- rows
-def seeds_authors(ctx: Ctx) -> dict:
-    """Their batch-1 loop on one image (fp32), measured once for both seeds rows."""
-    if "seeds_authors" not in ctx.cache:
-        import bench_maps as bm
+def authors_once(ctx: Ctx, key: str, make) -> dict:
+    """The authors' side, measured once and shared by the rows that compare against it (fp32 and bf16
+    seeds, fp32 and fp16 CLIP-ES); ``make()`` builds the callable."""
+    if key not in ctx.cache:
+        fn = make()
+        ctx.cache[key] = measure(fn, ctx, share=0.3)
+        del fn
+        free(ctx)
+    return ctx.cache[key]
 
+
+def seeds_authors(ctx: Ctx) -> dict:
+    """Their batch-1 loop on one image (fp32)."""
+    import bench_maps as bm
+
+    def make():
         model = bm.build(ctx.device, 1.0)
         labels = np.zeros(bm.NUM_CLASSES, np.float32)
         labels[bm.PRESENT] = 1
         img = bm.make_image(0, ctx.sizes.image)
-        ctx.cache["seeds_authors"] = measure(lambda: bm.authors_maps(model, img, labels, ctx.device), ctx, share=0.3)
-        del model
-        free(ctx)
-    return ctx.cache["seeds_authors"]
+        return lambda: bm.authors_maps(model, img, labels, ctx.device)
+
+    return authors_once(ctx, "seeds_authors", make)
 
 
 def row_seeds(dtype: str):
@@ -210,14 +220,10 @@ def row_cti(ctx: Ctx) -> dict:
 
 
 def clip_authors(ctx: Ctx) -> dict:
-    if "clip_authors" not in ctx.cache:
-        import bench_clip_es as bce
+    """Their per-class loop on one image (fp16 weights on CUDA)."""
+    import bench_clip_es as bce
 
-        fn, _ = bce.make_fn("authors", ctx.device, 1, size=ctx.sizes.image)
-        ctx.cache["clip_authors"] = measure(fn, ctx, share=0.3)
-        del fn
-        free(ctx)
-    return ctx.cache["clip_authors"]
+    return authors_once(ctx, "clip_authors", lambda: bce.make_fn("authors", ctx.device, 1, size=ctx.sizes.image)[0])
 
 
 def row_clip(dtype: str):
@@ -312,12 +318,16 @@ def _ddp_worker(rank: int, world: int, backend: str, port: int, out: str) -> Non
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    import copy
+
     dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # one GPU per rank (NCCL refuses two ranks on one device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(16, 20)).to(dev)
-    single = torch.nn.Sequential(*[m for m in net]).to(dev)
+    single = copy.deepcopy(net)  # the same weights, outside DDP
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rank] if backend == "nccl" else None)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8 * world, 3, 64, 64, generator=g).to(dev), torch.rand(8 * world, 20, generator=g).to(dev)
@@ -431,9 +441,6 @@ def main(argv: list[str] | None = None) -> dict:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device (use --smoke to check the script on the CPU)")
     device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows compute in fp32, on both sides
-        torch.backends.cudnn.allow_tf32 = False
     sizes = SMOKE if args.smoke else FULL
     total = args.budget or (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
