@@ -130,11 +130,11 @@ def test_finite_watch_remembers_a_bad_loss_until_read():
     assert w.seen() and not w.seen()
 
 
-def test_seed_writer_keeps_submission_order_and_raises_its_error():
-    from tokenseg.maps import SeedWriter
+def test_background_writer_keeps_submission_order_and_raises_its_error():
+    from tokenseg.io import BackgroundWriter
 
     order = []
-    with SeedWriter(depth=2) as w:
+    with BackgroundWriter(depth=2) as w:
         for i in range(6):
             w.submit(lambda i=i: (time.sleep(0.01 * (i % 3)), order.append(i)))
         assert threading.current_thread() is threading.main_thread()
@@ -144,7 +144,7 @@ def test_seed_writer_keeps_submission_order_and_raises_its_error():
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        with SeedWriter() as w:
+        with BackgroundWriter() as w:
             w.submit(fail)
             w.submit(lambda: order.append("after"))
     assert order[-1] == 5  # nothing runs after a failed write

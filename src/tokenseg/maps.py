@@ -32,7 +32,7 @@ from .data.base import image_hw
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
 from .data.guard import refuse_inside_dataset
 from .device import is_alloc_error
-from .io import SeedMaps, TokensegError, job_lock, save_seed, seed_path
+from .io import BackgroundWriter, SeedMaps, TokensegError, job_lock, save_seed, seed_path
 from .methods import BACKGROUND, MapRecipe, get_method
 from .progress import progress_bar
 from .viz import overlay, save_png
@@ -253,7 +253,7 @@ def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: tor
     loader = DataLoader(_ImageSet(ds, extras), batch_sampler=batches, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
-    with SeedWriter() as writer:  # the device computes batch k + 1 while batch k is written
+    with BackgroundWriter() as writer:  # the device computes batch k + 1 while batch k is written
         for raw, labels, idx, *ext in loader:
             images = normalise(raw.to(device, non_blocking=True), recipe.mean, recipe.std)
             try:
@@ -271,50 +271,6 @@ def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: tor
             bar.update(len(idx))
     bar.close()
     return out_dir
-
-
-class SeedWriter:
-    """Writes seed batches on one background thread, so the device does not wait on the disk. One thread
-    and a FIFO queue: batches are written in the order they were submitted, each file atomically (as
-    :func:`save_seed`), so an interrupted run resumes as before. A batch's device-to-host copies were
-    started by :func:`to_host`; the thread waits for them alone. At most ``depth`` batches wait; an error
-    of the thread is raised in the caller at the next :meth:`submit` or on leaving the block."""
-
-    def __init__(self, depth: int = 2) -> None:
-        import queue
-        import threading
-
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="tokenseg-seed-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, args = item
-            if self._error is None:
-                try:
-                    fn(*args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                    self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-    def submit(self, fn, *args) -> None:
-        self._raise()
-        self._queue.put((fn, args))
-
-    def __enter__(self) -> "SeedWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if exc_type is None:
-            self._raise()
 
 
 @dataclass
