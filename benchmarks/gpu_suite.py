@@ -53,6 +53,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # a checkout that is not pip-installed (a freshly lent GPU machine) runs from its src/
+    import tokenseg  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from _common import machine, median, sync, table, timed_runs  # noqa: E402
 
 VOC_TRAIN = 1464
