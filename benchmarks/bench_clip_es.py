@@ -47,17 +47,12 @@ VARIANTS = ("authors", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_inputs(batch: int, device: torch.device) -> torch.Tensor:
-    from PIL import Image
+def make_inputs(batch: int, device: torch.device, size: tuple[int, int] = (H_IMG, W_IMG)) -> torch.Tensor:
+    from bench_maps import make_image
 
     from tokenseg.models.clip import clip_input
 
-    out = []
-    for seed in range(batch):
-        rng = np.random.default_rng(seed)
-        small = rng.integers(0, 256, (H_IMG // 8, W_IMG // 8, 3), dtype=np.uint8)
-        out.append(clip_input(Image.fromarray(small).resize((W_IMG, H_IMG), Image.BICUBIC)))
-    return torch.stack(out).to(device)
+    return torch.stack([clip_input(make_image(seed, size)) for seed in range(batch)]).to(device)
 
 
 def text(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +72,8 @@ def _resize(a: np.ndarray, size) -> np.ndarray:  # stands in for cv2.resize (bil
     return F.interpolate(torch.from_numpy(a)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def authors_maps(model, x: torch.Tensor, labels: list[int], fg: torch.Tensor, bg: torch.Tensor) -> np.ndarray:
+def authors_maps(model, x: torch.Tensor, labels: list[int], fg: torch.Tensor, bg: torch.Tensor,
+                 size: tuple[int, int] = (H_IMG, W_IMG)) -> np.ndarray:
     from tokenseg.clip_es import box_mask
     from tokenseg.models.clip import layer_norm as ln  # their LayerNorm: computed in fp32, cast back
     from tokenseg.models.clip import resize_clip_pos_embed
@@ -131,15 +127,15 @@ def authors_maps(model, x: torch.Tensor, labels: list[int], fg: torch.Tensor, bg
         trans = trans @ trans
         trans = trans * mask
         refined = (trans @ torch.from_numpy(cam).view(-1, 1)).reshape(h, w).numpy().astype(np.float32)
-        maps.append(_resize(_scale_cam(refined).astype(np.float32), (H_IMG, W_IMG)))
+        maps.append(_resize(_scale_cam(refined).astype(np.float32), size))
     return np.stack(maps)
 
 
 # ------------------------------------------------------------------------------ ours
-def ours_maps(model, x: torch.Tensor, fg, bg, dtype: str) -> torch.Tensor:
+def ours_maps(model, x: torch.Tensor, fg, bg, dtype: str, size: tuple[int, int] = (H_IMG, W_IMG)) -> torch.Tensor:
     from tokenseg.clip_es import ClipESOptions, clip_es_maps
 
-    outs = clip_es_maps(model, x, [PRESENT] * x.shape[0], fg, bg, (H_IMG, W_IMG), ClipESOptions(dtype=dtype))
+    outs = clip_es_maps(model, x, [PRESENT] * x.shape[0], fg, bg, size, ClipESOptions(dtype=dtype))
     return outs[0].maps.float().cpu()
 
 
@@ -163,28 +159,34 @@ def count_flops(variant: str, D: int = 768, L: int = 12, C: int = len(PRESENT)) 
 
 
 # ------------------------------------------------------------------------------ worker / driver
-def worker(args) -> None:
+def make_fn(variant: str, device: torch.device, batch: int, sharpen: float = 3.0,
+            size: tuple[int, int] = (H_IMG, W_IMG)):
+    """The seeds of ``variant`` (``authors`` runs one image; ours ``batch``) on random ViT-B/16 weights;
+    returns ``(callable, images per call)``."""
     from tokenseg.models.clip import cast_visual, random_clip
 
-    device = pick_device(args.device)
-    torch.set_num_threads(args.threads)
     model = random_clip("ViT-B-16", seed=0).to(device)
-    if args.sharpen != 1.0:
+    if sharpen != 1.0:
         with torch.no_grad():
             for blk in model.visual.transformer.resblocks:
-                blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim].mul_(args.sharpen)
+                blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim].mul_(sharpen)
     fg, bg = text(device)
-    batch = 1 if args.worker == "authors" else args.batch
-    x = make_inputs(batch, device)
-    if args.worker == "authors":
+    batch = 1 if variant == "authors" else batch
+    x = make_inputs(batch, device, size)
+    if variant == "authors":
         if device.type == "cuda":
             cast_visual(model.visual, torch.float16)
         for p in model.visual.parameters():  # their model is not frozen: backward fills every .grad
             p.requires_grad_(True)
-        fn = lambda: authors_maps(model, x, PRESENT, fg, bg)  # noqa: E731
-    else:
-        model.visual_in(DTYPES[args.worker])  # the low-precision copy of the tower, made once
-        fn = lambda: ours_maps(model, x, fg, bg, args.worker)  # noqa: E731
+        return (lambda: authors_maps(model, x, PRESENT, fg, bg, size)), batch
+    model.visual_in(DTYPES[variant])  # the low-precision copy of the tower, made once
+    return (lambda: ours_maps(model, x, fg, bg, variant, size)), batch
+
+
+def worker(args) -> None:
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    fn, batch = make_fn(args.worker, device, args.batch, args.sharpen)
     res, out = timed_runs(fn, device, args.warmup, args.repeats, per=batch)
     res["variant"] = args.worker
     np.save(args.out, np.asarray(out.numpy() if torch.is_tensor(out) else out, np.float32))

@@ -140,7 +140,9 @@ def their_update(model, img, img_pos, label, memory, W=(0.1, 1.0, 1.0), swap_idx
 
 
 # ---------------------------------------------------------------------------------------- workers
-def train_worker(args, device) -> dict:
+def make_train_step(variant: str, device: torch.device, batch: int, size: int):
+    """One CTI training step of ``variant`` (``authors`` | ``ours`` | ``ours-bf16`` | ``floor``) on a fixed
+    random batch with a full memory; returns a callable that runs it and returns the loss."""
     from tokenseg.config import load_config
     from tokenseg.methods import StepContext, get_method
     from tokenseg import optim
@@ -150,36 +152,40 @@ def train_worker(args, device) -> dict:
     method = get_method("cti")
     torch.manual_seed(0)
     model = method.build(cfg, C).to(device).train()
-    opt = optim.adamw(default_param_groups(model, cfg), fused=args.worker != "authors" and cfg.train.fused_optimizer,
+    opt = optim.adamw(default_param_groups(model, cfg), fused=variant != "authors" and cfg.train.fused_optimizer,
                       lr=1e-5)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    y = (torch.rand(args.batch, C, generator=g) < 0.15).float()
+    x = torch.randn(batch, 3, size, size, generator=g)
+    x2 = torch.randn(batch, 3, size, size, generator=g)
+    y = (torch.rand(batch, C, generator=g) < 0.15).float()
     y[:, 0] = 1
     x, x2, y = x.to(device), x2.to(device), y.to(device)
     memory = [[torch.randn(model.embed_dim, device=device) for _ in range(30)] for _ in range(C)]
     model.memory_bank.copy_(torch.stack([torch.stack(m) for m in memory]))
     model.memory_count.fill_(30)
-    batch = {"image": x, "image_pos": x2, "labels": y}
+    batch_ = {"image": x, "image_pos": x2, "labels": y}
     ctx = StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1)
 
     def step():
-        if args.worker == "authors":
+        if variant == "authors":
             total = their_update(model, x, x2, y, memory)
-        elif args.worker == "floor":
+        elif variant == "floor":
             total = floor_forward(model, x, x2, cfg.cti.swap_layer)
         else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.worker == "ours-bf16"):
-                out = method.forward(model, batch, ctx, cfg)
-            terms = method.loss(out, batch, ctx, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "ours-bf16"):
+                out = method.forward(model, batch_, ctx, cfg)
+            terms = method.loss(out, batch_, ctx, cfg)
             total = sum(v for k, v in terms.items() if not k.startswith("_"))
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         return float(total.detach())
 
-    return timed(step, args, device)
+    return step
+
+
+def train_worker(args, device) -> dict:
+    return timed(make_train_step(args.worker, device, args.batch, args.size), args, device)
 
 
 def floor_forward(model, x, x2, swap: int) -> torch.Tensor:

@@ -58,8 +58,9 @@ def authors_walk(x, edge):
     r = RADIUS
     vp, hp = h + r, w + 2 * r  # their padded grid: r columns left and right, r rows below
     bands = boundary_bands(edge[None], r)[0]  # the same path affinities
-    idx = torch.arange(vp * hp).reshape(vp, hp)[:h, r:r + w]
-    dense = torch.zeros(vp * hp, vp * hp, dtype=edge.dtype)  # their to_dense() of the padded sparse matrix
+    idx = torch.arange(vp * hp, device=edge.device).reshape(vp, hp)[:h, r:r + w]
+    # their to_dense() of the padded sparse matrix
+    dense = torch.zeros(vp * hp, vp * hp, dtype=edge.dtype, device=edge.device)
     for k, (dy, dx) in enumerate(walk_offsets(r)):
         ys, xs = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))
         src = idx[ys, xs].reshape(-1)

@@ -54,10 +54,12 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 VARIANTS = ("authors", "authors-mode", "fp32", "bf16")
 
 
-def make_image(seed: int = 0) -> Image.Image:
+def make_image(seed: int = 0, size: tuple[int, int] = (H_IMG, W_IMG)) -> Image.Image:
+    """A smooth random RGB image of ``size`` (h, w): bicubic upsampling of an 8× smaller noise image."""
+    h, w = size
     rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (H_IMG // 8, W_IMG // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((W_IMG, H_IMG), Image.BICUBIC)
+    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BICUBIC)
 
 
 def build(device: torch.device, sharpen: float):

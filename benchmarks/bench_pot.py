@@ -45,9 +45,11 @@ VOC_STEPS = (10582 // B) * 6
 PAPER_HOURS = 11.3  # Tab. A1, one RTX 3090
 
 
-def batch_data(device, seed: int = 0):
+def batch_data(device, seed: int = 0, b: int = B, grid: int = GRID):
     """Features with cluster structure (4 L2-normalised blocks as POT's side outputs), a CAM-like
-    baseline (a disc per present class, each made of 3 parts with their own feature centre)."""
+    baseline (a disc per present class, each made of 3 parts with their own feature centre);
+    ``b`` images on a ``grid``² feature grid."""
+    B, GRID = b, grid  # noqa: N806
     rng = np.random.default_rng(seed)
     N = GRID * GRID
     yy, xx = np.mgrid[:GRID, :GRID]
@@ -56,9 +58,10 @@ def batch_data(device, seed: int = 0):
     present = np.zeros((B, C), np.float32)
     counts = [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 2, 1]  # 1.6 per image, as VOC train_aug
     for i in range(B):
-        for c in rng.choice(C, counts[i], replace=False):
+        for c in rng.choice(C, counts[i % len(counts)], replace=False):
             present[i, c] = 1
-            cy, cx, r = rng.uniform(6, GRID - 6), rng.uniform(6, GRID - 6), rng.uniform(5, 10)
+            m = min(6, GRID // 4)
+            cy, cx, r = rng.uniform(m, GRID - m), rng.uniform(m, GRID - m), rng.uniform(5, 10) * GRID / 32
             d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / r
             base[i, c] = np.clip(1.2 - d, 0, 1)
             inside = np.flatnonzero(d.ravel() < 1)
@@ -124,10 +127,12 @@ def loop_stages(feats, base, present, tau=0.7, K=3, eps=0.1):
 
 
 # ------------------------------------------------------------------------------ variants
-def make_variants(device, with_network: bool):
+def make_variants(device, with_network: bool, b: int = B, side: int = SIDE):
+    """The variants (see the module docstring) for ``b`` images at ``side``²: name -> callable."""
     from tokenseg.models.pot import POTNet, code_fusion, code_stage, paper_stage
 
-    feats0, base, present = batch_data(device)
+    B, GRID = b, side // 16  # noqa: N806
+    feats0, base, present = batch_data(device, 0, B, GRID)
     valid = torch.ones(B, GRID, GRID, device=device)
     pc = options()
     gen = torch.Generator(device=device)
@@ -164,7 +169,7 @@ def make_variants(device, with_network: bool):
     variants.update(stages=stages, code=code, loop=loop)
     if with_network:
         net = POTNet("resnet50", C, False, 16, True, True).to(device).train()
-        x = torch.randn(B, 3, SIDE, SIDE, device=device)
+        x = torch.randn(B, 3, side, side, device=device)
         y = present
 
         def network():

@@ -46,36 +46,35 @@ def authors_forward(model, x: torch.Tensor) -> dict:
             "layer_cls_tokens": layer_cls, "attn": attn_weights}
 
 
-def worker(args) -> None:
+def make_step(variant: str, device: torch.device, batch: int, size: int):
+    """One training step of ``variant`` (``authors`` | ``ours-fp32`` | ``ours-bf16``) on a fixed random
+    batch; returns a callable that runs it and returns the loss as a float."""
     from tokenseg import optim
     from tokenseg.config import load_config
     from tokenseg.methods import get_method
     from tokenseg.methods.base import default_param_groups
     from tokenseg.methods.mctformer import compute_losses
 
-    device = pick_device(args.device)
-    torch.set_num_threads(args.threads)
     cfg = load_config("mctformer-plus", ["model.drop_path=0.1"])
     torch.manual_seed(0)
     model = get_method("mctformer-plus").build(cfg, 20).to(device).train()
     for blk in model.blocks:
         blk.attn.fused_attn = True
-    opt = optim.adamw(default_param_groups(model, cfg), fused=args.worker != "authors" and cfg.train.fused_optimizer,
+    opt = optim.adamw(default_param_groups(model, cfg), fused=variant != "authors" and cfg.train.fused_optimizer,
                       lr=1e-5)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
-    y = (torch.rand(args.batch, 20, generator=g) < 0.15).float()
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = (torch.rand(batch, 20, generator=g) < 0.15).float()
     y[:, 0] = 1
     y = y.to(device)
-    v = args.worker
-    if v == "authors":
+    if variant == "authors":
         dtype = torch.float16 if device.type == "cuda" else None
-    elif v == "ours-bf16":
+    elif variant == "ours-bf16":
         dtype = torch.bfloat16
     else:
         dtype = None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    fwd = (lambda inp: authors_forward(model, inp)) if v == "authors" else \
+    fwd = (lambda inp: authors_forward(model, inp)) if variant == "authors" else \
         (lambda inp: model(inp, return_layer_tokens=True))
 
     def step():
@@ -92,8 +91,14 @@ def worker(args) -> None:
             opt.step()
         return float(losses["total"].detach())
 
-    res, loss = timed_runs(step, device, args.warmup, args.repeats)
-    res.update(variant=v, loss=loss)
+    return step
+
+
+def worker(args) -> None:
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    res, loss = timed_runs(make_step(args.worker, device, args.batch, args.size), device, args.warmup, args.repeats)
+    res.update(variant=args.worker, loss=loss)
     print(json.dumps(res))
 
 

@@ -437,6 +437,7 @@ class PseudoConfig:
     confidence: float = 0.0  # pixels whose final probability is below this become 255 (CLIP-ES 0.95)
     workers: int = 0  # processes for per-image work (0 = in-process)
     device: str = "auto"  # for refine=attention / affinitynet
+    amp: str = "auto"  # AffinityNet / IRN training: auto (bf16 on CUDA, none on the CPU) | bf16 | fp16 | none
     # refine=attention: T = row-normalised(aff^beta), applied attn_t times (beta=1, t=1: MCTformer Eq. 3)
     checkpoint: str = ""  # classification checkpoint; "" = <output_dir>/checkpoint.pt
     attn_beta: float = 1.0
@@ -520,6 +521,7 @@ def validate_post(cfg: Config) -> None:
     choice("pseudo.crf_backend", p.crf_backend, ("auto", "pydensecrf", "torch"))
     choice("pseudo.crf_image", p.crf_image, ("rgb", "clip-es-code"))
     choice("segment.arch", s.arch, ("deeplabv2", "vit"))
+    choice("pseudo.amp", p.amp, ("auto", "bf16", "fp16", "none"))
     choice("segment.amp", s.amp, ("auto", "bf16", "fp16", "none"))
     choice("segment.optimizer", s.optimizer, ("sgd", "adamw"))
     choice("segment.eval_merge", s.eval_merge, ("max", "mean"))

@@ -93,6 +93,85 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def grad_scaler(dtype: torch.dtype | None):
+    """A ``GradScaler`` for fp16 autocast (its small range underflows gradients); None otherwise."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+class AmpStep:
+    """The optimiser step of every training loop: the forward under ``autocast()`` (``amp`` = auto | bf16 |
+    fp16 | none, as :func:`amp_dtype`), then :meth:`step`: backward (fp16: scaled), optional gradient
+    clipping (after unscaling), the update. Nothing here waits for the device: no host sync per step
+    (a ``GradScaler``'s own inf check aside, fp16 only)."""
+
+    def __init__(self, amp: str, device: torch.device, optimizer, grad_clip: float = 0.0, params=None) -> None:
+        self.device, self.optimizer, self.grad_clip = device, optimizer, grad_clip
+        self.dtype = amp_dtype(amp, device)
+        self.scaler = grad_scaler(self.dtype)
+        self.params = list(params) if params is not None else None
+        if grad_clip > 0 and self.params is None:
+            raise ValueError("grad_clip needs the parameters to clip")
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
+class FiniteWatch:
+    """Whether any loss since the last :meth:`seen` was NaN or infinite, kept on the device: the check
+    costs one host sync at a logging interval instead of one per step."""
+
+    def __init__(self) -> None:
+        self.flag: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.flag = bad if self.flag is None else self.flag | bad
+
+    def seen(self) -> bool:
+        flag, self.flag = self.flag, None
+        return bool(flag) if flag is not None else False
+
+
+def is_alloc_error(exc: BaseException) -> bool:
+    """An out-of-memory error of torch (CUDA or CPU allocator) or Python."""
+    msg = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg or "can't allocate" in msg
+
+
+@contextlib.contextmanager
+def oom_hint(what: str, lower: str):
+    """Turn an out-of-memory error inside the block into one clear line: where it happened (``what``, e.g.
+    the step and its batch) and which setting to lower (``lower``)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_alloc_error(exc):
+            raise
+        raise TokensegError(f"out of memory in {what}: lower {lower}") from exc
+
+
+def fixed_shapes(device: torch.device) -> None:
+    """Inputs of one shape every step (training crops): let cuDNN pick its fastest kernels once."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def set_threads(threads: int) -> None:
     """CPU threads for torch's intra-op pool (``--threads`` / ``TOKENSEG_THREADS``); 0 keeps the default."""
     if threads > 0:
@@ -100,4 +179,5 @@ def set_threads(threads: int) -> None:
 
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "setup", "barrier", "all_reduce_sum", "amp_dtype",
-           "autocast", "set_threads"]
+           "autocast", "grad_scaler", "AmpStep", "FiniteWatch", "is_alloc_error", "oom_hint", "fixed_shapes",
+           "set_threads"]

@@ -24,7 +24,8 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, loa
 from .config import Config
 from .data import WSSSDataset, build_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
-from .device import DistInfo, amp_dtype, autocast, barrier, init_distributed, resolve_device, setup
+from .device import (AmpStep, DistInfo, FiniteWatch, amp_dtype, barrier, fixed_shapes, init_distributed, oom_hint,
+                     resolve_device, setup)
 from .data.guard import refuse_inside_dataset
 from .io import TokensegError, append_jsonl, job_lock, write_text_atomic
 from . import optim
@@ -38,6 +39,9 @@ __all__ = ["train", "evaluate_map", "average_precision", "lr_at", "lr_at_epoch",
 
 
 # ----------------------------------------------------------------------------- schedules
+LOG_EVERY = 10  # steps between metrics.jsonl records (the only steps that read the losses from the device)
+
+
 def lr_at(step: int, total: int, warmup: int, base: float, warmup_lr: float, min_lr: float) -> float:
     """Linear warm-up from ``warmup_lr`` then cosine decay to ``min_lr`` (per optimiser step)."""
     if step < warmup:
@@ -182,8 +186,9 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     random.seed(tc.seed)
     model = method.build(cfg, train_ds.num_classes).to(device)
     optimizer, lr_fn = build_optimizer(method, model, cfg, steps_per_epoch, total_steps)
-    adtype = amp_dtype(tc.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if adtype == torch.float16 else None
+    amp = AmpStep(tc.amp, device, optimizer, tc.grad_clip, model.parameters())
+    scaler = amp.scaler
+    fixed_shapes(device)  # training views are crops of one size
 
     step = 0
     log_path = out_dir / "metrics.jsonl"
@@ -228,6 +233,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step",
                        disable=not (progress and dinfo.is_main))
     t0 = time.time()
+    watch = FiniteWatch()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -247,37 +253,33 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                               world=dinfo.world, rank=dinfo.rank)
-            with autocast(device, adtype):
-                out = method.forward(train_model, batch, ctx, cfg)
-            terms = method.loss(out, batch, ctx, cfg)
-            total = sum(v for k, v in terms.items() if not k.startswith("_"))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            with oom_hint(f"training step {step + 1} (a batch of {per_rank} per device)",
+                          "train.batch_size or model.img_size (train.amp=bf16 halves the activations)"):
+                with amp.autocast():
+                    out = method.forward(train_model, batch, ctx, cfg)
+                terms = method.loss(out, batch, ctx, cfg)
+                total = sum(v for k, v in terms.items() if not k.startswith("_"))
+                amp.step(total)
             step += 1
-            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
-            values["total"] = float(total.detach())
-            if not math.isfinite(values["total"]):
-                raise TokensegError(f"loss became {values['total']} at step {step}; lower train.lr or set "
-                                    f"train.grad_clip")
+            watch.add(total)
+            due = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
+            values = None  # read from the device only at a logging interval, a checkpoint or for on_step
+            if step % LOG_EVERY == 0 or step >= total_steps or step % steps_per_epoch == 0 or due \
+                    or on_step is not None:
+                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+                values["total"] = float(total.detach())
+                if watch.seen():
+                    raise TokensegError(f"loss became non-finite by step {step} (now {values['total']}); lower "
+                                        f"train.lr or set train.grad_clip")
             if dinfo.is_main:
                 bar.update()
-                bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
-                if step % 10 == 0 or step == total_steps:
+                if values is not None:
+                    bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
+                if step % LOG_EVERY == 0 or step == total_steps:
                     record = {"step": step, "epoch": epoch + 1, "lr": lr, **values, "time": round(time.time() - t0, 2)}
                     append_jsonl(log_path, record)
                     board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                if due:
                     save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
             if on_step is not None:
                 on_step(step, values)

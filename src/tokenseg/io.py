@@ -385,6 +385,49 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 # Seed (map) files
 # --------------------------------------------------------------------------------------------
 
+class BackgroundWriter:
+    """Runs writes (``submit(fn, *args)``) on one background thread, so a device does not wait on the disk
+    (seed files). One thread and a FIFO queue: writes happen in the order they were submitted, each file
+    atomically as its writer does, so an interrupted run resumes as before. At most ``depth`` writes wait;
+    an error of the thread is raised in the caller at the next :meth:`submit` or on leaving the block, and
+    no later write runs."""
+
+    def __init__(self, depth: int = 2) -> None:
+        import queue
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenseg-seed-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args = item
+            if self._error is None:
+                try:
+                    fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._raise()
+
+
 @dataclass
 class SeedMaps:
     """Per-image localisation maps: one map per present foreground class.

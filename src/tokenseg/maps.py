@@ -31,7 +31,8 @@ from .data import WSSSDataset, build_dataset
 from .data.base import image_hw
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
 from .data.guard import refuse_inside_dataset
-from .io import SeedMaps, TokensegError, job_lock, save_seed, seed_path
+from .device import is_alloc_error
+from .io import BackgroundWriter, SeedMaps, TokensegError, job_lock, save_seed, seed_path
 from .methods import BACKGROUND, MapRecipe, get_method
 from .progress import progress_bar
 from .viz import overlay, save_png
@@ -225,11 +226,6 @@ def normalise(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) 
     return normalise_images(images_uint8, mean, std)
 
 
-def _is_alloc_error(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg or "can't allocate" in msg
-
-
 def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
                    meta: dict | None = None, recipe: MapRecipe | None = None) -> Path:
@@ -254,25 +250,58 @@ def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: tor
     batches = size_batches(ds, todo, mc.batch_size, budget, cost)
     _warn_tokens(ds, todo, mc, patch)
     extras = recipe.map_extras(cfg, ds) if recipe.map_extras is not None else None
-    loader = DataLoader(_ImageSet(ds, extras), batch_sampler=batches, num_workers=num_workers)
+    loader = DataLoader(_ImageSet(ds, extras), batch_sampler=batches, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
-    for raw, labels, idx, *ext in loader:
-        images = normalise(raw.to(device), recipe.mean, recipe.std)
-        try:
-            mb = compute_map_batch(model, images, labels.to(device), cfg, kinds, recipe,
-                                   ext[0].to(device) if ext else None)
-        except (RuntimeError, MemoryError) as exc:
-            if not _is_alloc_error(exc):
-                raise
-            names = ", ".join(ds.ids[i] for i in idx.tolist()[:4])
-            raise TokensegError(
-                f"out of memory on image(s) {names} ({raw.shape[-1]}×{raw.shape[-2]} px): set maps.max_side "
-                f"(e.g. maps.max_side=800) or lower maps.memory_mb / maps.batch_size; finished images are "
-                f"kept and a re-run resumes") from exc
-        _save_batch(mb, raw, idx.tolist(), ds, out_dir, mc)
-        bar.update(len(idx))
+    with BackgroundWriter() as writer:  # the device computes batch k + 1 while batch k is written
+        for raw, labels, idx, *ext in loader:
+            images = normalise(raw.to(device, non_blocking=True), recipe.mean, recipe.std)
+            try:
+                mb = compute_map_batch(model, images, labels.to(device, non_blocking=True), cfg, kinds, recipe,
+                                       ext[0].to(device, non_blocking=True) if ext else None)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_alloc_error(exc):
+                    raise
+                names = ", ".join(ds.ids[i] for i in idx.tolist()[:4])
+                raise TokensegError(
+                    f"out of memory on image(s) {names} ({raw.shape[-1]}×{raw.shape[-2]} px): set maps.max_side "
+                    f"(e.g. maps.max_side=800) or lower maps.memory_mb / maps.batch_size; finished images are "
+                    f"kept and a re-run resumes") from exc
+            writer.submit(_save_host, to_host(mb), raw, idx.tolist(), ds, out_dir, mc)
+            bar.update(len(idx))
     bar.close()
     return out_dir
+
+
+@dataclass
+class HostBatch:
+    """A :class:`MapBatch` being copied to the host; ``ready`` (CUDA) completes when the copies have."""
+
+    batch: MapBatch
+    ready: object = None
+
+    def wait(self) -> MapBatch:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.batch
+
+
+def to_host(mb: MapBatch) -> HostBatch:
+    """Start the device-to-host copies of ``mb`` without waiting (pinned host memory on CUDA)."""
+    def cp(t: torch.Tensor) -> torch.Tensor:
+        return t.to("cpu", non_blocking=True)
+
+    host = MapBatch(cp(mb.pairs), {k: cp(v) for k, v in mb.maps.items()},
+                    {k: cp(v) for k, v in mb.background.items()})
+    ready = None
+    if mb.pairs.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return HostBatch(host, ready)
+
+
+def _save_host(hb: HostBatch, *rest) -> None:
+    _save_batch(hb.wait(), *rest)
 
 
 def _save_batch(mb: MapBatch, raw: torch.Tensor, idx: list[int], ds: WSSSDataset, out_dir: Path, mc: MapsConfig):

@@ -43,8 +43,8 @@ from .progress import progress_bar as tqdm
 from .config import MapsConfig
 from .data import WSSSDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
-from .io import (SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed, seed_path,
-                 write_json_atomic)
+from .io import (BackgroundWriter, SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed,
+                 seed_path, write_json_atomic)
 from .models import ClassTokenViT, MapOutputs, explicit_attention
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
@@ -265,16 +265,20 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
         write_json_atomic(path, info)
     loader = DataLoader(_PILSet(ds), batch_size=None, sampler=todo, num_workers=num_workers,
                         collate_fn=_identity)
-    for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img", disable=not progress):
-        maps = compute_maps_authors(model, image, labels, cfg, kinds, dino_offset=dino, device=device)
-        classes = np.flatnonzero(np.asarray(labels) > 0).astype(np.int64)
+    def write(maps: dict, classes: np.ndarray, image_id: str) -> None:
         for kind, m in maps.items():
             if export_npy:
-                save_seed_npy(npy_seed_path(out_dir / kind, ds.ids[i]), classes, m)
+                save_seed_npy(npy_seed_path(out_dir / kind, image_id), classes, m)
             else:
-                save_seed(seed_path(out_dir / kind, ds.ids[i]),
-                          SeedMaps(classes, m, {"kind": kind, "image_id": ds.ids[i], "mode": "authors"}),
+                save_seed(seed_path(out_dir / kind, image_id),
+                          SeedMaps(classes, m, {"kind": kind, "image_id": image_id, "mode": "authors"}),
                           cfg.save_dtype)
+
+    with BackgroundWriter() as writer:  # the next image is computed while this one is written
+        for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img",
+                                     disable=not progress):
+            maps = compute_maps_authors(model, image, labels, cfg, kinds, dino_offset=dino, device=device)
+            writer.submit(write, maps, np.flatnonzero(np.asarray(labels) > 0).astype(np.int64), ds.ids[i])
     return out_dir
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD
-from ..io import SeedMaps, TokensegError, save_seed, seed_path
+from ..io import BackgroundWriter, SeedMaps, TokensegError, save_seed, seed_path
 from ..progress import progress_bar
 from . import MapRecipe, Method, register
 
@@ -109,12 +109,7 @@ def generate(model, ds, out_dir, cfg, device="cpu", rank: int = 0, world: int = 
     batch = c.batch_size or (16 if device.type == "cuda" else 1)
     loader = DataLoader(_ClipInputs(ds, model.patch_size), batch_sampler=size_batches(ds, todo, batch),
                         num_workers=num_workers)
-    bar = progress_bar(total=len(todo), desc="maps (clip-es)", unit="img", disable=not progress)
-    for images, sizes, idx in loader:
-        idx = idx.tolist()
-        labels = [sorted(ds.labels[i]) for i in idx]
-        outs = clip_es_maps(model, images.to(device), labels, text.fg, text.bg, [tuple(s) for s in sizes.tolist()],
-                            opts, intermediates="gradcam" in kinds)
+    def write(outs, sizes, idx: list[int]) -> None:
         for i, o in zip(idx, outs):
             keys = o.keys.cpu().numpy().astype(np.int64)
             meta = {"method": "clip-es", "image_id": ds.ids[i], "prompts": [text.prompts[k] for k in keys]}
@@ -126,7 +121,16 @@ def generate(model, ds, out_dir, cfg, device="cpu", rank: int = 0, world: int = 
                     m = torch.zeros(0, *tuple(sizes[idx.index(i)].tolist()))
                 save_seed(seed_path(out_dir / kind, ds.ids[i]),
                           SeedMaps(keys, m.float().cpu().numpy(), {**meta, "kind": kind}), mc.save_dtype)
-        bar.update(len(idx))
+
+    bar = progress_bar(total=len(todo), desc="maps (clip-es)", unit="img", disable=not progress)
+    with BackgroundWriter() as writer:  # the next batch is computed while this one is written
+        for images, sizes, idx in loader:
+            idx = idx.tolist()
+            labels = [sorted(ds.labels[i]) for i in idx]
+            outs = clip_es_maps(model, images.to(device), labels, text.fg, text.bg,
+                                [tuple(s) for s in sizes.tolist()], opts, intermediates="gradcam" in kinds)
+            writer.submit(write, outs, sizes, idx)
+            bar.update(len(idx))
     bar.close()
     return out_dir
 

@@ -32,7 +32,7 @@ from ..checkpoint import read_weights
 from ..config import Config, PseudoConfig
 from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic
 from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
-from ..device import resolve_device
+from ..device import AmpStep, fixed_shapes, oom_hint, resolve_device
 from .scores import find_seed_file, normalise_scores, seed_scores
 
 CHECKPOINT_FORMAT = "tokenseg-affinitynet/1"
@@ -176,17 +176,18 @@ def affinity_loss(feats: torch.Tensor, labels: torch.Tensor, radius: int) -> tup
     aff = torch.cat(affs).float()
     bg, fg, neg = torch.cat(bg), torch.cat(fg), torch.cat(neg)
     eps = 1e-5
-    zero = aff.sum() * 0.0
 
     def mean_of(values: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        return values[sel].mean() if sel.any() else zero
+        # the mean over the selected pairs (0 when there are none) without a host sync
+        return torch.where(sel, values, 0.0).sum() / sel.sum().clamp_min(1)
 
     l_bg = mean_of(-torch.log(aff + eps), bg)
     l_fg = mean_of(-torch.log(aff + eps), fg)
     l_neg = mean_of(-torch.log(1.0 + eps - aff), neg)
     loss = l_bg / 4 + l_fg / 4 + l_neg / 2
-    return loss, {"bg": float(l_bg.detach()), "fg": float(l_fg.detach()), "neg": float(l_neg.detach()),
-                  "pairs": (int(bg.sum()), int(fg.sum()), int(neg.sum()))}
+    # tensors, still on the device: reading them is the caller's (logging interval's) choice
+    return loss, {"bg": l_bg.detach(), "fg": l_fg.detach(), "neg": l_neg.detach(),
+                  "pairs": (bg.sum(), fg.sum(), neg.sum())}
 
 
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -241,6 +242,8 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
               {"params": net.head_parameters(), "lr": pc.aff_lr * 10, "base_lr": pc.aff_lr * 10}]
     optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
                           lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
+    amp = AmpStep(pc.amp, device, optimizer)
+    fixed_shapes(device)  # crops of pseudo.aff_crop
     step = 0
     if state is not None:
         net.load_state_dict(state["model"])
@@ -256,18 +259,21 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
         g = torch.Generator().manual_seed(cfg.segment.seed * 7919 + epoch)
         order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
         data.epoch = epoch
-        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True):
+        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                               pin_memory=device.type == "cuda"):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (1 - step / total) ** 0.9
-            x, y = x.to(device), y.to(device)
-            feats = net(x)
-            loss, parts = affinity_loss(feats, downsample_labels(y, feats.shape[-2:]), pc.aff_radius)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with oom_hint(f"AffinityNet step {step + 1} (a batch of {bs} crops of {pc.aff_crop}²)",
+                          "pseudo.aff_batch_size or pseudo.aff_crop (pseudo.amp=bf16 halves the activations)"):
+                with amp.autocast():
+                    feats = net(x)
+                loss, parts = affinity_loss(feats.float(), downsample_labels(y, feats.shape[-2:]), pc.aff_radius)
+                amp.step(loss)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if step % 10 == 0 or step == total:  # the one host sync, at a logging interval
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step >= total:
                 break
         _save(ckpt, net, optimizer, step, total, step >= total, pc)

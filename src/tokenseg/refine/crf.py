@@ -232,11 +232,18 @@ class _JointUpsampler:
 KERNEL_BUDGET = 1 << 25  # entries of a stored kernel (128 MiB in float32)
 
 
-def crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: int = 4096) -> np.ndarray:
-    """Pure-torch mean-field DenseCRF (see the module docstring for exactness)."""
+def crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: int = 4096,
+              device: torch.device | str = "cpu") -> np.ndarray:
+    """Pure-torch mean-field DenseCRF (see the module docstring for exactness), computed on ``device``."""
+    with torch.device(device):  # every tensor made below lives on ``device``
+        return _crf_torch(image, probs, p, exact_pixels, torch.device(device))
+
+
+def _crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: int,
+               device: torch.device) -> np.ndarray:
     L, H, W = probs.shape
-    img = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    unary = torch.from_numpy(unary_from_probs(probs))  # (L, H, W)
+    img = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(device).permute(2, 0, 1)  # (3, H, W)
+    unary = torch.from_numpy(unary_from_probs(probs)).to(device)  # (L, H, W)
 
     ky, kx = _gauss_1d(H, p.gauss_sxy), _gauss_1d(W, p.gauss_sxy)
     g_norm = _separable_gauss(torch.ones(1, H, W), ky, kx)[0].rsqrt()  # (H, W)
@@ -288,4 +295,4 @@ def crf_torch(image: np.ndarray, probs: np.ndarray, p: CRFParams, exact_pixels: 
         msg = p.gauss_compat * g_norm * _separable_gauss(q * g_norm, ky, kx)
         msg = msg + p.bi_compat * to_image(r_norm * receivers.apply(s_norm * down(q)))
         q = torch.softmax(-unary + msg, dim=0)
-    return q.numpy().astype(np.float32)
+    return q.cpu().numpy().astype(np.float32)

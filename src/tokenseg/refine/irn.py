@@ -48,7 +48,7 @@ from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette
 from ..progress import progress_bar
 from .crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
 from .irn_net import IRNet, irn_loss, path_max, reduce_labels, search_directions
-from ..device import resolve_device
+from ..device import AmpStep, fixed_shapes, oom_hint, resolve_device
 from .scores import seed_scores
 from .workers import worker_pool
 
@@ -412,6 +412,8 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
         groups.append({"params": net.backbone_parameters(), "lr": ic.lr, "base_lr": ic.lr})
     optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
                           lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
+    amp = AmpStep(pc.amp, device, optimizer)
+    fixed_shapes(device)  # crops of pseudo.irn.crop
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -432,16 +434,19 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
         g = torch.Generator().manual_seed(ic.seed * 7919 + epoch)
         order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
         data.epoch = epoch
-        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True):
+        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                               pin_memory=device.type == "cuda"):
             scale = (1.0 - step / total) ** ic.poly_power
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            edge, disp = net(x, with_displacement=net.displacement)
-            loss, _ = irn_loss(edge, disp, reduce_labels(y, edge.shape[-2:]), ic.train_radius)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with oom_hint(f"IRN step {step + 1} (a batch of {bs} crops of {ic.crop}²)",
+                          "pseudo.irn.batch_size or pseudo.irn.crop (pseudo.amp=bf16 halves the activations)"):
+                with amp.autocast():
+                    edge, disp = net(x, with_displacement=net.displacement)
+                loss, _ = irn_loss(edge.float(), None if disp is None else disp.float(),
+                                   reduce_labels(y, edge.shape[-2:]), ic.train_radius)
+                amp.step(loss)
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:

@@ -9,7 +9,6 @@ remaining batches of the interrupted epoch in the same order.
 from __future__ import annotations
 
 import io
-import math
 import time
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from ..io import IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask,
 from .. import optim
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
-from ..device import amp_dtype as autocast_dtype
-from ..device import resolve_device
+from ..device import AmpStep, FiniteWatch, fixed_shapes, oom_hint, resolve_device
 from .deeplab import build_segmenter
 
 CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
+LOG_EVERY = 10  # steps between progress-bar loss readings (the only per-step reads of the device)
 
 
 class CropDataset(Dataset):
@@ -166,8 +165,9 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     else:
         optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
                               lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
-    amp = autocast_dtype(sc.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    amp = AmpStep(sc.amp, device, optimizer)
+    scaler = amp.scaler
+    fixed_shapes(device)  # crops of segment.crop_size
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -197,6 +197,11 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     model.train()
     bar = tqdm(total=total, initial=step, desc="segment train", unit="step", disable=not progress)
     t0, loss_sum, loss_n = time.time(), 0.0, 0
+    watch = FiniteWatch()
+
+    def check_finite() -> None:  # one host sync, at a logging interval or a checkpoint
+        if watch.seen():
+            raise TokensegError(f"segment train: the loss became non-finite by step {step}; lower segment.lr")
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
@@ -210,34 +215,31 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
                 group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(x)
-            if (y != IGNORE_INDEX).any():
-                loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
-            else:
-                loss = logits.float().sum() * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            with oom_hint(f"segmentation step {step + 1} (a batch of {bs} crops of {sc.crop_size}²)",
+                          "segment.batch_size or segment.crop_size (segment.amp=bf16 halves the activations)"):
+                with amp.autocast():
+                    logits = model(x)
+                # the mean over labelled pixels without asking the device whether there are any: a
+                # crop of 255 only gives 0 (and no gradient)
+                loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") \
+                    / (y != IGNORE_INDEX).sum().clamp_min(1)
+                amp.step(loss)
             step += 1
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TokensegError(f"segment train: loss is {lv} at step {step}; lower segment.lr")
-            loss_sum += lv
+            watch.add(loss)
+            loss_sum = loss_sum + loss.detach()
             loss_n += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+            if step % LOG_EVERY == 0:
+                check_finite()
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
             if sc.checkpoint_every and step % sc.checkpoint_every == 0:
+                check_finite()
                 checkpoint()
             if step >= total:
                 break
+        check_finite()
         checkpoint()
-        append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
+        append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": float(loss_sum) / max(loss_n, 1),
                                           "time_s": round(time.time() - t0, 2)})
         loss_sum, loss_n = 0.0, 0
     bar.close()
