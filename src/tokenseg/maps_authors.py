@@ -46,6 +46,7 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
 from .io import (BackgroundWriter, SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed,
                  seed_path, write_json_atomic)
 from .models import ClassTokenViT, MapOutputs, explicit_attention
+from .viz import overlay, save_png
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 
@@ -247,7 +248,7 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
     ``.npy`` dicts (float32) instead. ``method`` (``model.method``) picks the position-embedding
     interpolation (V1/V2: +0.1 offset); without it ``maps.layer_reduce=sum`` means V1/V2.
 
-    fp32, batch 1, floor to the patch (``maps.batch_size`` does not apply; :func:`tokenseg.maps.resolve_mode`
+    fp32, one image at a time (its view and mirror image batched), floor to the patch (``maps.batch_size`` does not apply; :func:`tokenseg.maps.resolve_mode`
     refuses bf16 and other roundings); ``maps.max_side`` shrinks the scales of a larger photo only."""
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -265,8 +266,11 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
         write_json_atomic(path, info)
     loader = DataLoader(_PILSet(ds), batch_size=None, sampler=todo, num_workers=num_workers,
                         collate_fn=_identity)
-    def write(maps: dict, classes: np.ndarray, image_id: str) -> None:
+    def write(maps: dict, classes: np.ndarray, image_id: str, image: Image.Image) -> None:
         for kind, m in maps.items():
+            if cfg.overlays:  # written first: a seed file's existence means its image is done
+                top = m.max(0) if len(classes) else np.zeros(m.shape[1:], np.float32)
+                save_png(out_dir / f"{kind}_overlays" / f"{image_id}.png", overlay(np.asarray(image), top))
             if export_npy:
                 save_seed_npy(npy_seed_path(out_dir / kind, image_id), classes, m)
             else:
@@ -278,7 +282,7 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
         for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img",
                                      disable=not progress):
             maps = compute_maps_authors(model, image, labels, cfg, kinds, dino_offset=dino, device=device)
-            writer.submit(write, maps, np.flatnonzero(np.asarray(labels) > 0).astype(np.int64), ds.ids[i])
+            writer.submit(write, maps, np.flatnonzero(np.asarray(labels) > 0).astype(np.int64), ds.ids[i], image)
     return out_dir
 
 
