@@ -160,7 +160,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
 
-    train_ds = build_dataset(cfg.data, cfg.data.train_split)
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, "config key data.train_split")
     if len(train_ds) == 0:
         raise TokensegError(f"split {cfg.data.train_split!r} has no images")
     tc = cfg.train
@@ -216,7 +216,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     val_ds = None
     if tc.eval_every and cfg.data.val_split:
         try:
-            val_ds = build_dataset(cfg.data, cfg.data.val_split)
+            val_ds = build_dataset(cfg.data, cfg.data.val_split, "config key data.val_split")
         except TokensegError as exc:
             if dinfo.is_main:
                 print(f"note: no val mAP ({exc})")

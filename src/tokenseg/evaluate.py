@@ -73,6 +73,7 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
                            "iou": [None if np.isnan(v) else float(v) * 100 for v in sc["iou"]]}
                           for t, sc in zip(settings, scores)],
         "images": len(ds),
+        "miou_rule": s["miou_rule"],
     }
 
 
@@ -80,6 +81,8 @@ def format_result(title: str, res: dict, per_class: bool = True) -> str:
     lines = [f"{title}: mIoU {res['miou']:.2f}"
              + (f" at background threshold {res['threshold']:.2f}" if res.get("threshold") is not None else "")
              + f"  (FP {res['fp']:.1f}, FN {res['fn']:.1f}, {res.get('images', '?')} images)"]
+    if res.get("miou_rule"):
+        lines[0] += f"\n  ({res['miou_rule']})"
     if not per_class:
         return lines[0]
     width = max(len(k) for k in res["iou"])

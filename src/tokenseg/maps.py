@@ -336,7 +336,7 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
 
     method = get_method(cfg.model.method)
     split = split or cfg.maps.split
-    ds = build_dataset(cfg.data, split)
+    ds = build_dataset(cfg.data, split, "config key maps.split or the --split option")
     if method.trainable:
         ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "checkpoint.pt"
         if not ckpt.is_file():
