@@ -151,7 +151,8 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
         gt = ds.load_mask(i) if has_gt else None
         counts = np.bincount(gt.ravel(), minlength=256)[1:ds.num_classes + 1] if has_gt else np.zeros(1)
         focus = int(counts.argmax()) if counts.any() else (ds.labels[i][0] if ds.labels[i] else -1)
-        label = f"class: {ds.class_names[focus]}" if focus >= 0 else "no class"
+        why = "most gt pixels" if counts.any() else "first label"
+        label = f"{ds.class_names[focus]} ({why})" if focus >= 0 else "no class"
         row = [img, colour_mask(gt) if has_gt else np.full_like(img, 255)]
         cap = ["", ""]
         for k in kinds:
@@ -170,8 +171,17 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
         shown |= set(np.unique(am).tolist()) | (set(np.unique(gt).tolist()) if has_gt else set())
         rows.append(row)
         captions.append(cap)
-    titles = ["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds] + [f"argmax {KIND_TITLES.get(best, best)}"]
-    gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names))
+    r = results[best]
+    rule = (f"background t = {r['threshold']:.2f}" if r.get("threshold") is not None else
+            f"background (1 - max)^{r['alpha']:g}" if r.get("alpha") is not None else "background channel")
+    titles = (["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds]
+              + [f"argmax {KIND_TITLES.get(best, best)}, {rule}"])
+    notes = [f"Heat maps show one class per row: the class with the most ground-truth pixels in that image "
+             f"(without a mask, its first image-level label), named under each map. The last column is the "
+             f"argmax over [background score, class maps] of the best kind ({KIND_TITLES.get(best, best)}), "
+             f"with the {rule} that scored best on split {cfg.eval.split!r}."]
+    gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names),
+            colorbar="heat maps (per-class normalised):", notes=notes)
     return path
 
 

@@ -86,7 +86,7 @@ def cmd_predict(args) -> int:
                       crf=args.crf, overlay=not args.no_overlay, overlay_format=args.overlay_format,
                       alpha=args.alpha, device=args.device, bg_threshold=args.threshold,
                       cls_threshold=args.cls_threshold, skip_existing=args.skip_existing, progress=not args.quiet,
-                      max_side=args.max_side, kind=args.kind)
+                      max_side=args.max_side, kind=args.kind, legend=not args.no_legend)
     print(f"{len(results)} masks written to {args.out}")
     return 0
 
@@ -179,7 +179,10 @@ def register(sub) -> None:
     pr.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="add horizontal flips")
     pr.add_argument("--crf", action="store_true", help="DenseCRF refinement")
     pr.add_argument("--no-overlay", action="store_true", help="masks only")
-    pr.add_argument("--overlay-format", default="jpg", choices=["jpg", "png"])
+    pr.add_argument("--overlay-format", default="jpg", choices=["jpg", "png"],
+                    help="overlay file type (png: lossless, sharp class edges and legend text)")
+    pr.add_argument("--no-legend", action="store_true",
+                    help="overlays without the band under the image that names each class colour")
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     pr.add_argument("--threshold", type=float, default=None,
                     help="classification checkpoint: background score (default pseudo.threshold of its config)")
