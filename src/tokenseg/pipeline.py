@@ -93,7 +93,7 @@ def has_masks(ds: WSSSDataset) -> bool:
     return ds.mask_paths is not None and any(p is not None for p in ds.mask_paths)
 
 
-def with_masks(ds: WSSSDataset, progress: bool = True) -> WSSSDataset:
+def with_masks(ds: WSSSDataset, progress: bool | None = True) -> WSSSDataset:
     """The images of ``ds`` that have a ground-truth mask (a folder of photos may have masks for some: boxes
     give labels only); an error when none has one."""
     from .io import TokensegError
@@ -103,7 +103,7 @@ def with_masks(ds: WSSSDataset, progress: bool = True) -> WSSSDataset:
                             f"against (masks/<id>.png in a folder dataset); the seeds themselves are written")
     keep = [k for k, p in zip(ds.ids, ds.mask_paths) if p is not None]
     if len(keep) < len(ds):
-        if progress:
+        if progress is not None:  # a note, not a progress line: --quiet keeps it
             print(f"evaluate: {len(keep)} of the {len(ds)} images of {ds.name} have a ground-truth mask; "
                   f"scoring those")
         ds = ds.subset(keep)
