@@ -74,8 +74,9 @@ def require_timm_download(name: str, key: str, file_key: str) -> Path | None:
     files = " or ".join(filter(None, [
         f"{Path(urlparse(url).path).name} ({url})" if url else "",
         f"model.safetensors of https://huggingface.co/{repo}" if repo else ""])) or f"the {name} weights"
+    target = Path(urlparse(url).path).name if url else "model.safetensors" if repo else f"{name}.pth"
     raise TokensegError(f"{key}=true needs a download, and {reason}: fetch {files} on a machine with "
-                        f"network and set {file_key}=/path/to/that file")
+                        f"network and set {file_key}=/path/to/{target}")
 
 
 def require_url_download(url: str, cached: Path, key: str) -> None:
