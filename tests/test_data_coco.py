@@ -144,8 +144,8 @@ def test_build_dataset_and_cli_check(coco_root, tmp_path, capsys):
     assert "split train2014: 3 images; labels from coco-instances:instances_train2014.json" in out
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["splits"]["train2014"]["per_class"] == {"person": 1, "car": 2, "dog": 1, "toothbrush": 1}
-    assert list(rep["splits"]) == ["train2014", "train"]  # maps/eval default 'train' = train2014
-    assert rep["splits"]["train"]["images"] == 3
+    # a VOC preset pointed at COCO: its maps/eval split ('train') follows data.train_split
+    assert list(rep["splits"]) == ["train2014"] and (cfg.maps.split, cfg.eval.split) == ("train2014", "train2014")
     assert len(list((tmp_path / "c" / "coco").iterdir())) == 1  # one conversion for both names
 
 

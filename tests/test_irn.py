@@ -329,7 +329,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(TokensegError, match=r"pseudo\.irn\.weights=/path/to/resnet10t\.pth"):
+    with pytest.raises(TokensegError, match=r"pseudo\.irn\.weights=/path/to/resnet10t"):
         IRNet("resnet10t", pretrained=True)
 
 

@@ -191,7 +191,7 @@ def test_weight_errors_are_clear(tmp_path, monkeypatch):
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(TokensegError, match=r"segment\.weights=/path/to/resnet10t\.pth"):
+    with pytest.raises(TokensegError, match=r"segment\.weights=/path/to/resnet10t"):
         build_segmenter(SegmentConfig(backbone="resnet10t", pretrained=True), 3)
     monkeypatch.setattr(timm, "create_model", real)
     # a local weights file loads (and a wrong one is refused)

@@ -118,7 +118,8 @@ def test_predict_from_a_classifier_at_the_working_size(tmp_path, monkeypatch):
     assert sizes == [(50, 80)]
     mask = read_mask(res[0]["mask"])
     assert mask.shape == (200, 320) and set(np.unique(mask)) <= {0, 1, 2}
-    assert np.asarray(Image.open(res[0]["overlay"])).shape == (200, 320, 3)
+    ov = np.asarray(Image.open(res[0]["overlay"]))
+    assert ov.shape[1:] == (320, 3) and ov.shape[0] > 200  # the image, then the band naming the colours
 
 
 # ------------------------------------------------------------------------------------ gallery
@@ -160,13 +161,15 @@ def test_demo_gallery_has_a_legend_and_labelled_heat_maps(tmp_path, monkeypatch)
 
     monkeypatch.setattr(pipeline, "gallery", capture)
     path = pipeline.write_gallery(cfg, ds, results, tmp_path / "gallery.png", n=3)
-    assert captured["titles"][-1] == "argmax fused (attention x PatchCAM)"
+    # the argmax column says the background threshold it used; the notes say why each row shows its class
+    assert captured["titles"][-1] == "argmax fused (attention x PatchCAM), background t = 0.40"
+    assert "most ground-truth pixels" in " ".join(captured["notes"]) and "t = 0.40" in " ".join(captured["notes"])
     pal = voc_palette()
     shown = set()
     for i, caps in enumerate(captured["captions"]):
         gt = ds.load_mask(i)
         biggest = int(np.bincount(gt.ravel(), minlength=256)[1:3].argmax())
-        assert caps == ["", "", f"class: {CLASSES[biggest]}", f"class: {CLASSES[biggest]}", ""]
+        assert caps == ["", "", f"{CLASSES[biggest]} (most gt pixels)", f"{CLASSES[biggest]} (most gt pixels)", ""]
         shown |= set(np.unique(gt).tolist())
     legend = captured["legend"]
     assert [n for n, _ in legend][:1] == ["background"]
@@ -177,3 +180,9 @@ def test_demo_gallery_has_a_legend_and_labelled_heat_maps(tmp_path, monkeypatch)
         name = sw["name"]
         value = 0 if name == "background" else CLASSES.index(name) + 1
         assert tuple(img[(y0 + y1) // 2, (x0 + x1) // 2]) == tuple(pal[value]) == sw["colour"]
+    # the heat maps' colour bar runs from the colour of 0 to the colour of 1
+    from tokenseg.viz import heatmap
+
+    x0, y0, x1, y1 = captured["layout"]["colorbar"]
+    ends = heatmap(np.array([0.0, 1.0]))
+    assert tuple(img[(y0 + y1) // 2, x0]) == tuple(ends[0]) and tuple(img[(y0 + y1) // 2, x1 - 1]) == tuple(ends[1])

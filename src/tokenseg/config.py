@@ -271,17 +271,56 @@ def _resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
-def _apply_file(cfg: Config, path: Path, depth: int = 0) -> None:
+def _apply_file(cfg: Config, path: Path, depth: int = 0, user_keys: set | None = None) -> None:
     if depth > 8:
         raise TokensegError(f"{path}: 'preset:' chain too deep")
     data = _read_yaml(path)
     base = data.pop("preset", None)
     if base:
-        _apply_file(cfg, _resolve_preset(str(base)), depth + 1)
+        _apply_file(cfg, _resolve_preset(str(base)), depth + 1, user_keys)
     try:
         _merge(cfg, data, "")
     except TokensegError as exc:
         raise TokensegError(f"{path}: {exc}") from None
+    if user_keys is not None:
+        if path.parent.resolve() == PRESET_DIR.resolve():
+            cfg.__dict__["_preset_splits"] = _split_snapshot(cfg)
+        else:
+            user_keys |= _flat_keys(data)
+
+
+# the stage splits that follow the dataset's own splits when a user points a preset at another format
+STAGE_SPLIT_KEYS = ("maps.split", "eval.split", "pseudo.split")
+
+
+def _flat_keys(data: dict, prefix: str = "") -> set:
+    out = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out |= _flat_keys(v, key + ".") if isinstance(v, dict) else {key}
+    return out
+
+
+def _split_snapshot(cfg: Config) -> dict:
+    return {"data.format": cfg.data.format, "data.train_split": cfg.data.train_split,
+            "data.val_split": cfg.data.val_split, "maps.split": cfg.maps.split, "eval.split": cfg.eval.split,
+            "pseudo.split": cfg.pseudo.split}
+
+
+def follow_dataset_splits(cfg: Config, preset: dict | None, user_keys: set) -> None:
+    """A preset's stage splits (``maps.split``, ``eval.split``, ``pseudo.split``) name its own dataset's
+    splits (VOC's ``train``). When the user points the preset at another data.format, each stage split
+    the user did not set follows the dataset's splits instead: the preset's validation split becomes
+    ``data.val_split``, any other ``data.train_split``."""
+    if not preset or cfg.data.format == preset["data.format"]:
+        return
+    for key in STAGE_SPLIT_KEYS:
+        section, name = key.split(".")
+        value = preset[key]
+        if key in user_keys or not value:
+            continue
+        follow = cfg.data.val_split if value == preset["data.val_split"] else cfg.data.train_split
+        setattr(getattr(cfg, section), name, follow)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -308,9 +347,12 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Build a config: dataclass defaults ← preset/YAML file ← ``key=value`` overrides."""
     cfg = Config()
+    user_keys: set = set()
     if name_or_path:
-        _apply_file(cfg, _resolve_preset(name_or_path))
+        _apply_file(cfg, _resolve_preset(name_or_path), user_keys=user_keys)
     apply_overrides(cfg, overrides)
+    user_keys |= {".".join(parse_override(o)[0]) for o in overrides}
+    follow_dataset_splits(cfg, cfg.__dict__.pop("_preset_splits", None), user_keys)
     validate(cfg)
     return cfg
 
@@ -497,6 +539,8 @@ class SegmentConfig:
     num_workers: int = -1  # -1 = data.num_workers
     checkpoint_every: int = 0  # steps between checkpoints (0 = every epoch)
     eval_at_end: bool = True
+    final_eval: str = "quick"  # the val score after segment train: quick (scale 1, no flip, no CRF) | full
+    # (eval_scales + eval_flip: a multi-scale pass at full resolution, often longer than training) | none
     eval_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     eval_flip: bool = True
     eval_merge: str = "max"  # max (MCTformer: max over scales) | mean
@@ -525,6 +569,7 @@ def validate_post(cfg: Config) -> None:
     choice("segment.amp", s.amp, ("auto", "bf16", "fp16", "none"))
     choice("segment.optimizer", s.optimizer, ("sgd", "adamw"))
     choice("segment.eval_merge", s.eval_merge, ("max", "mean"))
+    choice("segment.final_eval", s.final_eval, ("quick", "full", "none"))
     choice("segment.crf_preset", s.crf_preset, CRF_PRESET_NAMES)
     choice("segment.output_stride", s.output_stride, (8, 16, 32))
     if not 0.0 <= p.confidence <= 1.0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -156,6 +157,48 @@ def train(cfg: Config, resume: bool = False, progress: bool = True,
         return _train(cfg, resume, progress, on_step)
 
 
+def train_warnings(cfg: Config, method: Method) -> list[str]:
+    """Settings that run but are rarely meant: a paper recipe from random weights, an lr that never
+    leaves its warm-up."""
+    out = []
+    own = getattr(cfg, method.section, None) if method.section else None
+    backbone = getattr(own, "backbone", "") or cfg.model.backbone
+    custom = cfg.model.backbone_kwargs or getattr(own, "backbone_kwargs", None) or cfg.model.stem != "patch"
+    if cfg.model.pretrained is False and not custom:
+        from .hub import timm_sources
+
+        try:
+            repo, url = timm_sources(backbone)
+        except Exception:  # not a timm name: nothing to point at
+            repo, url = "", ""
+        preset = _preset_weights(cfg.name)
+        if preset or repo or url:
+            file = (f"/path/to/{Path(preset).name}" if preset else f"/path/to/{Path(url).name}" if url else
+                    f"FILE (model.safetensors of https://huggingface.co/{repo})")
+            out.append(f"model.pretrained is false: {backbone} starts from random weights, but the {cfg.name} "
+                       f"recipe follows a paper that starts from pretrained weights; from scratch it learns "
+                       f"little. Give them with model.pretrained={file}" +
+                       ("" if preset else " or model.pretrained=true (a download)") +
+                       "; for a from-scratch run on purpose use the small recipes (presets demo, photos-scratch)")
+    kind = method.optimizer if cfg.train.optimizer == "auto" else cfg.train.optimizer
+    warm = cfg.train.warmup_epochs
+    if kind.startswith("adamw") and warm > 0 and cfg.train.epochs <= warm:
+        out.append(f"train.epochs={cfg.train.epochs} <= train.warmup_epochs={cfg.train.warmup_epochs:g}: the "
+                   f"learning rate stays in its warm-up ramp for the whole run and never reaches train.lr; "
+                   f"lower train.warmup_epochs (e.g. train.warmup_epochs={max(cfg.train.epochs // 5, 0)})")
+    return out
+
+
+def _preset_weights(name: str) -> str:
+    """The weights file a shipped preset of that name points ``model.pretrained`` at ("" if none)."""
+    from .config import available_presets, load_config
+
+    if name not in available_presets():
+        return ""
+    value = load_config(name).model.pretrained
+    return value if isinstance(value, str) else ""
+
+
 def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     method = get_method(cfg.model.method)
     if not method.trainable:
@@ -167,7 +210,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
 
-    train_ds = build_dataset(cfg.data, cfg.data.train_split)
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, "config key data.train_split")
     if len(train_ds) == 0:
         raise TokensegError(f"split {cfg.data.train_split!r} has no images")
     tc = cfg.train
@@ -181,6 +224,9 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
 
+    if dinfo.is_main:
+        for line in train_warnings(cfg, method):
+            print(f"tokenseg: warning: {line}", file=sys.stderr, flush=True)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
@@ -224,7 +270,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     val_ds = None
     if tc.eval_every and cfg.data.val_split:
         try:
-            val_ds = build_dataset(cfg.data, cfg.data.val_split)
+            val_ds = build_dataset(cfg.data, cfg.data.val_split, "config key data.val_split")
         except TokensegError as exc:
             if dinfo.is_main:
                 print(f"note: no val mAP ({exc})")

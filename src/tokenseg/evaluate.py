@@ -59,7 +59,7 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
     best = pick_best(curve, cfg.early_stop and mode == "constant")
     s = scores[best]
     names = ["background"] + list(ds.class_names)
-    return {
+    return SeedScores({
         "miou": curve[best],
         "threshold": settings[best] if mode == "constant" else None,
         "alpha": settings[best] if mode == "power" else None,
@@ -73,13 +73,34 @@ def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | Non
                            "iou": [None if np.isnan(v) else float(v) * 100 for v in sc["iou"]]}
                           for t, sc in zip(settings, scores)],
         "images": len(ds),
-    }
+        "miou_rule": s["miou_rule"],
+    }, title=f"seeds {seeds_dir.name} [{ds.name}]")
+
+
+class SeedScores(dict):
+    """What :func:`evaluate_seeds` returns: a plain dict (``res["miou"]``, ``res["iou"]``, the curve; JSON as
+    is) that prints as a summary and a per-class table instead of its hundred entries."""
+
+    def __init__(self, data: dict, title: str = "seeds") -> None:
+        super().__init__(data)
+        self.title = title
+
+    def __str__(self) -> str:
+        return format_result(self.title, self)
+
+    def __repr__(self) -> str:
+        return f"<{format_result(self.title, self, per_class=False)}>"
+
+    def __reduce__(self):  # pickles / deep-copies as itself (dict's default would drop the title)
+        return (SeedScores, (dict(self), self.title))
 
 
 def format_result(title: str, res: dict, per_class: bool = True) -> str:
     lines = [f"{title}: mIoU {res['miou']:.2f}"
              + (f" at background threshold {res['threshold']:.2f}" if res.get("threshold") is not None else "")
              + f"  (FP {res['fp']:.1f}, FN {res['fn']:.1f}, {res.get('images', '?')} images)"]
+    if res.get("miou_rule"):
+        lines[0] += f"\n  ({res['miou_rule']})"
     if not per_class:
         return lines[0]
     width = max(len(k) for k in res["iou"])

@@ -386,7 +386,7 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
 
     method = get_method(cfg.model.method)
     split = split or cfg.maps.split
-    ds = build_dataset(cfg.data, split)
+    ds = build_dataset(cfg.data, split, "config key maps.split or the --split option")
     if method.trainable:
         ckpt = Path(checkpoint) if checkpoint else run_checkpoint(cfg)
         if ckpt.name == BEST_NAME and not checkpoint and progress:
@@ -429,6 +429,8 @@ def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress,
     meta = {"checkpoint": str(ckpt), "method": method.name, "split": split, "background": recipe.background,
             "normalise": recipe.normalise, "world_size": dinfo.world, "env_rank": int(os.environ.get("RANK", 0)),
             "maps": {k: v for k, v in vars(cfg.maps).items()}}
+    if getattr(model, "tokenseg_weights", ""):  # e.g. a random tower for a smoke test: say so with the seeds
+        meta["weights"] = model.tokenseg_weights
     if dinfo.is_main:
         check_settings(out, map_settings(cfg, method.name, str(ckpt)), overwrite, "maps_meta.json", "seeds",
                        clear=tuple(cfg.maps.kinds), info=meta)

@@ -57,7 +57,22 @@ def scores_from_confusion(conf: np.ndarray, classes: str = "present") -> dict:
         return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
 
     return {"miou": mean(iou), "iou": iou, "fp": mean(fp), "fn": mean(fn),
-            "pixel_acc": float(tp.sum() / max(conf.sum(), 1.0))}
+            "pixel_acc": float(tp.sum() / max(conf.sum(), 1.0)), "miou_rule": miou_rule(classes, conf)}
+
+
+def miou_rule(classes: str, conf: np.ndarray) -> str:
+    """The words printed beside an mIoU: which classes its mean runs over (``eval.miou_classes``), so two
+    commands' numbers can be compared."""
+    n = conf.shape[0]
+    gt = conf.sum(1) > 0
+    if classes == "all":
+        missing = int(n - gt.sum())
+        return (f"mean over all {n} classes incl. background" +
+                (f"; {missing} without ground truth count as 0" if missing else "") + " (eval.miou_classes=all)")
+    if classes == "gt":
+        return f"mean over the {int(gt.sum())} of {n} classes present in the ground truth (eval.miou_classes=gt)"
+    seen = int((gt | (conf[:, :n].sum(0) > 0)).sum())
+    return f"mean over the {seen} of {n} classes in the ground truth or the prediction (eval.miou_classes=present)"
 
 
 @dataclass

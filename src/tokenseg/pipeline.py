@@ -82,14 +82,15 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     """Evaluate every seed kind found under ``seeds`` (default: the run's seeds of ``eval.split``).
 
     A folder holding ``.npz``/``.npy`` files directly is evaluated as one kind."""
+    from .io import TokensegError
+
     split = split or cfg.eval.split
-    ds = build_dataset(cfg.data, split)
+    ds = with_masks(build_dataset(cfg.data, split, "config key eval.split or the --split option"), progress)
     root = Path(seeds) if seeds else seeds_dir(cfg, split)
     folders = seed_folders(root)
     if not folders:
-        from .io import TokensegError
-
-        raise TokensegError(f"{root}: no seed files (run `tokenseg maps` first)")
+        raise TokensegError(f"{root}: no seed files for split {split!r} (config key eval.split or --split); "
+                            f"run `tokenseg maps {cfg.name} ... --split {split}` first")
     results = {}
     for kind, folder in folders.items():
         res = evaluate_seeds(folder, ds, cfg.eval, progress=progress, allow_pickle=allow_pickle)
@@ -98,6 +99,27 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
         if verbose:  # every class's IoU; the compact table is results_table
             print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))
     return results
+
+
+def has_masks(ds: WSSSDataset) -> bool:
+    return ds.mask_paths is not None and any(p is not None for p in ds.mask_paths)
+
+
+def with_masks(ds: WSSSDataset, progress: bool | None = True) -> WSSSDataset:
+    """The images of ``ds`` that have a ground-truth mask (a folder of photos may have masks for some: boxes
+    give labels only); an error when none has one."""
+    from .io import TokensegError
+
+    if not has_masks(ds):
+        raise TokensegError(f"{ds.name}: no image has a ground-truth mask, so there is nothing to score seeds "
+                            f"against (masks/<id>.png in a folder dataset); the seeds themselves are written")
+    keep = [k for k, p in zip(ds.ids, ds.mask_paths) if p is not None]
+    if len(keep) < len(ds):
+        if progress is not None:  # a note, not a progress line: --quiet keeps it
+            print(f"evaluate: {len(keep)} of the {len(ds)} images of {ds.name} have a ground-truth mask; "
+                  f"scoring those")
+        ds = ds.subset(keep)
+    return ds
 
 
 def background_only_miou(ds: WSSSDataset) -> float:
@@ -119,6 +141,9 @@ def results_table(results: dict[str, dict], baseline: float | None = None) -> st
         lines.append(f"{KIND_TITLES.get(kind, kind):<32} {res['miou']:6.2f} {t:>5} {res['fp']:6.1f} {res['fn']:6.1f}")
     if baseline is not None:
         lines.append(f"{'(background everywhere)':<32} {baseline:6.2f}")
+    rules = {res["miou_rule"] for res in results.values() if res.get("miou_rule")}
+    if len(rules) == 1:
+        lines.append(f"mIoU: {rules.pop()}")
     return "\n".join(lines)
 
 
@@ -138,7 +163,8 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
         gt = ds.load_mask(i) if has_gt else None
         counts = np.bincount(gt.ravel(), minlength=256)[1:ds.num_classes + 1] if has_gt else np.zeros(1)
         focus = int(counts.argmax()) if counts.any() else (ds.labels[i][0] if ds.labels[i] else -1)
-        label = f"class: {ds.class_names[focus]}" if focus >= 0 else "no class"
+        why = "most gt pixels" if counts.any() else "first label"
+        label = f"{ds.class_names[focus]} ({why})" if focus >= 0 else "no class"
         row = [img, colour_mask(gt) if has_gt else np.full_like(img, 255)]
         cap = ["", ""]
         for k in kinds:
@@ -157,8 +183,17 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
         shown |= set(np.unique(am).tolist()) | (set(np.unique(gt).tolist()) if has_gt else set())
         rows.append(row)
         captions.append(cap)
-    titles = ["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds] + [f"argmax {KIND_TITLES.get(best, best)}"]
-    gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names))
+    r = results[best]
+    rule = (f"background t = {r['threshold']:.2f}" if r.get("threshold") is not None else
+            f"background (1 - max)^{r['alpha']:g}" if r.get("alpha") is not None else "background channel")
+    titles = (["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds]
+              + [f"argmax {KIND_TITLES.get(best, best)}, {rule}"])
+    notes = [f"Heat maps show one class per row: the class with the most ground-truth pixels in that image "
+             f"(without a mask, its first image-level label), named under each map. The last column is the "
+             f"argmax over [background score, class maps] of the best kind ({KIND_TITLES.get(best, best)}), "
+             f"with the {rule} that scored best on split {cfg.eval.split!r}."]
+    gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names),
+            colorbar="heat maps (per-class normalised):", notes=notes)
     return path
 
 
@@ -169,6 +204,10 @@ def run(cfg: Config, progress: bool = True) -> dict[str, dict]:
     maps_step(cfg, checkpoint=ckpt, progress=progress)
     if cfg.eval.split != cfg.maps.split:
         maps_step(cfg, checkpoint=ckpt, split=cfg.eval.split, progress=progress)
+    if not has_masks(build_dataset(cfg.data, cfg.eval.split)):
+        print(f"no ground-truth masks in split {cfg.eval.split!r} (config key eval.split): seeds written to "
+              f"{seeds_dir(cfg, cfg.eval.split)}, not scored")
+        return {}
     return evaluate_step(cfg, progress=progress)
 
 

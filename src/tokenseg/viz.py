@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -70,12 +71,14 @@ def wrap_text(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[st
 
 def gallery(rows: list[list[np.ndarray]], titles: list[str], path: str | Path, cell: int = 128,
             captions: list[list[str]] | None = None, legend: list[tuple[str, tuple[int, int, int]]] | None = None,
-            font_size: int = 11) -> dict:
+            font_size: int = 11, colorbar: str = "", notes: Sequence[str] = ()) -> dict:
     """Write a grid of RGB tiles (one per title in every row) as a PNG.
 
     Column titles are word-wrapped to the column width (never cut); ``captions[i][j]`` is drawn under
     tile (i, j) (e.g. the class a heat map shows; "" for none); ``legend`` lists (name, colour) swatches
-    drawn under the grid (the classes of the ground-truth and argmax columns). Returns the layout
+    drawn under the grid (the classes of the ground-truth and argmax columns); ``colorbar``: a label for
+    the heat maps' colour scale, drawn as a 0..1 bar under the legend; ``notes``: lines of text at the
+    bottom (e.g. how a row's class was chosen). Returns the layout
     (wrapped titles, caption and swatch boxes) for tests and callers that annotate further."""
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -89,29 +92,16 @@ def gallery(rows: list[list[np.ndarray]], titles: list[str], path: str | Path, c
     cap_h += [0] * (len(rows) - len(cap_h))
     n_cols = len(titles)
     W = n_cols * (cell + pad) + pad
-    # legend: swatches flowing left to right, wrapping at the canvas width
-    sw = max(8, line_h - 3)
-    items = []
-    if legend:
-        x, y, lx0 = pad, 0, pad
-        first = probe.textlength("colours:", font=font) + 2 * pad
-        x = lx0 + first
-        for name, rgb in legend:
-            w_item = sw + 3 + probe.textlength(name, font=font) + 2 * pad
-            if x + w_item > W - pad and x > lx0 + first:
-                x, y = lx0 + first, y + line_h + 2
-            items.append((name, tuple(int(v) for v in rgb), int(x), y))
-            x += w_item
-        legend_h = y + line_h + 2 * pad
-    else:
-        legend_h = 0
+    items, legend_h = _legend_layout(legend or [], W, probe, font, line_h, pad)
     row_y = []
     y = head
     for i in range(len(rows)):
         row_y.append(y)
         y += cell + cap_h[i] + pad
     grid_bottom = y
-    H = grid_bottom + legend_h
+    bar_h = (line_h * 2 + 2 * pad) if colorbar else 0
+    note_lines = [ln for note in notes for ln in wrap_text(note, W - 2 * pad, probe, font)]
+    H = grid_bottom + legend_h + bar_h + line_h * len(note_lines) + (pad if note_lines else 0)
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for j, lines in enumerate(title_lines):
@@ -127,20 +117,74 @@ def gallery(rows: list[list[np.ndarray]], titles: list[str], path: str | Path, c
                 for k, line in enumerate(cap_lines[i][j]):
                     draw.text((x0 + 2, row_y[i] + cell + 1 + k * line_h), line, fill=(40, 40, 40), font=font)
                 caption_boxes.append({"row": i, "col": j, "lines": cap_lines[i][j]})
-    swatches = []
-    if items:
-        top = grid_bottom + pad
-        draw.text((pad, top), "colours:", fill=(0, 0, 0), font=font)
-        for name, rgb, x, yy in items:
-            box = (x, top + yy + 1, x + sw, top + yy + 1 + sw)
-            draw.rectangle(box, fill=rgb, outline=(0, 0, 0))
-            draw.text((x + sw + 3, top + yy), name, fill=(0, 0, 0), font=font)
-            swatches.append({"name": name, "colour": rgb, "box": box})
+    swatches = _draw_legend(draw, items, grid_bottom + pad, line_h, pad, font)
+    bar_box = None
+    y = grid_bottom + legend_h
+    if colorbar:
+        label_w = int(probe.textlength(colorbar, font=font)) + 2 * pad
+        x0, x1 = pad + label_w, min(W - 3 * pad, pad + label_w + 3 * cell)
+        draw.text((pad, y + pad), colorbar, fill=(0, 0, 0), font=font)
+        ramp = heatmap(np.tile(np.linspace(0, 1, max(x1 - x0, 2))[None], (line_h - 2, 1)))
+        canvas.paste(Image.fromarray(ramp), (x0, y + pad + 1))
+        bar_box = (x0, y + pad + 1, x0 + ramp.shape[1], y + pad + line_h - 1)
+        for v in (0.0, 0.5, 1.0):
+            tx = x0 + v * (ramp.shape[1] - 1)
+            text = f"{v:g}"
+            draw.text((tx - probe.textlength(text, font=font) / 2, y + pad + line_h), text, fill=(0, 0, 0), font=font)
+        y += bar_h
+    for k, line in enumerate(note_lines):
+        draw.text((pad, y + k * line_h), line, fill=(40, 40, 40), font=font)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
     return {"size": (W, H), "cell": cell, "title_lines": title_lines, "captions": caption_boxes,
-            "legend": swatches, "text_width": text_w}
+            "legend": swatches, "text_width": text_w, "colorbar": bar_box, "notes": note_lines}
+
+
+def _legend_layout(legend, width: int, probe, font, line_h: int, pad: int) -> tuple[list, int]:
+    """Swatch positions (name, colour, x, y) flowing left to right after a "colours:" label, wrapping at
+    ``width``; and the height they take."""
+    if not legend:
+        return [], 0
+    sw = max(8, line_h - 3)
+    first = pad + probe.textlength("colours:", font=font) + 2 * pad
+    x, y, items = first, 0, []
+    for name, rgb in legend:
+        w_item = sw + 3 + probe.textlength(name, font=font) + 2 * pad
+        if x + w_item > width - pad and x > first:
+            x, y = first, y + line_h + 2
+        items.append((name, tuple(int(v) for v in rgb), int(x), y))
+        x += w_item
+    return items, y + line_h + 2 * pad
+
+
+def _draw_legend(draw, items: list, top: int, line_h: int, pad: int, font) -> list[dict]:
+    swatches = []
+    if not items:
+        return swatches
+    sw = max(8, line_h - 3)
+    draw.text((pad, top), "colours:", fill=(0, 0, 0), font=font)
+    for name, rgb, x, yy in items:
+        box = (x, top + yy + 1, x + sw, top + yy + 1 + sw)
+        draw.rectangle(box, fill=rgb, outline=(0, 0, 0))
+        draw.text((x + sw + 3, top + yy), name, fill=(0, 0, 0), font=font)
+        swatches.append({"name": name, "colour": rgb, "box": box})
+    return swatches
+
+
+def with_legend(image: np.ndarray, legend: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """``image`` with a white band under it naming each colour of a mask overlay (swatch + class name),
+    the text sized to the image (readable on a 4000-px photo as on a 300-px one)."""
+    H, W = image.shape[:2]
+    font = _font(max(11, round(max(W, H) / 60)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    asc, desc = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
+    line_h, pad = asc + desc + 1, max(4, (asc + desc) // 3)
+    items, band = _legend_layout(legend, W, probe, font, line_h, pad)
+    canvas = Image.new("RGB", (W, H + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.asarray(image, dtype=np.uint8)), (0, 0))
+    _draw_legend(ImageDraw.Draw(canvas), items, H + pad, line_h, pad, font)
+    return np.asarray(canvas)
 
 
 def class_legend(values, class_names: list[str]) -> list[tuple[str, tuple[int, int, int]]]:

@@ -396,7 +396,7 @@ def wsol_step(cfg, seeds: str | Path | None = None, split: str | None = None, re
         resize = int(cfg.eval.wsol_size)
     interp, step = cfg.eval.wsol_interp, float(cfg.eval.wsol_step)
     split = split or cfg.eval.split
-    ds = build_dataset(cfg.data, split)
+    ds = build_dataset(cfg.data, split, "config key eval.split or the --split option")
     root = Path(seeds) if seeds else seeds_dir(cfg, split)
     if not len(ds):
         raise TokensegError(f"{ds.name}: no images")

@@ -60,7 +60,8 @@ def cmd_evaluate(args) -> int:
         from ..refine.pseudo import evaluate_masks
 
         split = args.split or cfg.eval.split
-        res = evaluate_masks(args.masks, build_dataset(cfg.data, split), progress=not args.quiet)
+        res = evaluate_masks(args.masks, build_dataset(cfg.data, split, "config key eval.split or the --split option"),
+                             progress=not args.quiet, classes=cfg.eval.miou_classes)
         print(format_result(f"masks {args.masks} [{split}]", res, per_class=args.per_class))
         if args.json:
             save_result(args.json, res)
@@ -79,7 +80,8 @@ def cmd_run(args) -> int:
 
     cfg = load(args)
     results = run(cfg, progress=not args.quiet)
-    print(results_table(results))
+    if results:
+        print(results_table(results))
     return 0
 
 

@@ -76,8 +76,8 @@ def register(sub) -> None:
                "  tokenseg data import --from yolo my_yolo_seg/ --out my_data\n"
                "  tokenseg data import --from coco annotations/instances_default.json --images imgs/ --out my_data\n"
                "  tokenseg data import --from labelme labelme_jsons/ --out my_data --classes classes.txt\n"
-               "then: tokenseg data check mctformer-plus data.format=folder data.root=my_data "
-               "data.train_split=train data.val_split=val",
+               "then: tokenseg data check photos-scratch data.root=my_data data.train_split=train "
+               "data.val_split=val",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     imp.add_argument("--from", dest="source_format", required=True, choices=IMPORT_FORMATS,
                      help="the source format")

@@ -27,6 +27,8 @@ def cmd_pseudo(args) -> int:
     from ..refine.pseudo import evaluate_masks, format_scores, make_pseudo_masks
 
     cfg = _load(args)
+    if args.split:
+        cfg.pseudo.split = args.split
     summary = make_pseudo_masks(cfg, seeds_dir=args.seeds, out_dir=args.out, checkpoint=args.checkpoint,
                                 work_dir=args.work, overwrite=args.overwrite, progress=not args.quiet)
     print(f"pseudo masks for split {summary['split']!r} from {summary['seeds_dir']}: {summary['out_dir']} "
@@ -34,7 +36,8 @@ def cmd_pseudo(args) -> int:
           f"{summary['missing_seeds']} without seeds)")
     if args.eval:
         split = args.eval_split or summary["split"]
-        res = evaluate_masks(summary["out_dir"], build_dataset(cfg.data, split), progress=not args.quiet)
+        res = evaluate_masks(summary["out_dir"], build_dataset(cfg.data, split), progress=not args.quiet,
+                             classes=cfg.eval.miou_classes)
         print(format_scores(f"masks [{split}]", res))
         if args.json:
             write_json_atomic(args.json, {"summary": summary, "eval": res})
@@ -50,6 +53,8 @@ def cmd_segment_train(args) -> int:
     cfg = _load(args)
     if args.no_eval:
         cfg.segment.eval_at_end = False
+    if args.split:
+        cfg.segment.train_split = args.split
     metrics = train_segmentation(cfg, masks_dir=args.masks, out_dir=args.out, resume=args.resume,
                                  progress=not args.quiet)
     print(f"checkpoint: {metrics['checkpoint']} ({metrics['steps']} steps on {metrics['train_images']} images)")
@@ -81,7 +86,7 @@ def cmd_predict(args) -> int:
                       crf=args.crf, overlay=not args.no_overlay, overlay_format=args.overlay_format,
                       alpha=args.alpha, device=args.device, bg_threshold=args.threshold,
                       cls_threshold=args.cls_threshold, skip_existing=args.skip_existing, progress=not args.quiet,
-                      max_side=args.max_side, kind=args.kind)
+                      max_side=args.max_side, kind=args.kind, legend=not args.no_legend)
     print(f"{len(results)} masks written to {args.out}")
     return 0
 
@@ -104,6 +109,7 @@ def register(sub) -> None:
                "  tokenseg pseudo my.yaml pseudo.refine=irn pseudo.irn.pretrained=true --eval",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(p)
+    p.add_argument("--split", help="split whose seeds become masks (default pseudo.split, else maps.split)")
     p.add_argument("--seeds", metavar="DIR", help="seed folder (default <output_dir>/seeds/<split>/<kind>)")
     p.add_argument("--out", metavar="DIR", help="mask folder to write (default <output_dir>/pseudo)")
     p.add_argument("--checkpoint", metavar="CKPT",
@@ -135,8 +141,11 @@ def register(sub) -> None:
     _config_args(t)
     t.add_argument("--masks", metavar="DIR", help="pseudo masks (default segment.masks or <output_dir>/pseudo)")
     t.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/segment)")
+    t.add_argument("--split", help="split to train on (default segment.train_split, else data.train_split)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    t.add_argument("--no-eval", action="store_true", help="skip the validation at the end")
+    t.add_argument("--no-eval", action="store_true",
+                   help="skip the validation at the end (segment.final_eval=none; default quick: one scale, no "
+                        "flip; full: segment.eval_scales + flip, as segment evaluate)")
     t.set_defaults(func=cmd_segment_train)
 
     e = ssub.add_parser(
@@ -170,7 +179,10 @@ def register(sub) -> None:
     pr.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="add horizontal flips")
     pr.add_argument("--crf", action="store_true", help="DenseCRF refinement")
     pr.add_argument("--no-overlay", action="store_true", help="masks only")
-    pr.add_argument("--overlay-format", default="jpg", choices=["jpg", "png"])
+    pr.add_argument("--overlay-format", default="jpg", choices=["jpg", "png"],
+                    help="overlay file type (png: lossless, sharp class edges and legend text)")
+    pr.add_argument("--no-legend", action="store_true",
+                    help="overlays without the band under the image that names each class colour")
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     pr.add_argument("--threshold", type=float, default=None,
                     help="classification checkpoint: background score (default pseudo.threshold of its config)")

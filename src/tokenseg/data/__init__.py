@@ -47,8 +47,33 @@ def class_names_for(cfg: DataConfig) -> list[str] | None:
     return read_class_names(path)
 
 
-def build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
-    """The dataset named by ``cfg`` (format + root), restricted to ``split``."""
+def build_dataset(cfg: DataConfig, split: str, chosen_by: str = "") -> WSSSDataset:
+    """The dataset named by ``cfg`` (format + root), restricted to ``split``. ``chosen_by`` names the
+    setting that picked the split (``"config key maps.split or --split"``): an error about the split
+    says it, so the user knows what to change."""
+    try:
+        return _build_dataset(cfg, split)
+    except TokensegError as exc:
+        if chosen_by and exc.args and repr(split) in str(exc.args[0]):
+            exc.args = (f"{exc.args[0]}\n  (split {split!r} chosen by {chosen_by})",) + exc.args[1:]
+        raise
+
+
+def _folder_hint(cfg: DataConfig) -> None:
+    """A folder dataset read as another format: say ``data.format=folder`` instead of the format's own
+    complaint about a missing layout."""
+    root = Path(cfg.root) if cfg.root else None
+    if root is None or not root.is_dir() or cfg.format == "folder":
+        return
+    own = {"voc": "JPEGImages", "coco": "annotations", "synthetic": "tokenseg_synthetic.json", "openimages": "train"}
+    labels = [n for n in ("labels.csv", "labels.json") if (root / n).is_file()]
+    if labels and not (root / own.get(cfg.format, "")).exists():
+        raise TokensegError(f"{root} holds {labels[0]}, the layout of your own images, but data.format is "
+                            f"{cfg.format!r}: add data.format=folder")
+
+
+def _build_dataset(cfg: DataConfig, split: str) -> WSSSDataset:
+    _folder_hint(cfg)
     if cfg.format == "synthetic":
         from .synthetic import ensure_synthetic
         root = Path(cfg.root) if cfg.root else ensure_synthetic(cfg.synthetic, cache_root(cfg))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,6 +40,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # Black (PIL's default when dropping alpha) was then predicted as a class; white is a strong bright
 # colour (sky, snow, paper) that a model trained on photos reads as evidence too.
 TRANSPARENT_FILL = (124, 116, 104)
+
+
+class Sample(NamedTuple):
+    """One image of a :class:`WSSSDataset` (``image, labels, image_id = ds[i]``)."""
+
+    image: Image.Image
+    labels: np.ndarray
+    image_id: str
 
 
 @dataclass
@@ -89,6 +97,14 @@ class WSSSDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __getitem__(self, i: int) -> "Sample":
+        """``ds[i]``: the image (PIL, RGB, as stored: no resizing, no normalisation), its multi-hot
+        labels (C,) float32 and its id."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.name}: index {i} out of range for {len(self)} images")
+        i %= len(self)
+        return Sample(self.load_image(i), self.multi_hot(i), self.ids[i])
 
     def index_of(self, image_id: str) -> int:
         return self._index[image_id]

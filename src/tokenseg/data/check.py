@@ -43,6 +43,18 @@ def default_splits(cfg: Config | DataConfig) -> list[str]:
     return list(dict.fromkeys(s for s in out if s))
 
 
+def split_sources(cfg: Config | DataConfig) -> dict[str, str]:
+    """``{split: "config key data.train_split, maps.split"}``: which settings read each default split."""
+    keys = {"data.train_split": (cfg.data if isinstance(cfg, Config) else cfg).train_split,
+            "data.val_split": (cfg.data if isinstance(cfg, Config) else cfg).val_split}
+    if isinstance(cfg, Config):
+        keys.update({"maps.split": cfg.maps.split, "eval.split": cfg.eval.split})
+    out: dict[str, list[str]] = {}
+    for key, split in keys.items():
+        out.setdefault(split, []).append(key)
+    return {s: "config key " + ", ".join(k) for s, k in out.items() if s}
+
+
 def _check_mask(path: str, num_classes: int, size: tuple[int, int] | None) -> str:
     try:
         mask = read_mask(path)
@@ -59,7 +71,8 @@ def _check_mask(path: str, num_classes: int, size: tuple[int, int] | None) -> st
 
 
 def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: int = 2,
-                patch_size: int = 16, progress: bool = False, mask_cache: dict | None = None) -> dict:
+                patch_size: int = 16, progress: bool = False, mask_cache: dict | None = None,
+                chosen_by: str = "") -> dict:
     from . import build_dataset, cache_root
 
     rep: dict = {"split": split, "loaded": False, "error": "", "images": 0, "problems": []}
@@ -67,7 +80,7 @@ def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: i
     dcfg.skip_bad = True  # collect every problem instead of stopping at the first
     try:
         with collecting():
-            ds = build_dataset(dcfg, split)
+            ds = build_dataset(dcfg, split, chosen_by)
     except UnusableSplit as exc:  # keep its problems: every label may lack its image
         rep["error"] = str(exc)
         rep["problems"] = exc.problems
@@ -173,6 +186,7 @@ def check_dataset(cfg: Config | DataConfig, splits: Sequence[str] | None = None,
         patch = int(cfg.model.backbone_kwargs.get("patch_size") or patch_size_of(cfg.model.backbone))
     skip = data.skip_bad if skip_bad is None else skip_bad
     nworkers = workers or max(1, data.num_workers)
+    given = bool(splits)
     splits = list(splits) if splits else default_splits(cfg)
     report: dict = {"format": data.format, "root": data.root, "splits": {}, "skip_bad": skip}
     # message -> splits it was seen in (VOC train is inside train_aug: report each file once)
@@ -186,9 +200,10 @@ def check_dataset(cfg: Config | DataConfig, splits: Sequence[str] | None = None,
             where[msg].append(split)
 
     mask_cache: dict = {}
+    sources = {} if given else split_sources(cfg)
     for split in splits:
         rep = check_split(data, split, decode=decode, workers=nworkers, patch_size=patch, progress=progress,
-                          mask_cache=mask_cache)
+                          mask_cache=mask_cache, chosen_by=sources.get(split, "--split"))
         report["splits"][split] = rep
         if rep["error"]:
             note(errors, split, rep["error"])

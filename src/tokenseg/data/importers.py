@@ -41,6 +41,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -199,9 +200,15 @@ def read_yolo(src: str | Path, classes: Sequence[str] | None = None) -> Source:
     problems: list[str] = []
     n_boxes = n_polys = n_nolabel = n_empty = 0
     box_images: list[str] = []
+    orphans: list[Path] = []  # label files without an image
     max_class = -1
     for images_dir, labels_dir in pairs:
         prefix = "" if images_dir == src / "images" else images_dir.parent.name + "/"
+        stems = {p.relative_to(images_dir).with_suffix("").as_posix() for p in _image_files(images_dir)}
+        if labels_dir.is_dir():
+            orphans += [t for t in sorted(labels_dir.rglob("*.txt"))
+                        if t.relative_to(labels_dir).with_suffix("").as_posix() not in stems
+                        and t.name != "classes.txt"]
         for img in _image_files(images_dir):
             rel = img.relative_to(images_dir).with_suffix("")
             image_id = prefix + rel.as_posix()
@@ -284,6 +291,9 @@ def read_yolo(src: str | Path, classes: Sequence[str] | None = None) -> Source:
                      f"(e.g. {box_images[0]!r})")
     if n_nolabel:
         notes.append(f"{n_nolabel} image(s) have no label file: background only (as Ultralytics treats them)")
+    if orphans:
+        notes.append(f"{len(orphans)} label file(s) have no image and are left out (e.g. {orphans[0]}): is an "
+                     f"image missing or misnamed?")
     if n_empty:
         notes.append(f"{n_empty} image(s) have an empty label file: background only")
     notes.append(f"class names from {names_from}")
@@ -791,5 +801,8 @@ def format_summary(s: dict) -> str:
     val = next((k for k in sp if k.lower().startswith(("val", "valid", "test", "dev")) and k != train), None)
     split_args = (f"data.train_split={train} data.val_split={val or train}" if train else
                   "data.train_split=all data.val_split=all")
-    lines.append(f"next: tokenseg data check mctformer-plus data.format=folder data.root={dst} {split_args}")
+    root = shlex.quote(f"data.root={dst}")
+    lines.append(f"next: tokenseg data check photos-scratch {root} {split_args}")
+    lines.append(f"then: tokenseg run photos-scratch {root} {split_args}   (from scratch, minutes on a CPU; "
+                 f"real seeds need ImageNet weights: preset photos, README \"Your own images\")")
     return display_name("\n".join(lines))

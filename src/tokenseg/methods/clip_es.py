@@ -13,6 +13,7 @@ upsampled, their ``highres``). Background: ``(1 − max)^α``, α swept over {1,
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,23 @@ class ClipESConfig:
 
 def build(cfg, num_classes: int):
     from ..data import cache_root
-    from ..models.clip import load_clip
+    from ..models.clip import DEFAULT_ARCH, load_clip, random_clip
 
-    model = load_clip(cfg.model.pretrained, cfg.model.backbone or None, quick_gelu=cfg.clip_es.quick_gelu,
-                      cache_dir=cache_root(cfg.data) / "clip")
+    if str(cfg.model.pretrained).lower() == "random":  # a smoke test without any file (as mmcst.clip=random)
+        arch = cfg.model.backbone if cfg.model.backbone not in ("", "auto", None) else DEFAULT_ARCH
+        model = random_clip(arch, seed=cfg.train.seed, text=True,
+                            quick_gelu=True if cfg.clip_es.quick_gelu is None else cfg.clip_es.quick_gelu)
+        model.tokenseg_weights = RANDOM_WEIGHTS.format(arch=arch, seed=cfg.train.seed)
+        print(f"tokenseg: warning: clip-es: {model.tokenseg_weights}", file=sys.stderr, flush=True)
+    else:
+        model = load_clip(cfg.model.pretrained, cfg.model.backbone or None, quick_gelu=cfg.clip_es.quick_gelu,
+                          cache_dir=cache_root(cfg.data) / "clip")
     model.tokenseg_method = "clip-es"
     return model
+
+
+RANDOM_WEIGHTS = ("RANDOM weights: a randomly initialised {arch} CLIP tower (model.pretrained=random, seed "
+                  "{seed}), not CLIP's: the seeds test the pipeline and mean nothing")
 
 
 def validate(cfg) -> None:

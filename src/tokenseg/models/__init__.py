@@ -70,6 +70,12 @@ def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = Fals
     ``cfg.pretrained``: False (random init), True (timm weights, needs network), or a local file."""
     pretrained = cfg.pretrained
     online = pretrained is True
+    if online:  # offline: fail at once naming the file, or use the cached copy
+        from ..hub import require_timm_download
+
+        cached = require_timm_download(cfg.backbone, "model.pretrained", "model.pretrained")
+        if cached is not None:
+            online, pretrained = False, str(cached)
     backbone = _create_backbone(cfg, pretrained=online)
     if isinstance(pretrained, str) and pretrained:
         load_backbone_weights(backbone, pretrained)

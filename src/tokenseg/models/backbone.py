@@ -54,6 +54,12 @@ def create_timm(name: str, pretrained: bool = False, weights: str | Path = "", k
     if weights:
         read_state_dict(weights, key)  # fail early on a missing/unreadable file
         pretrained = False
+    elif pretrained:  # offline: fail at once naming the file, or use the cached copy
+        from ..hub import require_timm_download
+
+        cached = require_timm_download(name, f"{key}.pretrained", f"{key}.weights")
+        if cached is not None:
+            weights, pretrained = cached, False
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:

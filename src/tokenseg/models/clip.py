@@ -215,6 +215,10 @@ def _download_openai(arch: str, cache_dir: str | os.PathLike | None) -> Path:
         raise TokensegError(f"model.backbone={arch!r}: open_clip has no OpenAI weights for it "
                             f"(known: {oc.list_openai_models()})")
     root = Path(cache_dir).expanduser() / "clip" if cache_dir else None
+    from ..hub import require_url_download
+
+    require_url_download(url, (root or Path("~/.cache/clip").expanduser()) / url.rsplit("/", 1)[-1],
+                         "model.pretrained")
     try:
         return Path(oc.pretrained.download_pretrained_from_url(url, cache_dir=str(root) if root else None))
     except Exception as exc:  # URLError, HTTPError, timeouts, checksum mismatches

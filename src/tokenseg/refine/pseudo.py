@@ -134,8 +134,24 @@ def resolve_seeds_dir(cfg: Config, seeds_dir: str | Path | None = None) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise TokensegError(f"no seeds folder found (looked for {candidates[0]} and {candidates[1]}); "
-                        "run `tokenseg maps` first or pass --seeds DIR")
+    raise TokensegError(f"no seeds folder found (looked for {candidates[0]} and {candidates[1]}: split "
+                        f"{split!r} from {PSEUDO_SPLIT_ORIGIN}, kind {kind!r} from config key pseudo.kind); "
+                        f"{existing_seed_folders(root)}; run `tokenseg maps --split {split}` first, or pass "
+                        f"--split SPLIT or --seeds DIR")
+
+
+PSEUDO_SPLIT_ORIGIN = "config key pseudo.split (empty: maps.split) or the --split option"
+
+
+def existing_seed_folders(root: Path) -> str:
+    """The seed folders under ``<output_dir>/seeds`` as ``split/kind`` (what a user can pass instead)."""
+    subs = [d for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    found = [d.name for d in subs if next(d.glob("*.np[yz]"), None)]
+    found += [f"{d.name}/{k.name}" for d in subs for k in sorted(d.iterdir())
+              if k.is_dir() and next(k.rglob("*.np[yz]"), None)]
+    if not found:
+        return f"{root} holds no seeds"
+    return f"seed folders in {root}: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''}"
 
 
 def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -162,7 +178,7 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "pseudo"
     refuse_inside_dataset(out, cfg, "pseudo --out")
     split = pc.split or cfg.maps.split
-    ds = build_dataset(cfg.data, split)
+    ds = build_dataset(cfg.data, split, PSEUDO_SPLIT_ORIGIN)
     wanted = set(ids) if ids is not None else None
     tasks, missing = [], []
     for i, image_id in enumerate(ds.ids):
@@ -174,7 +190,8 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
             continue
         tasks.append(_Task(image_id, sf, ds.image_paths[i], safe_output_path(out, f"{image_id}.png")))
     if not tasks:
-        raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images)")
+        raise TokensegError(f"{seeds}: no seed file matches an image of split {split!r} ({len(ds)} images; the "
+                            f"split from {PSEUDO_SPLIT_ORIGIN})")
     todo = [t for t in tasks if overwrite or not t.out_path.is_file()]
     n_todo = len(todo)  # over every rank
     dinfo = init_distributed(resolve_device(pc.device).type)
@@ -277,8 +294,9 @@ def attention_affinity(model, image: np.ndarray, device: torch.device | str = "c
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False) -> dict:
-    """mIoU (%) of the label PNGs in ``mask_dir`` against ``dataset``'s ground truth.
+def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False, classes: str = "all") -> dict:
+    """mIoU (%) of the label PNGs in ``mask_dir`` against ``dataset``'s ground truth, averaged over
+    ``classes`` (``eval.miou_classes``: the rule every command's mIoU follows).
 
     Only images that have both a PNG and a ground-truth mask are scored (``missing`` counts the
     rest). Predicted 255 (ignored) pixels count as wrong wherever the ground truth is labelled
@@ -307,7 +325,7 @@ def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False) -> dic
         evaluated += 1
     if evaluated == 0:
         raise TokensegError(f"{mask_dir}: no mask matches an image with ground truth in {dataset.name}")
-    sc = scores_from_confusion(conf[:n])  # the last column: predicted 255, wrong wherever gt is labelled
+    sc = scores_from_confusion(conf[:n], classes)  # the last column: predicted 255, wrong wherever gt is labelled
     names = ["background"] + list(dataset.class_names)
     return {
         "miou": sc["miou"] * 100,
@@ -316,6 +334,7 @@ def evaluate_masks(mask_dir: str | Path, dataset, progress: bool = False) -> dic
         "ignored_fraction": float(conf[:n, n].sum() / max(conf[:n].sum(), 1)),
         "images": evaluated,
         "missing": missing,
+        "miou_rule": sc["miou_rule"],
     }
 
 
@@ -323,6 +342,8 @@ def format_scores(title: str, res: dict) -> str:
     """A per-class IoU table."""
     lines = [f"{title}: mIoU {res['miou']:.2f}  (FP {res.get('fp', 0):.1f}, FN {res.get('fn', 0):.1f}, "
              f"{res['images']} images)"]
+    if res.get("miou_rule"):
+        lines.append(f"  ({res['miou_rule']})")
     width = max(len(k) for k in res["iou"])
     for name, v in res["iou"].items():
         lines.append(f"  {name:<{width}}  " + ("   n/a" if v is None else f"{v:6.2f}"))

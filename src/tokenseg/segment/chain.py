@@ -46,10 +46,12 @@ def run_post_chain(cfg: Config, seeds_dir: str | Path, out_dir: str | Path, prog
     ds = build_dataset(cfg.data, split)
     mask_miou = None
     if ds.mask_paths is not None and any(p is not None for p in ds.mask_paths):
-        mask_miou = evaluate_masks(masks, ds)["miou"]
+        mask_miou = evaluate_masks(masks, ds, classes=cfg.eval.miou_classes)["miou"]
     if progress and mask_miou is not None:
         print(f"pseudo masks: mIoU {mask_miou:.2f} on {split}")
     cfg.segment.eval_at_end = True
+    if cfg.segment.final_eval == "none":
+        cfg.segment.final_eval = "quick"  # the chain reports a segmentation score
     metrics = train_segmentation(cfg, masks, out / "segment", resume=True, progress=progress)
     seg = metrics.get("val", {}).get("miou") if metrics.get("val") else None
     if progress and seg is not None:

@@ -128,7 +128,9 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
         model, _, class_names = load_segmenter(ckpt, device)
     was_training = model.training
     model.eval()
-    ds = dataset if dataset is not None else build_dataset(cfg.data, split or sc.val_split or cfg.data.val_split)
+    ds = dataset if dataset is not None else build_dataset(
+        cfg.data, split or sc.val_split or cfg.data.val_split,
+        "config key segment.val_split (empty: data.val_split) or the --split option")
     if class_names is not None and list(class_names) != list(ds.class_names):
         raise TokensegError(f"the model was trained on classes {class_names}, the dataset has {ds.class_names}")
     if not ds.has_masks:
@@ -152,13 +154,14 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
     if was_training:
         model.train()
     conf = all_reduce_sum(conf, dinfo)
-    s = scores_from_confusion(conf)
+    s = scores_from_confusion(conf, cfg.eval.miou_classes)
     names = ["background"] + list(ds.class_names)
     res = {
         "miou": s["miou"] * 100,
         "iou": {k: (float(v) * 100 if np.isfinite(v) else None) for k, v in zip(names, s["iou"])},
         "fp": s["fp"] * 100, "fn": s["fn"] * 100, "pixel_acc": s["pixel_acc"] * 100,
         "images": len(ds), "split": ds.name, "scales": scales, "flip": flip, "crf": crf,
+        "miou_rule": s["miou_rule"],
     }
     return res
 

@@ -31,6 +31,7 @@ from ..device import amp_dtype as autocast_dtype
 from ..device import init_distributed, resolve_device
 from ..io import TokensegError, job_lock, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
 from ..progress import progress_bar
+from ..viz import class_legend, with_legend
 from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -259,7 +260,8 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
             scales: Sequence[float] | None = None, flip: bool | None = None, crf: bool = False,
             overlay: bool = True, overlay_format: str = "jpg", alpha: float = 0.5, device: str = "auto",
             bg_threshold: float | None = None, cls_threshold: float = 0.5, skip_existing: bool = False,
-            progress: bool = True, max_side: int | None = None, kind: str | None = None) -> list[dict]:
+            progress: bool = True, max_side: int | None = None, kind: str | None = None,
+            legend: bool = True) -> list[dict]:
     """Write one mask (and overlay) per input image; returns ``[{"image", "mask", "overlay", "classes"}]``.
 
     ``scales``/``flip`` default to single-scale, no flip (segmentation) or the checkpoint's map recipe
@@ -267,7 +269,8 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
     ``max_side``: the longest side the network sees (None: :func:`default_max_side` of the checkpoint;
     0: the full resolution); masks are always written at the image's full size. ``kind``: a classification
     checkpoint's seed kind (default: ``pseudo.kind``, else its first ``maps.kinds``, else the method's
-    default). The output folder is locked while writing and must not be a folder of the input images."""
+    default). ``legend``: a band under each overlay naming the colour of every class it shows. The output
+    folder is locked while writing and must not be a folder of the input images."""
     files = expand_inputs(images)
     out = Path(out_dir)
     folders = {Path(f).parent.resolve() for f in files}
@@ -276,11 +279,11 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
                             f"(e.g. {out / 'predictions'})")
     with job_lock(out, "tokenseg predict"):
         return _predict(files, checkpoint, out, scales, flip, crf, overlay, overlay_format, alpha, device,
-                        bg_threshold, cls_threshold, skip_existing, progress, max_side, kind)
+                        bg_threshold, cls_threshold, skip_existing, progress, max_side, kind, legend)
 
 
 def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device, bg_threshold,
-             cls_threshold, skip_existing, progress, max_side, kind) -> list[dict]:
+             cls_threshold, skip_existing, progress, max_side, kind, legend=True) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     dinfo = init_distributed(resolve_device(device).type)  # under torchrun each rank predicts its share
     dev = resolve_device(device, dinfo.local_rank)
@@ -350,9 +353,10 @@ def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_f
         bar.set_postfix(image=f.name)
         mask = run(img)
         save_palette_png(mask_path, mask)
-        if overlay:
-            _save_overlay(ov_path, overlay_image(img, mask, alpha))
         present = [int(c) for c in np.unique(mask) if 0 < c < 255]
+        if overlay:
+            ov = overlay_image(img, mask, alpha)
+            _save_overlay(ov_path, with_legend(ov, class_legend([0, *present], names)) if legend else ov)
         results.append({"image": str(f), "mask": str(mask_path), "overlay": str(ov_path) if overlay else None,
                         "classes": [names[c - 1] if c - 1 < len(names) else str(c) for c in present]})
         bar.update(1)

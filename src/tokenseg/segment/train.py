@@ -142,7 +142,8 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
 
     sc: SegmentConfig = cfg.segment
     split = sc.train_split or cfg.data.train_split
-    ds = build_dataset(cfg.data, split)
+    ds = build_dataset(cfg.data, split, "config key segment.train_split (empty: data.train_split) or the "
+                                        "--split option")
     indices = [i for i, k in enumerate(ds.ids) if (masks / f"{k}.png").is_file()]
     if not indices:
         raise TokensegError(f"{masks}: no mask matches an image of split {split!r} ({len(ds)} images)")
@@ -247,7 +248,7 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
         checkpoint()
     metrics = {"checkpoint": str(ckpt_path), "steps": step, "train_images": len(indices),
                "train_split": split, "masks": str(masks)}
-    if sc.eval_at_end:
+    if sc.eval_at_end and sc.final_eval != "none":
         from .evaluate import evaluate_segmentation
 
         val_split = sc.val_split or cfg.data.val_split
@@ -257,8 +258,15 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
             val = None
             metrics["val_error"] = str(exc)
         if val is not None and val.has_masks:
+            full = sc.final_eval == "full"
+            scales, flip = (list(sc.eval_scales), sc.eval_flip) if full else ([1.0], False)
+            if progress:
+                print(f"segment train: scoring {len(val)} images of split {val_split!r} at scales {scales}"
+                      f"{' + flip' if flip else ''} (segment.final_eval={sc.final_eval}; "
+                      f"{'quick' if full else 'full'} or none instead, or --no-eval)", flush=True)
             metrics["val"] = evaluate_segmentation(cfg, model=model, class_names=names, dataset=val,
-                                                   progress=progress)
+                                                   progress=progress, scales=scales, flip=flip,
+                                                   crf=sc.eval_crf if full else False)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
