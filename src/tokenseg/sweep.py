@@ -234,7 +234,7 @@ def _masks(cfg: Config, result: dict, progress: bool) -> dict:
         pcfg.pseudo.threshold = float(best["threshold"])
     out = Path(cfg.output_dir) / "pseudo"
     make_pseudo_masks(pcfg, seeds_dir(cfg, cfg.eval.split) / kind, out, progress=progress)
-    res = evaluate_masks(out, build_dataset(cfg.data, cfg.eval.split))
+    res = evaluate_masks(out, build_dataset(cfg.data, cfg.eval.split), classes=cfg.eval.miou_classes)
     return {"kind": kind, "threshold": pcfg.pseudo.threshold, "miou": res["miou"]}
 
 
