@@ -26,10 +26,10 @@ def seeds_dir(cfg: Config, split: str) -> Path:
     return Path(cfg.output_dir) / "seeds" / split
 
 
-def train_step(cfg: Config, resume: bool = True, progress: bool = True) -> Path:
+def train_step(cfg: Config, resume: bool = True, progress: bool = True, overwrite: bool = False) -> Path:
     from .engine import train
 
-    return train(cfg, resume=resume, progress=progress)
+    return train(cfg, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def maps_step(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,

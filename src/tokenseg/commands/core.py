@@ -17,7 +17,7 @@ def cmd_train(args) -> int:
     from ..pipeline import train_step
 
     cfg = load(args)
-    path = train_step(cfg, resume=args.resume, progress=not args.quiet)
+    path = train_step(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     print(f"checkpoint: {path}")
     return 0
 
@@ -94,7 +94,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="train a method's model (resumable)")
     config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/checkpoint.pt (a run with the same settings does so anyway; "
+                        "other settings stop with the differing keys)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over, replacing the checkpoint in output_dir (needed when the settings changed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("maps", help="generate seeds (localisation maps) from a checkpoint, or with a "
