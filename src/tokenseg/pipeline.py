@@ -78,10 +78,18 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
         from .io import TokensegError
 
         raise TokensegError(f"{root}: no seed files (run `tokenseg maps` first)")
+    from .data.guard import refuse_inside_dataset
+    from .io import TokensegError
+
     results = {}
     for kind, folder in folders.items():
         res = evaluate_seeds(folder, ds, cfg.eval, progress=progress, allow_pickle=allow_pickle)
-        save_result(folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json", res)
+        side = folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json"
+        try:
+            refuse_inside_dataset(side, [cfg, ds])
+            save_result(side, res)
+        except TokensegError:  # seeds kept inside a dataset: scored, but nothing is written there
+            pass
         results[kind] = res
         if verbose:  # every class's IoU; the compact table is results_table
             print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))

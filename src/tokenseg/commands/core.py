@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..io import TokensegError
-from .common import config_args, load
+from .common import config_args, guard_outputs, load
 
 
 def cmd_demo(args) -> int:
@@ -37,6 +37,7 @@ def cmd_evaluate(args) -> int:
     from ..pipeline import evaluate_step, results_table
 
     cfg = load(args)
+    guard_outputs(cfg, "evaluate", json=args.json, curve_png=args.curve_png)
     if args.wsol:
         if args.masks:
             raise TokensegError("--wsol evaluates seed maps; it cannot be combined with --masks")

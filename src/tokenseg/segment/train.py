@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..io import IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic, write_json_atomic
+from ..io import (IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic,
+                  write_json_atomic, write_text_atomic)
 from .. import optim
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
 from ..device import amp_dtype as autocast_dtype
 from ..device import resolve_device
+from ..resume import interrupt_at_step_boundary
 from .deeplab import build_segmenter
 
 CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
@@ -121,13 +124,42 @@ def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path
     return masks, out
 
 
+# segment.* keys that cannot change the trained weights (where it runs, how often it saves, the final scoring)
+SEGMENT_FREE = ("segment.device", "segment.num_workers", "segment.checkpoint_every", "segment.eval_at_end",
+                "segment.eval_scales", "segment.eval_flip", "segment.eval_merge", "segment.eval_crf",
+                "segment.crf_preset", "segment.val_split", "segment.masks")
+
+
+def previous_segmentation(ckpt_path: Path, cfg: Config, masks: Path, overwrite: bool) -> dict | None:
+    """The segmentation checkpoint a run into its folder continues, or None. A classifier's checkpoint
+    there, or one trained with other settings or masks, is an error naming what differs."""
+    if overwrite or not ckpt_path.is_file():
+        return None
+    state = _read(ckpt_path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        what = state.get("format") if isinstance(state, dict) else None
+        raise TokensegError(f"{ckpt_path}: holds {'a ' + what if what else 'another'} checkpoint, not a segmentation "
+                            f"network's (a classifier's output_dir?): write the segmentation run to its own "
+                            f"folder (--out), a folder holds one kind of run")
+    from ..resume import config_differences, differing_settings_error
+
+    diffs = config_differences(state.get("config") or {}, cfg.to_dict(), ("segment", "data.format"), SEGMENT_FREE)
+    if state.get("masks") and os.path.abspath(state["masks"]) != os.path.abspath(masks):
+        diffs.append(f"--masks: {state['masks']!r} -> {str(masks)!r}")
+    if diffs:
+        raise differing_settings_error(ckpt_path.parent, f"a segmentation checkpoint (step {state.get('step')})",
+                                       diffs, "--out")
+    return state
+
+
 def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                       resume: bool = False, progress: bool = True) -> dict:
+                       resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Python API of ``tokenseg segment train``: train ``cfg.segment`` on the PNG masks in ``masks_dir``
     (default ``segment.masks`` or ``<output_dir>/pseudo``) for the images of ``segment.train_split``
     (default ``data.train_split``) that have a mask. Writes ``<out_dir>/checkpoint.pt`` (default
     ``<output_dir>/segment``), ``config.yaml``, ``log.jsonl`` and ``metrics.json``; returns the metrics.
-    The output folder is locked while training."""
+    A folder holding a checkpoint of the same settings is continued from it (as ``resume``); other
+    settings stop naming the keys unless ``overwrite``. The output folder is locked while training."""
     from ..data.guard import refuse_inside_dataset
 
     masks, out = segment_paths(cfg, masks_dir, out_dir)
@@ -135,10 +167,11 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
         raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
     refuse_inside_dataset(out, cfg, "segment train --out")
     with job_lock(out, "tokenseg segment train"):
-        return _train_segmentation(cfg, masks, out, resume, progress)
+        return _train_segmentation(cfg, masks, out, resume, progress, overwrite)
 
 
-def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progress: bool) -> dict:
+def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progress: bool,
+                        overwrite: bool = False) -> dict:
     from ..data import build_dataset
 
     sc: SegmentConfig = cfg.segment
@@ -171,19 +204,25 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    log_path = out / "log.jsonl"
+    state = previous_segmentation(ckpt_path, cfg, masks, overwrite)
     step = 0
-    if resume and ckpt_path.is_file():
-        state = _read(ckpt_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        _keep_log_until(log_path, step)
         if progress:
-            print(f"segment: resuming from {ckpt_path} at step {step}/{total}")
-    elif resume and progress:
-        print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
+            how = "" if resume else " (same settings; --overwrite starts over)"
+            print(f"segment: resuming from {ckpt_path} at step {step}/{total}{how}")
+    else:
+        if resume and progress:
+            print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
+        if log_path.exists():
+            log_path.unlink()  # a fresh run's log starts anew
     cfg.save(out / "config.yaml")
 
     train_set = CropDataset(ds, indices, masks, sc.crop_size, sc.scale_range, sc.flip, sc.seed)
@@ -197,49 +236,55 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     model.train()
     bar = tqdm(total=total, initial=step, desc="segment train", unit="step", disable=not progress)
     t0, loss_sum, loss_n = time.time(), 0.0, 0
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
-        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
-        order = order[offset * bs:]
-        train_set.epoch = epoch
-        loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                            pin_memory=device.type == "cuda")
-        for x, y in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(x)
-            if (y != IGNORE_INDEX).any():
-                loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
-            else:
-                loss = logits.float().sum() * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            step += 1
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TokensegError(f"segment train: loss is {lv} at step {step}; lower segment.lr")
-            loss_sum += lv
-            loss_n += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
-            if sc.checkpoint_every and step % sc.checkpoint_every == 0:
-                checkpoint()
-            if step >= total:
-                break
-        checkpoint()
-        append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
-                                          "time_s": round(time.time() - t0, 2)})
-        loss_sum, loss_n = 0.0, 0
+    with interrupt_at_step_boundary() as stop:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
+            order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
+            order = order[offset * bs:]
+            train_set.epoch = epoch
+            loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                                pin_memory=device.type == "cuda")
+            for x, y in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = model(x)
+                if (y != IGNORE_INDEX).any():
+                    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+                else:
+                    loss = logits.float().sum() * 0.0
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise TokensegError(f"segment train: loss is {lv} at step {step}; lower segment.lr")
+                loss_sum += lv
+                loss_n += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+                if (sc.checkpoint_every and step % sc.checkpoint_every == 0) or stop.requested:
+                    checkpoint()
+                if stop.requested:
+                    bar.close()
+                    print(f"\nsegment: interrupted; checkpoint saved at step {step}/{total} in {ckpt_path}; the "
+                          f"same command continues from it")
+                    raise KeyboardInterrupt
+                if step >= total:
+                    break
+            checkpoint()
+            append_jsonl(log_path, {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_n, 1),
+                                    "time_s": round(time.time() - t0, 2)})
+            loss_sum, loss_n = 0.0, 0
     bar.close()
     if not ckpt_path.is_file():
         checkpoint()
@@ -259,6 +304,22 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
                                                    progress=progress)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop the epoch lines after ``step`` (a resumed run logs them again): the log reads as one run."""
+    if not path.is_file():
+        return
+    import json
+
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def _read(path: Path) -> dict:
