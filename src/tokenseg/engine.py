@@ -324,7 +324,6 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
                 if not math.isfinite(values["total"]):
                     raise TokensegError(f"loss became {values['total']} at step {step}; lower train.lr or set "
                                         f"train.grad_clip")
-                saved = False
                 if dinfo.is_main:
                     bar.update()
                     bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
@@ -333,14 +332,14 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
                                   "time": round(time.time() - t0, 2)}
                         append_jsonl(log_path, record)
                         board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
-                    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested:
+                    if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                         save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-                        saved = True
                 if on_step is not None:
                     on_step(step, values)
-                if stop.requested:
+                if stop.requested:  # SIGINT / SIGTERM during this step: a resumable state first
                     bar.close()
-                    if saved:
+                    if dinfo.is_main:
+                        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
                         print(f"\ninterrupted: checkpoint saved at step {step}/{total_steps} in {ckpt_path}; "
                               f"the same command continues from it")
                     raise KeyboardInterrupt

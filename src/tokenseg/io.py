@@ -87,7 +87,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     except OSError:
         return 0
     for e in entries:
-        if e.name.endswith(".tmp") and _TEMP_RE.match(e.name) and e.is_file(follow_symlinks=False):
+        if e.name.endswith(".tmp") and _TEMP_RE.match(e.name) and (e.is_symlink() or e.is_file(follow_symlinks=False)):
             with contextlib.suppress(OSError):
                 os.unlink(e.path)
                 n += 1
@@ -313,8 +313,12 @@ def _acquire_flock(path: Path, folder: Path, command: str, stale: dict) -> int |
             same = False
         if same:
             stale.update(_read_fd(fd))
-            os.ftruncate(fd, 0)
-            os.write(fd, _lock_info(command))
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, _lock_info(command))
+            except OSError as exc:
+                os.close(fd)
+                raise disk_full_error(exc, path, "output lock") or exc
             return fd
         os.close(fd)
 
@@ -342,6 +346,8 @@ def _acquire_pidfile(path: Path, folder: Path, command: str, stale: dict) -> Non
             raise _busy_error(folder, holder) from None
         try:
             os.write(fd, _lock_info(command))
+        except OSError as exc:
+            raise disk_full_error(exc, path, "output lock") or exc
         finally:
             os.close(fd)
         return
@@ -444,7 +450,7 @@ def save_palette_png(path: str | os.PathLike, mask: np.ndarray) -> None:
     img.putpalette(pal.reshape(-1).tolist())
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "mask")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -510,7 +516,7 @@ def save_seed(path: str | os.PathLike, seed: SeedMaps, dtype: str = "float16") -
         arrays["background"] = np.asarray(seed.background, dtype=SEED_DTYPES[dtype])
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "seed maps")
 
 
 _NPY_DICT_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")

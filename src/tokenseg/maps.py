@@ -330,11 +330,11 @@ def map_settings(cfg: Config, method: str, checkpoint: str) -> dict:
     mc = cfg.maps
     keep = ("scales", "flip", "layers", "layer_reduce", "fusion", "dtype", "size_rounding", "mode", "save_dtype",
             "max_side")
-    settings = {k: getattr(mc, k) for k in keep}
-    settings.update(method=method, checkpoint=checkpoint_identity(checkpoint))
+    settings = {f"maps.{k}": getattr(mc, k) for k in keep}
+    settings.update({"model.method": method, "checkpoint": checkpoint_identity(checkpoint)})
     section = get_method(method).section
     if section:
-        settings[section] = vars(getattr(cfg, section))
+        settings.update({f"{section}.{k}": v for k, v in vars(getattr(cfg, section)).items()})
     return settings
 
 

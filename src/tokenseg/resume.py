@@ -23,7 +23,8 @@ def _normal(value: Any) -> Any:
 
 
 def check_settings(folder: str | Path, settings: dict, overwrite: bool = False, name: str = "settings.json",
-                   what: str = "outputs", clear: tuple[str, ...] = (), info: dict | None = None) -> None:
+                   what: str = "outputs", clear: tuple[str, ...] = (), info: dict | None = None,
+                   out_option: str = "--out") -> None:
     """Stop if ``folder`` holds outputs made with other ``settings``; then record ``settings`` (and ``info``,
     which may differ between runs, e.g. the world size) in ``folder/name``.
 
@@ -46,10 +47,8 @@ def check_settings(folder: str | Path, settings: dict, overwrite: bool = False, 
         old = old.get("settings") if isinstance(old, dict) else None  # files of older versions: unknown
         if isinstance(old, dict) and old != settings:
             keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys[:6])
-            raise TokensegError(
-                f"{folder}: holds {what} made with other settings ({diffs}). Resuming would mix them: pass "
-                f"--overwrite to redo them, or write to another folder (--out)")
+            raise differing_settings_error(folder, what, [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys],
+                                           out_option)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"settings": settings, **_normal(info or {})})
 

@@ -63,7 +63,7 @@ def _label_task(args) -> str:
     image_id, seed_file, image_path, out_path, pc, crf, backend = args
     from ..data import load_rgb
 
-    torch.set_num_threads(1)
+    # one thread in the pool's workers (their initializer sets it); in-process the caller's count stays
     image = np.asarray(load_rgb(image_path), dtype=np.uint8)
     lab = psa_label(load_seed(seed_file), image, pc.aff_alpha_low, pc.aff_alpha_high, crf, backend,
                     pc.crf_exact_pixels)

@@ -145,19 +145,19 @@ def pseudo_settings(cfg: Config, seeds: Path, checkpoint: str | Path | None) -> 
     pc = cfg.pseudo
     own = {"attention": ("attn_",), "affinitynet": ("aff_", "rw_"), "irn": ()}.get(pc.refine, ())
     crf_used = pc.crf or pc.refine in ("affinitynet", "irn")
-    out: dict = {"seeds": str(Path(seeds).resolve())}
+    out: dict = {"--seeds": str(Path(seeds).resolve())}
     for k, v in vars(pc).items():
         if k in ("workers", "device", "kind", "irn", "checkpoint") or k.startswith(("attn_", "aff_", "rw_")) \
                 and not k.startswith(own):
             continue
         if k.startswith("crf_") and not crf_used:
             continue
-        out[k] = v
+        out[f"pseudo.{k}"] = v
     if pc.refine == "irn":
-        out["irn"] = {k: v for k, v in vars(pc.irn).items() if k not in ("num_workers", "checkpoint_every",
-                                                                          "infer_batch", "walk")}
+        out.update({f"pseudo.irn.{k}": v for k, v in vars(pc.irn).items()
+                    if k not in ("num_workers", "checkpoint_every", "infer_batch", "walk")})
     if pc.refine == "attention":
-        out["checkpoint"] = str(checkpoint or pc.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
+        out["--checkpoint"] = str(checkpoint or pc.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
     return out
 
 

@@ -115,7 +115,7 @@ def save_segmentation_checkpoint(path: Path, model, optimizer, scaler, step: int
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "segmentation checkpoint")
 
 
 def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path]:
@@ -274,7 +274,7 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
                 bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
                 if (sc.checkpoint_every and step % sc.checkpoint_every == 0) or stop.requested:
                     checkpoint()
-                if stop.requested:
+                if stop.requested:  # SIGINT / SIGTERM during this step: checkpointed above
                     bar.close()
                     print(f"\nsegment: interrupted; checkpoint saved at step {step}/{total} in {ckpt_path}; the "
                           f"same command continues from it")
