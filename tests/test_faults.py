@@ -19,7 +19,7 @@ from PIL import Image
 from tokenseg import engine
 from tokenseg.cli import main
 from tokenseg.config import RANGES, Config, load_config, numeric_fields, range_problem
-from tokenseg.io import TokensegError, append_jsonl, output_lock, write_bytes_atomic
+from tokenseg.io import TokensegError, append_jsonl, write_bytes_atomic
 
 TINY = ["train.epochs=1", "train.keep_best=true", "maps.kinds=[fused]", "data.num_workers=0",
         "segment.max_steps=2", "segment.eval_at_end=false"]
@@ -239,11 +239,26 @@ def test_sigint_inside_the_first_epoch_leaves_a_resumable_checkpoint(run, tmp_pa
     assert "--resume" in capsys.readouterr().err
 
 
+def test_sigterm_is_honoured_the_same_way(run, tmp_path):
+    """A scheduler's SIGTERM (e.g. a job's time limit) inside the first epoch: a checkpoint at that step."""
+    cfg = load_config("tiny", [*run["over"], f"output_dir={tmp_path / 't'}", "train.max_steps=3"])
+
+    def term(step, _):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg, progress=False, on_step=term)
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_stale_temp_files_and_builds_are_cleaned_only_ours(run, tmp_path, capsys):
     out = tmp_path / "seeds"
     assert main(["maps", "tiny", *run["over"], "--split", "val", "--out", str(out), "--quiet"]) == 0
     kind = out / "fused"
-    ours = [kind / ".tokenseg-0123abcd.tmp", kind / f".{run['ds'].ids[0]}.npz.a1B2_c3d.tmp", out / ".tokenseg-89abcdef.tmp"]
+    ours = [kind / ".tokenseg-0123abcd.tmp", kind / f".{run['ds'].ids[0]}.npz.a1B2_c3d.tmp",
+            out / ".tokenseg-89abcdef.tmp"]
     theirs = [kind / ".notes.tmp", kind / "mine.tmp", out / ".keep"]
     for p in ours + theirs:
         p.write_bytes(b"x")
@@ -276,7 +291,7 @@ def test_stale_lock_takeover_is_reported(run, tmp_path, capsys):
     (out / ".tokenseg.lock").write_text(json.dumps({"pid": pid, "command": "tokenseg maps (killed)"}))
     assert main(["maps", "tiny", *run["over"], "--split", "val", "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"took over the lock" in err and str(pid) in err and "killed" in err
+    assert "took over the lock" in err and str(pid) in err and "killed" in err
 
 
 def test_a_250_byte_image_name_works(run, tmp_path):
@@ -353,7 +368,8 @@ def _all_numeric_fields() -> list[tuple[str, object, dict]]:
 
     fields = [x for f in dataclasses.fields(Config) if f.name != "sections"
               and dataclasses.is_dataclass(v := getattr(Config(), f.name)) for x in numeric_fields(v, f"{f.name}.")]
-    sections = sorted({s for m in available_methods() for s in (get_method(m).section, *get_method(m).uses_sections) if s})
+    sections = sorted({s for m in available_methods() for s in (get_method(m).section, *get_method(m).uses_sections)
+                       if s})
     for s in sections:
         fields += numeric_fields(section_config(s)(), f"{s}.")
     return fields

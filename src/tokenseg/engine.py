@@ -27,7 +27,7 @@ from .data import WSSSDataset, build_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
 from .device import DistInfo, amp_dtype, autocast, barrier, init_distributed, resolve_device, setup
 from .data.guard import refuse_inside_dataset
-from .io import TokensegError, append_jsonl, job_lock, write_text_atomic
+from .io import TokensegError, append_jsonl, job_lock, keep_log_until
 from . import optim
 from .resume import config_differences, differing_settings_error, interrupt_at_step_boundary
 from .methods import Method, StepContext, get_method
@@ -222,7 +222,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
         step = int(state["step"])
         restore_rng(state)
         if dinfo.is_main:
-            _truncate_log(log_path, step)  # steps replayed since the checkpoint are logged again below
+            keep_log_until(log_path, step)  # steps replayed since the checkpoint are logged again below
             if progress:
                 how = "" if resume else " (same settings; --overwrite starts over)"
                 print(f"resuming from {ckpt_path} at step {step}/{total_steps}{how}")
@@ -376,20 +376,6 @@ def _best_so_far(path: Path) -> float:
     if not path.is_file():
         return -1.0
     return float(read_checkpoint(path).get("val_map", -1.0))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines after ``step`` (a resumed run replays them), so the log reads as one run."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 class _TensorBoard:

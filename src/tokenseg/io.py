@@ -53,7 +53,8 @@ def current_umask() -> int:
 
 
 TEMP_PREFIX = ".tokenseg-"
-_TEMP_RE = re.compile(r"^\.tokenseg-[0-9a-f]{8}\.tmp$|^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ours, and the older NAME.XXXXXXXX form
+# our temp names, and the older .NAME.XXXXXXXX.tmp form
+_TEMP_RE = re.compile(r"^\.tokenseg-[0-9a-f]{8}\.tmp$|^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def _temp_path(folder: Path) -> tuple[int, str]:
@@ -148,6 +149,22 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         raise disk_full_error(exc, path, "log") or exc
     finally:
         os.close(fd)
+
+
+def keep_log_until(path: str | os.PathLike, step: int) -> None:
+    """Drop the log lines after ``step`` (a resumed run logs those steps again) and lines cut by a kill,
+    so that a log reads as one run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

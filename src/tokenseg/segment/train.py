@@ -23,7 +23,7 @@ from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
 from ..io import (IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic,
-                  write_json_atomic, write_text_atomic)
+                  keep_log_until, write_json_atomic)
 from .. import optim
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
@@ -214,7 +214,7 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        _keep_log_until(log_path, step)
+        keep_log_until(log_path, step)
         if progress:
             how = "" if resume else " (same settings; --overwrite starts over)"
             print(f"segment: resuming from {ckpt_path} at step {step}/{total}{how}")
@@ -304,22 +304,6 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
                                                    progress=progress)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
-
-
-def _keep_log_until(path: Path, step: int) -> None:
-    """Drop the epoch lines after ``step`` (a resumed run logs them again): the log reads as one run."""
-    if not path.is_file():
-        return
-    import json
-
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def _read(path: Path) -> dict:
