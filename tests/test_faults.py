@@ -84,6 +84,13 @@ def test_json_reports_and_label_files_never_go_into_the_dataset(run, tmp_path, c
     err_of(main(["data", "labels", "tiny", *over, "--import-npy", str(tmp_path / "cls_labels.npy"), "-o",
                  str(target)]), capsys, "data labels -o")
     assert not target.exists() and not (tmp_path / "m").exists()
+    kept = root / "their_seeds"  # seeds someone keeps inside the dataset: scored, nothing written there
+    shutil.copytree(run["seeds"] / "fused", kept / "fused")
+    try:
+        assert main(["evaluate", "tiny", *over, "--split", "val", "--seeds", str(kept / "fused"), "--quiet"]) == 0
+        assert sorted(p.name for p in kept.rglob("*.json")) == []
+    finally:
+        shutil.rmtree(kept)
 
 
 def test_segment_train_never_shares_a_checkpoint_with_a_classifier(run, tmp_path, capsys):

@@ -87,9 +87,10 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
         side = folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json"
         try:
             refuse_inside_dataset(side, [cfg, ds])
-            save_result(side, res)
         except TokensegError:  # seeds kept inside a dataset: scored, but nothing is written there
-            pass
+            side = None
+        if side is not None:
+            save_result(side, res)
         results[kind] = res
         if verbose:  # every class's IoU; the compact table is results_table
             print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))
