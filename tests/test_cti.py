@@ -360,7 +360,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "bad_memory.pt" in err and "memory_bank (5, 4, 32) vs (3, 4, 32)" in err
     shutil.copy(bad, tmp_path / "one" / "checkpoint.pt")
     with pytest.raises(TokensegError, match="one/checkpoint.pt.*memory_bank"):
-        train(tiny(tmp_path, "train.epochs=3", out="one"), resume=True, progress=False)
+        train(tiny(tmp_path, "train.max_steps=1", out="one"), resume=True, progress=False)
 
 
 def test_ddp_ranks_share_one_memory_and_match_one_process(tmp_path):

@@ -153,7 +153,7 @@ def test_resuming_maps_with_other_settings_is_refused(tiny_overrides, tmp_path, 
     assert main(["maps", "tiny", *tiny_overrides, "--split", "val", "maps.scales=[1.0]", "--overwrite",
                  "--quiet"]) == 0
     meta = json.loads((tmp_path / "run" / "seeds" / "val" / "maps_meta.json").read_text())
-    assert meta["settings"]["scales"] == [1.0] and meta["method"] == "mctformer-plus"
+    assert meta["settings"]["maps.scales"] == [1.0] and meta["method"] == "mctformer-plus"
 
 
 def test_training_free_method_is_refused_by_train(tmp_path):

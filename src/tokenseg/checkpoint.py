@@ -176,7 +176,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step:
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "checkpoint")
 
 
 def restore_rng(state: dict) -> None:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tokenseg: interrupted", file=sys.stderr)
+        print("tokenseg: interrupted; finished files are kept: re-run the same command to continue (train and "
+              "segment train resume from their last checkpoint, as with --resume)", file=sys.stderr)
         return 130
     finally:
         close_distributed()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, load_state_checked,
                          read_checkpoint, restore_rng, save_checkpoint, unwrap)
 from .config import Config
@@ -28,8 +29,9 @@ from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
 from .device import (AmpStep, DistInfo, FiniteWatch, amp_dtype, barrier, fixed_shapes, init_distributed, oom_hint,
                      resolve_device, setup)
 from .data.guard import refuse_inside_dataset
-from .io import TokensegError, append_jsonl, job_lock, write_text_atomic
+from .io import TokensegError, append_jsonl, job_lock, keep_log_until
 from . import optim
+from .resume import config_differences, differing_settings_error, interrupt_at_step_boundary
 from .methods import Method, StepContext, get_method
 from .progress import progress_bar
 
@@ -145,16 +147,25 @@ def _default_scores(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- training
+# the settings that shape a classifier's weights (a resumed run must share them), and the keys under them
+# that cannot change the weights (where it runs, what it logs, how often it saves or scores)
+TRAIN_SETTINGS = ("train", "model", "data.format", "data.train_split", "data.synthetic")
+TRAIN_FREE = ("train.device", "train.tensorboard", "train.checkpoint_every", "train.eval_every", "train.keep_best",
+              "train.compile", "train.fused_optimizer")
+
+
 def train(cfg: Config, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> Path:
+          on_step: Callable[[int, dict], None] | None = None, overwrite: bool = False) -> Path:
     """Train the method ``cfg.model.method`` as ``cfg`` says; returns the checkpoint path.
 
-    ``resume``: continue from ``<output_dir>/checkpoint.pt`` exactly where it stopped (same weights as
-    an uninterrupted run on the CPU). ``on_step(step, losses)`` is called after every step (tests use it
-    to simulate a kill). The output folder is locked: a second run into it stops with this one's PID."""
+    A folder that holds a checkpoint is continued from it exactly where it stopped (same weights as an
+    uninterrupted run on the CPU) when it was trained with the same settings, and refused naming the
+    differing keys otherwise; ``overwrite`` starts over. ``resume`` only says that a checkpoint is
+    expected. ``on_step(step, losses)`` is called after every step (tests use it to simulate a kill).
+    The output folder is locked: a second run into it stops with this one's PID."""
     refuse_inside_dataset(cfg.output_dir, cfg, "output_dir")
     with job_lock(cfg.output_dir, "tokenseg train"):
-        return _train(cfg, resume, progress, on_step)
+        return _train(cfg, resume, progress, on_step, overwrite)
 
 
 def train_warnings(cfg: Config, method: Method) -> list[str]:
@@ -199,13 +210,32 @@ def _preset_weights(name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
+def previous_state(ckpt_path: Path, cfg: Config, method: Method, overwrite: bool) -> dict | None:
+    """The checkpoint a run into ``output_dir`` continues, or None (none there, or ``overwrite``). One of
+    another kind (a segmentation network) or made with other settings is an error naming what differs."""
+    if overwrite or not ckpt_path.is_file():
+        return None
+    state = read_checkpoint(ckpt_path)
+    if state.get("format") not in (None, CHECKPOINT_FORMAT):
+        raise TokensegError(f"{ckpt_path}: holds a {state.get('kind') or state.get('format')} checkpoint, not a "
+                            f"{method.name} classifier: give the classifier its own output_dir (a folder holds "
+                            f"one kind of run)")
+    keys = TRAIN_SETTINGS + tuple(s for s in (method.section, *method.uses_sections) if s)
+    diffs = config_differences(state.get("config") or {}, cfg.to_dict(), keys, TRAIN_FREE)
+    if diffs:
+        raise differing_settings_error(ckpt_path.parent, f"a checkpoint (step {state.get('step')})", diffs,
+                                       "output_dir")
+    return state
+
+
+def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool = False) -> Path:
     method = get_method(cfg.model.method)
     if not method.trainable:
         raise TokensegError(f"{method.name} needs no training: run `tokenseg maps {method.name} ...` directly")
     dinfo, device = setup(cfg.train.device)
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
+    state = previous_state(ckpt_path, cfg, method, overwrite)
     if dinfo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
@@ -238,8 +268,7 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
 
     step = 0
     log_path = out_dir / "metrics.jsonl"
-    if resume and ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path)
+    if state is not None:
         load_state_checked(model, state["model"], str(ckpt_path))
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -247,13 +276,17 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
         step = int(state["step"])
         restore_rng(state)
         if dinfo.is_main:
-            _truncate_log(log_path, step)  # steps replayed since the checkpoint are logged again below
+            keep_log_until(log_path, step)  # steps replayed since the checkpoint are logged again below
             if progress:
-                print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
-    elif resume and dinfo.is_main and progress:
-        print(f"no checkpoint at {ckpt_path} yet; starting from scratch")
-    elif dinfo.is_main and log_path.exists():
-        log_path.unlink()  # a fresh run: the log starts anew
+                how = "" if resume else " (same settings; --overwrite starts over)"
+                print(f"resuming from {ckpt_path} at step {step}/{total_steps}{how}")
+        del state
+    elif dinfo.is_main:
+        if resume and progress:
+            print(f"no checkpoint at {ckpt_path} yet; starting from scratch")
+        for old in (log_path, out_dir / BEST_NAME):
+            if old.exists():
+                old.unlink()  # a fresh run: the log (and the best epoch) start anew
 
     train_model: torch.nn.Module = model
     if dinfo.world > 1:
@@ -278,82 +311,116 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step) -> Path:
     best_map = _best_so_far(out_dir / BEST_NAME) if (tc.keep_best and step > 0) else -1.0
     bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step",
                        disable=not (progress and dinfo.is_main))
+
+    def validate_epoch(step: int) -> None:
+        """Val mAP of the epoch that ends at ``step`` (if due), its log line and the best-checkpoint choice;
+        the log line is written last, so its presence means the epoch's decisions are on disk."""
+        nonlocal best_map
+        ep = (step - 1) // steps_per_epoch + 1  # epochs count from 1 in every message and log line
+        if val_ds is None or not tc.eval_every or not (ep % tc.eval_every == 0 or step >= total_steps):
+            return
+        res = evaluate_map(model, val_ds, cfg.model.img_size, device, num_workers=cfg.data.num_workers,
+                           method=method, dinfo=dinfo)
+        if dinfo.is_main:
+            if tc.keep_best and res["map"] > best_map:
+                best_map = res["map"]
+                save_checkpoint(out_dir / BEST_NAME, model, None, None, step, cfg, train_ds.class_names,
+                                extra={"val_map": best_map, "epoch": ep})
+            board.scalars(step, {"val/mAP": res["map"]})
+            board.overlays(step, model, method, val_ds, cfg, device)
+            append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
+            if progress:
+                bar.write(f"epoch {ep}/{tc.epochs}: val mAP {res['map']:.1f}")
+
+    if step and (step % steps_per_epoch == 0 or step >= total_steps) and not _validated(log_path, step):
+        validate_epoch(step)  # killed after the epoch's checkpoint, before its validation: redo it now
     t0 = time.time()
     watch = FiniteWatch()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        tset.set_epoch(epoch)
-        indices = list(sampler)[offset * per_rank: steps_per_epoch * per_rank]
-        # a private generator: creating the loader must not draw from the global RNG (drop-path uses
-        # it), or a run resumed mid-epoch would diverge from an uninterrupted one
-        gen = torch.Generator().manual_seed(tc.seed * 100003 + epoch)
-        loader = DataLoader(tset, batch_size=per_rank, sampler=indices, num_workers=cfg.data.num_workers,
-                            drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda",
-                            generator=gen)
-        train_model.train()
-        for batch in loader:
-            lr = lr_fn(step, epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                              world=dinfo.world, rank=dinfo.rank)
-            with oom_hint(f"training step {step + 1} (a batch of {per_rank} per device)",
-                          "train.batch_size or model.img_size (train.amp=bf16 halves the activations)"):
-                with amp.autocast():
-                    out = method.forward(train_model, batch, ctx, cfg)
-                terms = method.loss(out, batch, ctx, cfg)
-                total = sum(v for k, v in terms.items() if not k.startswith("_"))
-                amp.step(total)
-            step += 1
-            watch.add(total)
-            due = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
-            values = None  # read from the device only at a logging interval, a checkpoint or for on_step
-            if step % LOG_EVERY == 0 or step >= total_steps or step % steps_per_epoch == 0 or due \
-                    or on_step is not None:
-                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
-                values["total"] = float(total.detach())
-                if watch.seen():
-                    raise TokensegError(f"loss became non-finite by step {step} (now {values['total']}); lower "
-                                        f"train.lr or set train.grad_clip")
+    with interrupt_at_step_boundary() as stop:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            tset.set_epoch(epoch)
+            indices = list(sampler)[offset * per_rank: steps_per_epoch * per_rank]
+            # a private generator: creating the loader must not draw from the global RNG (drop-path uses
+            # it), or a run resumed mid-epoch would diverge from an uninterrupted one
+            gen = torch.Generator().manual_seed(tc.seed * 100003 + epoch)
+            loader = DataLoader(tset, batch_size=per_rank, sampler=indices, num_workers=cfg.data.num_workers,
+                                drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda",
+                                generator=gen)
+            train_model.train()
+            for batch in loader:
+                lr = lr_fn(step, epoch)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                  world=dinfo.world, rank=dinfo.rank)
+                with oom_hint(f"training step {step + 1} (a batch of {per_rank} per device)",
+                              "train.batch_size or model.img_size (train.amp=bf16 halves the activations)"):
+                    with amp.autocast():
+                        out = method.forward(train_model, batch, ctx, cfg)
+                    terms = method.loss(out, batch, ctx, cfg)
+                    total = sum(v for k, v in terms.items() if not k.startswith("_"))
+                    amp.step(total)
+                step += 1
+                watch.add(total)
+                due = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                values = None  # read from the device only at a logging interval, a checkpoint, for on_step or
+                # an interrupt
+                if step % LOG_EVERY == 0 or step >= total_steps or step % steps_per_epoch == 0 or due \
+                        or on_step is not None or stop.requested:
+                    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+                    values["total"] = float(total.detach())
+                    if watch.seen():
+                        raise TokensegError(f"loss became non-finite by step {step} (now {values['total']}); lower "
+                                            f"train.lr or set train.grad_clip")
+                if dinfo.is_main:
+                    bar.update()
+                    if values is not None:
+                        bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
+                    if step % LOG_EVERY == 0 or step == total_steps:
+                        record = {"step": step, "epoch": epoch + 1, "lr": lr, **values,
+                                  "time": round(time.time() - t0, 2)}
+                        append_jsonl(log_path, record)
+                        board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
+                    if due:
+                        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
+                if on_step is not None:
+                    on_step(step, values)
+                if stop.requested:  # SIGINT / SIGTERM during this step: a resumable state first
+                    bar.close()
+                    if dinfo.is_main:
+                        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
+                        print(f"\ninterrupted: checkpoint saved at step {step}/{total_steps} in {ckpt_path}; "
+                              f"the same command continues from it")
+                    raise KeyboardInterrupt
+                if step >= total_steps:
+                    break
+            epoch_done = step % steps_per_epoch == 0 or step >= total_steps
+            if not epoch_done:
+                continue
             if dinfo.is_main:
-                bar.update()
-                if values is not None:
-                    bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
-                if step % LOG_EVERY == 0 or step == total_steps:
-                    record = {"step": step, "epoch": epoch + 1, "lr": lr, **values, "time": round(time.time() - t0, 2)}
-                    append_jsonl(log_path, record)
-                    board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
-                if due:
-                    save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-            if on_step is not None:
-                on_step(step, values)
-            if step >= total_steps:
-                break
-        epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-        if not epoch_done:
-            continue
-        if dinfo.is_main:
-            save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-        ep = (step - 1) // steps_per_epoch + 1  # epochs count from 1 in every message and log line
-        if val_ds is not None and tc.eval_every and (ep % tc.eval_every == 0 or step >= total_steps):
-            res = evaluate_map(model, val_ds, cfg.model.img_size, device, num_workers=cfg.data.num_workers,
-                               method=method, dinfo=dinfo)
-            if dinfo.is_main:
-                append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
-                board.scalars(step, {"val/mAP": res["map"]})
-                board.overlays(step, model, method, val_ds, cfg, device)
-                if tc.keep_best and res["map"] > best_map:
-                    best_map = res["map"]
-                    save_checkpoint(out_dir / BEST_NAME, model, None, None, step, cfg, train_ds.class_names,
-                                    extra={"val_map": best_map, "epoch": ep})
-                if progress:
-                    bar.write(f"epoch {ep}/{tc.epochs}: val mAP {res['map']:.1f}")
+                save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
+            validate_epoch(step)
     bar.close()
     board.close()
     barrier(dinfo)
     return ckpt_path
+
+
+def _validated(log_path: Path, step: int) -> bool:
+    """Whether the log holds the val mAP line of ``step`` (written after the epoch's best-checkpoint choice)."""
+    if not log_path.is_file():
+        return False
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step") == step and "val_map" in rec:
+            return True
+    return False
 
 
 def _best_so_far(path: Path) -> float:
@@ -361,20 +428,6 @@ def _best_so_far(path: Path) -> float:
     if not path.is_file():
         return -1.0
     return float(read_checkpoint(path).get("val_map", -1.0))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines after ``step`` (a resumed run replays them), so the log reads as one run."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 class _TensorBoard:

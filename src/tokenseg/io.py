@@ -13,9 +13,10 @@ import io
 import json
 import os
 import pickle
+import re
+import secrets
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,37 +52,119 @@ def current_umask() -> int:
     return old
 
 
+TEMP_PREFIX = ".tokenseg-"
+# our temp names, and the older .NAME.XXXXXXXX.tmp form
+_TEMP_RE = re.compile(r"^\.tokenseg-[0-9a-f]{8}\.tmp$|^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _temp_path(folder: Path) -> tuple[int, str]:
+    """A new temp file in ``folder`` with a short fixed-length name (``.tokenseg-XXXXXXXX.tmp``): a name
+    derived from the target's would overflow ``NAME_MAX`` for a legal 250-byte file name."""
+    while True:
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600), tmp
+        except FileExistsError:
+            continue
+
+
+def disk_full_error(exc: OSError, path: str | os.PathLike, what: str = "") -> TokensegError | None:
+    """A one-line error for a full disk (or quota) while writing ``path``, or None for other errors."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    p = Path(path)
+    return TokensegError(f"no space left on the device of {display_name(p.parent)} while writing "
+                         f"{what or 'file'} {display_name(p.name)} (files finished before are kept: free space and "
+                         f"re-run the same command to continue)")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temp files a killed tokenseg write left in ``folder`` (only names of the form
+    :func:`atomic_write` makes, only in that folder, not below it); call it while holding the folder's
+    :func:`output_lock`, so that no live writer's temp file is taken. Returns the number removed."""
+    n = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        if e.name.endswith(".tmp") and _TEMP_RE.match(e.name) and (e.is_symlink() or e.is_file(follow_symlinks=False)):
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+                n += 1
+    return n
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", what: str = "") -> Iterator[Any]:
     """Open a temp file next to ``path``; on success rename it over ``path``, on error delete it.
 
-    The file gets the mode a plain ``open`` would give it (``0o666 & ~umask``): ``mkstemp`` creates
-    0600 files, which other users, a web server or a container running as another uid cannot read."""
+    The file gets the mode a plain ``open`` would give it (``0o666 & ~umask``). A full disk becomes a
+    :class:`TokensegError` naming the folder and ``what`` was being written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_path(path.parent)
+    except OSError as exc:
+        raise disk_full_error(exc, path, what) or exc
     try:
         with os.fdopen(fd, mode) as f:
             with contextlib.suppress(OSError):  # file systems without modes (FAT, some CIFS) refuse
                 os.fchmod(f.fileno(), 0o666 & ~current_umask())
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and (full := disk_full_error(exc, path, what)) is not None:
+            raise full from None
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> None:
+    with atomic_write(path, "wb", what) as f:
         f.write(data)
+
+
+def open_in_place(path: str | os.PathLike, flags: int, what: str = "file") -> int:
+    """``os.open`` of a file tokenseg writes in place (a lock, an appended log) without following a
+    symbolic link: a link planted at that name would redirect the write to any file the user can write."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666 & ~current_umask())
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):  # EMLINK: the BSDs
+            raise TokensegError(f"{display_name(path)}: the {what} is a symbolic link; tokenseg does not write "
+                                f"through links: remove it") from None
+        raise disk_full_error(exc, path, what) or exc
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line to a training log (a log grows line by line; a torn last line is dropped by
-    the readers, and a resumed run truncates the log to its step first)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    the readers, and a resumed run truncates the log to its step first). Never through a symlink."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    fd = open_in_place(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "log")
+    try:
+        os.write(fd, data)
+    except OSError as exc:
+        raise disk_full_error(exc, path, "log") or exc
+    finally:
+        os.close(fd)
+
+
+def keep_log_until(path: str | os.PathLike, step: int) -> None:
+    """Drop the log lines after ``step`` (a resumed run logs those steps again) and lines cut by a kill,
+    so that a log reads as one run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -180,7 +263,8 @@ def _lock_holder(path: Path) -> dict:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -199,7 +283,7 @@ def _busy_error(folder: Path, holder: dict) -> TokensegError:
     host = holder.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
     gone = ""
-    if isinstance(pid, int) and not where and not _pid_alive(pid):
+    if isinstance(pid, int) and not where and not pid_alive(pid):
         gone = (f"; PID {pid} has ended but a process it started (a worker?) still holds the lock: "
                 f"end that process")
     return TokensegError(
@@ -213,12 +297,21 @@ def _lock_info(command: str) -> bytes:
     return (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
-def _acquire_flock(path: Path, folder: Path, command: str) -> int | None:
-    """Take ``fcntl.flock`` on ``path``; the fd, or None where the file system has no flock."""
+def _read_fd(fd: int) -> dict:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire_flock(path: Path, folder: Path, command: str, stale: dict) -> int | None:
+    """Take ``fcntl.flock`` on ``path``; the fd, or None where the file system has no flock. A holder
+    recorded in a file whose lock we got has ended without cleaning up: it goes into ``stale``."""
     import fcntl
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        fd = open_in_place(path, os.O_RDWR | os.O_CREAT, "output lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -236,23 +329,29 @@ def _acquire_flock(path: Path, folder: Path, command: str) -> int | None:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, _lock_info(command))
+            stale.update(_read_fd(fd))
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, _lock_info(command))
+            except OSError as exc:
+                os.close(fd)
+                raise disk_full_error(exc, path, "output lock") or exc
             return fd
         os.close(fd)
 
 
-def _acquire_pidfile(path: Path, folder: Path, command: str) -> None:
+def _acquire_pidfile(path: Path, folder: Path, command: str, stale: dict) -> None:
     """Fallback without flock (some network file systems): an O_EXCL file; a holder that is no
     longer running on this host is taken over."""
     for _ in range(100):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~current_umask())
+            fd = open_in_place(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "output lock")
         except FileExistsError:
             holder = _lock_holder(path)
             pid = holder.get("pid")
             if holder and holder.get("host") == socket.gethostname() and isinstance(pid, int) \
-                    and not _pid_alive(pid):
+                    and not pid_alive(pid):
+                stale.update(holder)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale: its process has died
                 continue
@@ -264,6 +363,8 @@ def _acquire_pidfile(path: Path, folder: Path, command: str) -> None:
             raise _busy_error(folder, holder) from None
         try:
             os.write(fd, _lock_info(command))
+        except OSError as exc:
+            raise disk_full_error(exc, path, "output lock") or exc
         finally:
             os.close(fd)
         return
@@ -296,10 +397,19 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
             with _HELD_GUARD:
                 held["depth"] -= 1
         return
-    fd = _acquire_flock(path, folder, command)
+    stale: dict = {}
+    fd = _acquire_flock(path, folder, command, stale)
     entry = {"pid": os.getpid(), "depth": 1, "fd": fd}
     if fd is None:
-        _acquire_pidfile(path, folder, command)
+        _acquire_pidfile(path, folder, command, stale)
+    if stale.get("pid") not in (None, os.getpid()):
+        print(f"note: took over the lock of {display_name(folder)} left by PID {stale['pid']} "
+              f"({stale.get('command') or '?'}, since {stale.get('started') or '?'}), which has ended",
+              file=sys.stderr)
+    removed = remove_stale_temps(folder)
+    if removed:
+        print(f"note: removed {removed} temp file(s) left in {display_name(folder)} by an interrupted run",
+              file=sys.stderr)
     with _HELD_GUARD:
         _HELD_LOCKS[key] = entry
     try:
@@ -357,7 +467,7 @@ def save_palette_png(path: str | os.PathLike, mask: np.ndarray) -> None:
     img.putpalette(pal.reshape(-1).tolist())
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "mask")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -467,7 +577,7 @@ def save_seed(path: str | os.PathLike, seed: SeedMaps, dtype: str = "float32") -
         arrays["background"] = np.asarray(seed.background, dtype=SEED_DTYPES[dtype])
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "seed maps")
 
 
 _NPY_DICT_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")

@@ -32,7 +32,7 @@ from .data.base import image_hw
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
 from .data.guard import refuse_inside_dataset
 from .device import is_alloc_error
-from .io import BackgroundWriter, SeedMaps, TokensegError, job_lock, save_seed, seed_path
+from .io import BackgroundWriter, SeedMaps, TokensegError, job_lock, safe_output_path, save_seed, seed_path
 from .methods import BACKGROUND, MapRecipe, get_method
 from .progress import progress_bar
 from .viz import overlay, save_png
@@ -337,16 +337,31 @@ def _warn_tokens(ds: WSSSDataset, todo: list[int], mc: MapsConfig, patch: int) -
                       f"maps.max_side to cap the input size", stacklevel=3)
 
 
+def checkpoint_identity(path: str | Path) -> str:
+    """What identifies a checkpoint's weights whatever its path: the SHA-256 of the file (a retrained
+    model in the same ``output_dir`` has the same path, other weights)."""
+    import hashlib
+
+    if not path:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 def map_settings(cfg: Config, method: str, checkpoint: str) -> dict:
-    """The settings that shape the seeds (what a resumed run must share)."""
+    """The settings that shape the seeds (what a resumed run must share): the maps keys, the method and
+    its section, and the checkpoint's content digest (not its path)."""
     mc = cfg.maps
     keep = ("scales", "flip", "layers", "layer_reduce", "fusion", "dtype", "size_rounding", "mode", "save_dtype",
             "max_side")
-    settings = {k: getattr(mc, k) for k in keep}
-    settings.update(method=method, checkpoint=str(checkpoint))
+    settings = {f"maps.{k}": getattr(mc, k) for k in keep}
+    settings.update({"model.method": method, "checkpoint": checkpoint_identity(checkpoint)})
     section = get_method(method).section
     if section:
-        settings[section] = vars(getattr(cfg, section))
+        settings.update({f"{section}.{k}": v for k, v in vars(getattr(cfg, section)).items()})
     return settings
 
 
@@ -420,6 +435,19 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     return out
 
 
+def _report_progress(ds: WSSSDataset, out: Path, kinds: list[str], export_npy: bool, progress: bool) -> None:
+    """Remove the temp files a killed run left in the kind folders; say how much of the split a re-run
+    finds done ("continuing: N of M done")."""
+    from .io import remove_stale_temps
+
+    removed = sum(remove_stale_temps(out / k) for k in kinds)
+    suffix = ".npy" if export_npy else ".npz"
+    done = sum(all(safe_output_path(out / k, f"{i}{suffix}").is_file() for k in kinds) for i in ds.ids)
+    if progress and (done or removed):
+        extra = f"; removed {removed} temp file(s) of an interrupted run" if removed else ""
+        print(f"maps: continuing: {done} of {len(ds)} images done in {out}{extra}")
+
+
 def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress, export_npy, overwrite) -> None:
     """The seeds of ``ds`` into ``out`` (under the folder's lock): settings check, then the method's loop."""
     from .device import barrier
@@ -434,6 +462,7 @@ def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress,
     if dinfo.is_main:
         check_settings(out, map_settings(cfg, method.name, str(ckpt)), overwrite, "maps_meta.json", "seeds",
                        clear=tuple(cfg.maps.kinds), info=meta)
+        _report_progress(ds, out, cfg.maps.kinds, export_npy, progress)
     barrier(dinfo)
     common = dict(device=device, rank=dinfo.rank, world=dinfo.world, num_workers=cfg.data.num_workers,
                   progress=progress and dinfo.is_main)

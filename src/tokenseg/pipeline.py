@@ -26,10 +26,10 @@ def seeds_dir(cfg: Config, split: str) -> Path:
     return Path(cfg.output_dir) / "seeds" / split
 
 
-def train_step(cfg: Config, resume: bool = True, progress: bool = True) -> Path:
+def train_step(cfg: Config, resume: bool = True, progress: bool = True, overwrite: bool = False) -> Path:
     from .engine import train
 
-    return train(cfg, resume=resume, progress=progress)
+    return train(cfg, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def trained_checkpoint(cfg: Config, progress: bool = True) -> Path | None:
@@ -91,10 +91,18 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     if not folders:
         raise TokensegError(f"{root}: no seed files for split {split!r} (config key eval.split or --split); "
                             f"run `tokenseg maps {cfg.name} ... --split {split}` first")
+    from .data.guard import refuse_inside_dataset
+
     results = {}
     for kind, folder in folders.items():
         res = evaluate_seeds(folder, ds, cfg.eval, progress=progress, allow_pickle=allow_pickle)
-        save_result(folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json", res)
+        side = folder.parent / f"eval_{kind}.json" if folder != root else root / "eval.json"
+        try:
+            refuse_inside_dataset(side, [cfg, ds])
+        except TokensegError:  # seeds kept inside a dataset: scored, but nothing is written there
+            side = None
+        if side is not None:
+            save_result(side, res)
         results[kind] = res
         if verbose:  # every class's IoU; the compact table is results_table
             print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))

@@ -21,3 +21,13 @@ def load(args):
     from ..config import load_config
 
     return load_config(args.config, args.overrides)
+
+
+def guard_outputs(cfg, command: str, **paths) -> None:
+    """The one check for the files a command writes besides its output folder (``--json``, ``--curve-png``,
+    ``-o``, ``--save-masks``): none inside the dataset, checked before any work. Keyword: option name."""
+    from ..data.guard import refuse_inside_dataset
+
+    for option, path in paths.items():
+        if path:
+            refuse_inside_dataset(path, cfg, f"{command} --{option.replace('_', '-')}")

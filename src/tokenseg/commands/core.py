@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..io import TokensegError
-from .common import config_args, load
+from .common import config_args, guard_outputs, load
 
 
 def cmd_demo(args) -> int:
@@ -23,7 +23,7 @@ def cmd_train(args) -> int:
     from ..pipeline import train_step
 
     cfg = load(args)
-    path = train_step(cfg, resume=args.resume, progress=not args.quiet)
+    path = train_step(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     print(f"checkpoint: {path}")
     return 0
 
@@ -43,6 +43,7 @@ def cmd_evaluate(args) -> int:
     from ..pipeline import evaluate_step, results_table
 
     cfg = load(args)
+    guard_outputs(cfg, "evaluate", json=args.json, curve_png=args.curve_png)
     if args.wsol:
         if args.masks:
             raise TokensegError("--wsol evaluates seed maps; it cannot be combined with --masks")
@@ -103,7 +104,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="train a method's model (resumable)")
     config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/checkpoint.pt (a run with the same settings does so anyway; "
+                        "other settings stop with the differing keys)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over, replacing the checkpoint in output_dir (needed when the settings changed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("maps", help="generate seeds (localisation maps) from a checkpoint, or with a "

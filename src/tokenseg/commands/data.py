@@ -144,6 +144,8 @@ def cmd_labels(args) -> int:
             from ..data import class_names_for
 
             names = class_names_for(_config(args).data)
+        if args.config:
+            refuse_inside_dataset(args.output, _config(args), "data labels -o")
         classes, labels, source = import_cls_labels_npy(args.import_npy, names, allow_pickle=args.allow_pickle)
         write_labels_file(args.output, labels, classes, source)
         print(f"wrote {len(labels)} images x {len(classes)} classes to {args.output} (source: {source})")

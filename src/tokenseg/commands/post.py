@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import config_args as _config_args
+from .common import guard_outputs
 from .common import load as _load
 
 
@@ -29,6 +30,7 @@ def cmd_pseudo(args) -> int:
     cfg = _load(args)
     if args.split:
         cfg.pseudo.split = args.split
+    guard_outputs(cfg, "pseudo", json=args.json)
     summary = make_pseudo_masks(cfg, seeds_dir=args.seeds, out_dir=args.out, checkpoint=args.checkpoint,
                                 work_dir=args.work, overwrite=args.overwrite, progress=not args.quiet)
     print(f"pseudo masks for split {summary['split']!r} from {summary['seeds_dir']}: {summary['out_dir']} "
@@ -56,7 +58,7 @@ def cmd_segment_train(args) -> int:
     if args.split:
         cfg.segment.train_split = args.split
     metrics = train_segmentation(cfg, masks_dir=args.masks, out_dir=args.out, resume=args.resume,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, overwrite=args.overwrite)
     print(f"checkpoint: {metrics['checkpoint']} ({metrics['steps']} steps on {metrics['train_images']} images)")
     if metrics.get("val"):
         print(format_scores(f"segmentation [{metrics['val']['split']}]", metrics["val"]))
@@ -69,6 +71,7 @@ def cmd_segment_evaluate(args) -> int:
     from ..segment.evaluate import evaluate_segmentation
 
     cfg = _load(args)
+    guard_outputs(cfg, "segment evaluate", json=args.json, save_masks=args.save_masks)
     res = evaluate_segmentation(cfg, checkpoint=args.checkpoint, split=args.split, scales=_scales(args.scales),
                                 flip=args.flip, crf=args.crf, save_dir=args.save_masks, progress=not args.quiet)
     title = (f"segmentation [{res['split']}] scales {res['scales']}{' + flip' if res['flip'] else ''}"
@@ -142,7 +145,10 @@ def register(sub) -> None:
     t.add_argument("--masks", metavar="DIR", help="pseudo masks (default segment.masks or <output_dir>/pseudo)")
     t.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/segment)")
     t.add_argument("--split", help="split to train on (default segment.train_split, else data.train_split)")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt (a run with the same settings does so anyway)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over, replacing the checkpoint in --out (needed when the settings changed)")
     t.add_argument("--no-eval", action="store_true",
                    help="skip the validation at the end (segment.final_eval=none; default quick: one scale, no "
                         "flip; full: segment.eval_scales + flip, as segment evaluate)")

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import (TokensegError, atomic_write, display_name, output_lock, relative_name_problem, safe_output_path, save_palette_png, write_bytes_atomic,
+from ..io import (TEMP_PREFIX, TokensegError, atomic_write, remove_stale_temps, display_name, output_lock, relative_name_problem, safe_output_path, save_palette_png, write_bytes_atomic,
                   write_json_atomic, write_text_atomic)
 from .base import IMAGE_EXTENSIONS
 from .guard import refuse_inside_dataset
@@ -584,7 +584,7 @@ def _place_image(src: Path, dst: Path, mode: str) -> str:
     """Put ``src`` at ``dst`` atomically (a temp name, then rename); returns how: hard/copy/symlink."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode in ("hard", "symlink"):
-        tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = dst.parent / f"{TEMP_PREFIX}{secrets.token_hex(4)}.tmp"  # short: a 250-byte name must work
         try:
             if mode == "hard":
                 os.link(src, tmp)
@@ -710,6 +710,8 @@ def import_dataset(fmt: str, src: str | Path, dst: str | Path, *, classes: str |
             ok_items.append(it)
     with output_lock(dst, "tokenseg data import"):
         resume = _prepare_destination(dst, settings, overwrite)
+        for sub in ("images", "masks"):  # what a killed import left half-written
+            remove_stale_temps(dst / sub)
         write_json_atomic(dst / MARKER, {**settings, "complete": False})
 
         def out_paths(it: Item) -> tuple[Path, Path]:

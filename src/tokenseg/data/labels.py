@@ -321,6 +321,9 @@ def _read_labels_csv(path: Path) -> LabelTable:
     splits: dict[str, list[str]] = {}
     files: dict[str, str] = {}
     where: dict[str, int] = {}
+    if len(numbered) == 1:
+        raise TokensegError(f"{path}: the labels file has a header row ({delimiter.join(header)}) but no image rows; "
+                            f"add one row per image, e.g. 'a.jpg,cat dog'")
     errors = EntryErrors(path)
     for lineno, row in numbered[1:]:
         if len(row) != len(header):

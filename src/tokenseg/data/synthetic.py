@@ -13,11 +13,14 @@ through the same VOC reader real datasets use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,7 +64,8 @@ def ensure_synthetic(cfg: SyntheticConfig, cache_or_root: Path, exact: bool = Fa
     if cfg.image_size < 32:
         raise TokensegError("data.synthetic.image_size must be at least 32")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    remove_stale_builds(root.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{os.getpid()}.", dir=root.parent))
     try:
         _write_dataset(cfg, tmp, progress)
         write_json_atomic(tmp / STAMP, _stamp(cfg))
@@ -75,6 +79,29 @@ def ensure_synthetic(cfg: SyntheticConfig, cache_or_root: Path, exact: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+_BUILD_RE = re.compile(r"^\.synthetic-[0-9a-f]{10}\.(?:(\d+)\.)?[A-Za-z0-9_]{8}$")
+
+
+def remove_stale_builds(cache: Path, max_age_s: float = 86400.0) -> list[Path]:
+    """Delete the half-built ``.synthetic-<hash>.<pid>.XXXXXXXX`` folders of generations that were killed
+    (their process has ended; folders of the older form without a PID once a day old). Only those folders,
+    only in ``cache``."""
+    from ..io import pid_alive
+
+    removed = []
+    with contextlib.suppress(OSError):
+        for e in os.scandir(cache):
+            m = _BUILD_RE.match(e.name)
+            if not m or not e.is_dir(follow_symlinks=False):
+                continue
+            pid = m.group(1)
+            dead = (not pid_alive(int(pid))) if pid else time.time() - e.stat().st_mtime > max_age_s
+            if dead:
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(Path(e.path))
+    return removed
 
 
 def _write_dataset(cfg: SyntheticConfig, root: Path, progress: bool) -> None:

@@ -6,6 +6,7 @@ multilabel soft-margin loss; its map is the class activation map ReLU(conv(featu
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ from . import MapRecipe, Method, register
 @dataclass
 class CAMConfig:
     """``cam.*``: the CNN and its output stride."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "cam.output_stride": ">=1"}
 
     backbone: str = "resnet50"
     output_stride: int = 16

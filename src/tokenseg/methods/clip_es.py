@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from . import MapRecipe, Method, register
 @dataclass
 class ClipESConfig:
     """``clip_es.*``: prompts, CAA and the authors' quirks (defaults: their VOC script)."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "clip_es.box_threshold": "[0,1]", "clip_es.caa_layers": ">=1", "clip_es.sinkhorn_rounds": ">=0",
+        "clip_es.batch_size": ">=0", "clip_es.class_chunk": ">=1"}
 
     template: str = "a clean origami {}."  # their sharpness-selected prompt, for classes and background words
     synonyms_file: str = ""  # JSON/YAML: class -> name or list of names (VOC/COCO: the authors' synonyms)

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,11 @@ ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affi
 @dataclass
 class CTIConfig:
     """``cti.*`` — defaults are their VOC recipe (``train_trm.py`` / ``model_CTI.py``)."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "cti.weights": ">=0", "cti.start_epoch": ">=0", "cti.swap_layer": ">=0", "cti.memory_size": ">=1",
+        "cti.train_attn_layers": ">=1", "cti.train_affinity_from": ">=-1", "cti.infer_affinity_layers": ">=0",
+        "cti.expect_classes": ">=0"}
 
     weights: list = field(default_factory=lambda: [0.1, 1.0, 1.0])  # W: BG-CAM, intra, cross (COCO: 0.1 each)
     start_epoch: int = 0  # the three terms count from this epoch (their ``epo > warmup``: VOC 0, COCO 2)

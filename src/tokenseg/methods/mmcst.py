@@ -18,6 +18,7 @@ switch of the ``mmcst`` section:
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,9 @@ def _random_tower_default() -> dict:
 @dataclass
 class MMCSTConfig:
     """``mmcst.*``: the CLIP side and the switchable readings of §9.2."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "mmcst.text_dim": ">=1", "mmcst.text_loss_weight": ">=0"}
 
     clip: str = ""  # CLIP weights: a file (OpenAI's ViT-B-16.pt, open_clip .pt/.safetensors), openai (download),
     # an open_clip tag, or random (a small random open_clip tower from random_tower: tests, the demo)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,13 @@ FUSIONS = ("geometric", "arithmetic", "product", "max")
 @dataclass
 class OTPLConfig:
     """``otpl.*`` — [P] the supplement, [I] our reading where it is silent (README "OTPL")."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "otpl.top_k": ">=1", "otpl.ppc_weight": ">=0", "otpl.tau": ">0", "otpl.pcls_weight": ">=0",
+        "otpl.start_epoch": ">=0", "otpl.sinkhorn_eps": ">0", "otpl.sinkhorn_iters": ">=1",
+        "otpl.marginal_mix": "[0,1]", "otpl.cam_bg_power": ">0", "otpl.proxy_kernel": ">=1",
+        "otpl.proxy_weight_decay": ">=0", "otpl.clip_bg_power": ">0", "otpl.seed_stride": ">=1",
+        "otpl.memory_momentum": "[0,1]", "otpl.encoder_trainable_blocks": ">=-1"}
 
     base: str = "mctformer-plus"  # the class-token method the proxies sit on (otpl only)
     top_k: int = 5  # [P Tab. A1] patches per class taken from the plan (Eq. 15)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+from typing import ClassVar
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,12 @@ CODE_MOMENTUM = 1e-4  # what their PolyOptimizerSGD runs: the weight-decay value
 @dataclass
 class POTConfig:
     """``pot.*``. ``auto`` values follow ``pot.mode`` (paper | code)."""
+
+    RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
+        "pot.output_stride": ">=1", "pot.new_lr_mult": ">0", "pot.resize_long": ">=1", "pot.crop": ">=1",
+        "pot.resize": ">=1", "pot.tau": ">=0", "pot.clusters": ">=0", "pot.kmeans_iters": ">=1",
+        "pot.marginal_temperature": ">0", "pot.ot_eps": ">0", "pot.ot_iters": ">=1", "pot.ot_thresh": ">=0",
+        "pot.cls_weight": ">=0", "pot.con_weight": ">=0", "pot.seed": ">=0"}
 
     mode: str = "paper"  # paper (§11.2, [I] reconstructions below) | code (the released code, §11.4)
     # network (§11.1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def _label_task(args) -> str:
     image_id, seed_file, image_path, out_path, pc, crf, backend = args
     from ..data import load_rgb
 
-    torch.set_num_threads(1)
+    # one thread in the pool's workers (their initializer sets it); in-process the caller's count stays
     image = np.asarray(load_rgb(image_path), dtype=np.uint8)
     lab = psa_label(load_seed(seed_file), image, pc.aff_alpha_low, pc.aff_alpha_high, crf, backend,
                     pc.crf_exact_pixels)
@@ -196,10 +197,12 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- training
-def _save(path: Path, net: AffinityNet, optimizer, step: int, total: int, done: bool, pc: PseudoConfig) -> None:
+def _save(path: Path, net: AffinityNet, optimizer, step: int, total: int, done: bool, pc: PseudoConfig,
+          settings: dict | None = None) -> None:
     state = {"format": CHECKPOINT_FORMAT, "kind": "affinitynet", "model": net.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": step,
-             "total_steps": total, "done": done, "backbone": net.backbone_name, "pseudo": dataclasses.asdict(pc)}
+             "total_steps": total, "done": done, "backbone": net.backbone_name, "pseudo": dataclasses.asdict(pc),
+             "settings": settings or {}}
     buf = io.BytesIO()
     torch.save(state, buf)
     write_bytes_atomic(path, buf.getvalue())
@@ -215,21 +218,52 @@ def load_affinitynet(path: str | Path) -> AffinityNet:
     return net.eval()
 
 
+def label_settings(cfg: Config, seeds_dir: str | Path) -> dict:
+    """What shapes the CRF'd affinity labels (recorded in ``<work>/labels/label_settings.json``)."""
+    pc = cfg.pseudo
+    keys = ("aff_alpha_low", "aff_alpha_high", "crf_preset", "crf_backend", "crf_iters", "crf_gauss_sxy",
+            "crf_gauss_compat", "crf_bi_sxy", "crf_bi_srgb", "crf_bi_compat", "crf_exact_pixels", "crf_image")
+    return {"seeds": str(Path(seeds_dir).resolve()), **{k: getattr(pc, k) for k in keys}}
+
+
+def training_settings(cfg: Config, ids: list[str], labels: dict) -> dict:
+    """What shapes AffinityNet's weights (recorded in its checkpoint): the labels, the images, the recipe."""
+    import hashlib
+
+    pc = cfg.pseudo
+    keys = ("aff_backbone", "aff_pretrained", "aff_weights", "aff_radius", "aff_crop", "aff_batch_size",
+            "aff_epochs", "aff_lr", "aff_weight_decay", "aff_max_steps")
+    ids_digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    return {**{k: getattr(pc, k) for k in keys}, "seed": cfg.segment.seed, "images": len(ids), "ids": ids_digest,
+            "labels": labels}
+
+
 def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, work_dir: str | Path,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, overwrite: bool = False) -> Path:
     """Labels (CRF at two α) + AffinityNet training; resumable. Returns the checkpoint path
-    (``<work_dir>/affinitynet.pt``); a finished checkpoint is reused as is."""
+    (``<work_dir>/affinitynet.pt``); a finished checkpoint made with the same settings is reused, one made
+    with others is an error naming them (``overwrite`` redoes the labels and the training)."""
+    from ..resume import check_settings, differing_settings_error, flatten
     from ..segment.train import CropDataset
 
     pc = cfg.pseudo
     work = Path(work_dir)
     ckpt = work / "affinitynet.pt"
+    label_dir = work / "labels"
+    labels = label_settings(cfg, seeds_dir)
+    check_settings(label_dir, labels, overwrite, "label_settings.json", "affinity labels",
+                   clear=tuple(p.name for p in label_dir.glob("*.png")) if overwrite and label_dir.is_dir() else ())
+    settings = training_settings(cfg, ids, labels)
     state = None
-    if ckpt.is_file():
+    if ckpt.is_file() and not overwrite:
         state = read_weights(ckpt)
+        old = flatten(state.get("settings") or {})  # none in checkpoints of older versions: not compared
+        new = flatten(json.loads(json.dumps(settings)))
+        diffs = [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old) if old[k] != new.get(k)]
+        if diffs:
+            raise differing_settings_error(ckpt, "an AffinityNet", diffs, "--work folder")
         if state.get("done"):
             return ckpt
-    label_dir = work / "labels"
     make_affinity_labels(ds, ids, Path(seeds_dir), label_dir, pc, progress)
     device = resolve_device(pc.device)
     torch.manual_seed(cfg.segment.seed)
@@ -276,10 +310,10 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step >= total:
                 break
-        _save(ckpt, net, optimizer, step, total, step >= total, pc)
+        _save(ckpt, net, optimizer, step, total, step >= total, pc, settings)
     bar.close()
-    if not ckpt.is_file() or not torch.load(ckpt, map_location="cpu", weights_only=False).get("done"):
-        _save(ckpt, net, optimizer, step, total, True, pc)
+    if not ckpt.is_file() or not read_weights(ckpt).get("done"):  # tensors-only, as every read
+        _save(ckpt, net, optimizer, step, total, True, pc, settings)
     return ckpt
 
 

@@ -154,6 +154,29 @@ def existing_seed_folders(root: Path) -> str:
     return f"seed folders in {root}: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''}"
 
 
+def pseudo_settings(cfg: Config, seeds: Path, checkpoint: str | Path | None) -> dict:
+    """The settings that shape the masks of ``tokenseg pseudo`` (recorded beside them): the background
+    model, CRF and confidence, and the chosen refinement's own keys (another refinement's keys, the
+    worker count and the device cannot change them)."""
+    pc = cfg.pseudo
+    own = {"attention": ("attn_",), "affinitynet": ("aff_", "rw_"), "irn": ()}.get(pc.refine, ())
+    crf_used = pc.crf or pc.refine in ("affinitynet", "irn")
+    out: dict = {"--seeds": str(Path(seeds).resolve())}
+    for k, v in vars(pc).items():
+        if k in ("workers", "device", "kind", "irn", "checkpoint") or k.startswith(("attn_", "aff_", "rw_")) \
+                and not k.startswith(own):
+            continue
+        if k.startswith("crf_") and not crf_used:
+            continue
+        out[f"pseudo.{k}"] = v
+    if pc.refine == "irn":
+        out.update({f"pseudo.irn.{k}": v for k, v in vars(pc.irn).items()
+                    if k not in ("num_workers", "checkpoint_every", "infer_batch", "walk")})
+    if pc.refine == "attention":
+        out["--checkpoint"] = str(checkpoint or pc.checkpoint or Path(cfg.output_dir) / "checkpoint.pt")
+    return out
+
+
 def make_pseudo_masks(cfg: Config, seeds_dir: str | Path | None = None, out_dir: str | Path | None = None,
                       checkpoint: str | Path | None = None, work_dir: str | Path | None = None,
                       overwrite: bool = False, progress: bool = True, ids: Iterable[str] | None = None) -> dict:
@@ -200,6 +223,12 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
             raise TokensegError(f"pseudo.refine={pc.refine} trains a network: run it as one process (without "
                                 f"torchrun); refine none or attention shard by rank")
         todo = todo[dinfo.rank::dinfo.world]  # each rank writes its share of the masks; rank 0 the summary
+    if dinfo.is_main:
+        from ..resume import check_settings
+
+        check_settings(out, pseudo_settings(cfg, seeds, checkpoint), overwrite, "pseudo_settings.json",
+                       "pseudo masks")
+    barrier(dinfo)
     progress = progress and dinfo.is_main
     crf = crf_params_from_config(pc)
     backend = resolve_backend(pc.crf_backend) if (pc.crf or pc.refine in ("affinitynet", "irn")) else "none"
@@ -243,7 +272,9 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
 
         bar.close()
         work = Path(work_dir) if work_dir else Path(cfg.output_dir) / "affinitynet"
-        ckpt = train_affinitynet(cfg, ds, [t.image_id for t in tasks], seeds, work, progress=progress)
+        refuse_inside_dataset(work, cfg, "pseudo --work")
+        ckpt = train_affinitynet(cfg, ds, [t.image_id for t in tasks], seeds, work, progress=progress,
+                                 overwrite=overwrite)
         device = resolve_device(pc.device)
         net = load_affinitynet(ckpt).to(device)
         summary["affinitynet"] = str(ckpt)

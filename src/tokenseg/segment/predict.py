@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..device import amp_dtype as autocast_dtype
 from ..device import init_distributed, resolve_device
+from ..data.guard import refuse_inside_dataset
 from ..io import TokensegError, job_lock, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
 from ..progress import progress_bar
 from ..viz import class_legend, with_legend
@@ -277,18 +278,35 @@ def predict(images: Iterable[str | Path], checkpoint: str | Path, out_dir: str |
     if out.resolve() in folders:  # masks are named after the images: <stem>.png could replace an input
         raise TokensegError(f"predict --out {out} is a folder of the input images: choose another folder "
                             f"(e.g. {out / 'predictions'})")
+    state = read_segmentation_checkpoint(checkpoint)
+    refuse_inside_dataset(out, trained_on(state), "predict --out")  # e.g. its ground-truth mask folder
     with job_lock(out, "tokenseg predict"):
-        return _predict(files, checkpoint, out, scales, flip, crf, overlay, overlay_format, alpha, device,
+        return _predict(files, checkpoint, state, out, scales, flip, crf, overlay, overlay_format, alpha, device,
                         bg_threshold, cls_threshold, skip_existing, progress, max_side, kind, legend)
 
 
-def _predict(files, checkpoint, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device, bg_threshold,
-             cls_threshold, skip_existing, progress, max_side, kind, legend=True) -> list[dict]:
+def trained_on(state: dict):
+    """The data section of the config a checkpoint records (its dataset's folders are never written), or
+    None for weights without one (the authors')."""
+    from ..config import Config, _merge
+
+    conf = state.get("config")
+    if not isinstance(conf, dict) or not isinstance(conf.get("data"), dict):
+        return None
+    cfg = Config()
+    try:
+        _merge(cfg.data, conf["data"], "data")
+    except TokensegError:
+        return None
+    return cfg
+
+
+def _predict(files, checkpoint, state, out: Path, scales, flip, crf, overlay, overlay_format, alpha, device,
+             bg_threshold, cls_threshold, skip_existing, progress, max_side, kind, legend=True) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     dinfo = init_distributed(resolve_device(device).type)  # under torchrun each rank predicts its share
     dev = resolve_device(device, dinfo.local_rank)
     progress = progress and dinfo.is_main
-    state = read_segmentation_checkpoint(checkpoint)
     if max_side is not None and max_side < 0:
         raise TokensegError(f"--max-side must be >= 0 (0: full resolution), got {max_side}")
     if is_segmentation_checkpoint(state):

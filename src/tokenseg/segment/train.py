@@ -9,6 +9,7 @@ remaining batches of the interrupted epoch in the same order.
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 from ..progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..io import IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic, write_json_atomic
+from ..io import (IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic,
+                  keep_log_until, write_json_atomic)
 from .. import optim
 from ..checkpoint import read_weights
 from ..data.transforms import normalise_array as normalise_image
 from ..device import AmpStep, FiniteWatch, fixed_shapes, oom_hint, resolve_device
+from ..resume import interrupt_at_step_boundary
 from .deeplab import build_segmenter
 
 CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
@@ -111,7 +114,7 @@ def save_segmentation_checkpoint(path: Path, model, optimizer, scaler, step: int
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), "segmentation checkpoint")
 
 
 def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path]:
@@ -120,13 +123,42 @@ def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path
     return masks, out
 
 
+# segment.* keys that cannot change the trained weights (where it runs, how often it saves, the final scoring)
+SEGMENT_FREE = ("segment.device", "segment.num_workers", "segment.checkpoint_every", "segment.eval_at_end",
+                "segment.eval_scales", "segment.eval_flip", "segment.eval_merge", "segment.eval_crf",
+                "segment.crf_preset", "segment.val_split", "segment.masks")
+
+
+def previous_segmentation(ckpt_path: Path, cfg: Config, masks: Path, overwrite: bool) -> dict | None:
+    """The segmentation checkpoint a run into its folder continues, or None. A classifier's checkpoint
+    there, or one trained with other settings or masks, is an error naming what differs."""
+    if overwrite or not ckpt_path.is_file():
+        return None
+    state = _read(ckpt_path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        what = state.get("format") if isinstance(state, dict) else None
+        raise TokensegError(f"{ckpt_path}: holds {'a ' + what if what else 'another'} checkpoint, not a segmentation "
+                            f"network's (a classifier's output_dir?): write the segmentation run to its own "
+                            f"folder (--out), a folder holds one kind of run")
+    from ..resume import config_differences, differing_settings_error
+
+    diffs = config_differences(state.get("config") or {}, cfg.to_dict(), ("segment", "data.format"), SEGMENT_FREE)
+    if state.get("masks") and os.path.abspath(state["masks"]) != os.path.abspath(masks):
+        diffs.append(f"--masks: {state['masks']!r} -> {str(masks)!r}")
+    if diffs:
+        raise differing_settings_error(ckpt_path.parent, f"a segmentation checkpoint (step {state.get('step')})",
+                                       diffs, "--out")
+    return state
+
+
 def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                       resume: bool = False, progress: bool = True) -> dict:
+                       resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Python API of ``tokenseg segment train``: train ``cfg.segment`` on the PNG masks in ``masks_dir``
     (default ``segment.masks`` or ``<output_dir>/pseudo``) for the images of ``segment.train_split``
     (default ``data.train_split``) that have a mask. Writes ``<out_dir>/checkpoint.pt`` (default
     ``<output_dir>/segment``), ``config.yaml``, ``log.jsonl`` and ``metrics.json``; returns the metrics.
-    The output folder is locked while training."""
+    A folder holding a checkpoint of the same settings is continued from it (as ``resume``); other
+    settings stop naming the keys unless ``overwrite``. The output folder is locked while training."""
     from ..data.guard import refuse_inside_dataset
 
     masks, out = segment_paths(cfg, masks_dir, out_dir)
@@ -134,10 +166,11 @@ def train_segmentation(cfg: Config, masks_dir: str | Path | None = None, out_dir
         raise TokensegError(f"{masks}: pseudo-mask folder not found (run `tokenseg pseudo` or pass --masks)")
     refuse_inside_dataset(out, cfg, "segment train --out")
     with job_lock(out, "tokenseg segment train"):
-        return _train_segmentation(cfg, masks, out, resume, progress)
+        return _train_segmentation(cfg, masks, out, resume, progress, overwrite)
 
 
-def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progress: bool) -> dict:
+def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progress: bool,
+                        overwrite: bool = False) -> dict:
     from ..data import build_dataset
 
     sc: SegmentConfig = cfg.segment
@@ -172,19 +205,25 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    log_path = out / "log.jsonl"
+    state = previous_segmentation(ckpt_path, cfg, masks, overwrite)
     step = 0
-    if resume and ckpt_path.is_file():
-        state = _read(ckpt_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        keep_log_until(log_path, step)
         if progress:
-            print(f"segment: resuming from {ckpt_path} at step {step}/{total}")
-    elif resume and progress:
-        print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
+            how = "" if resume else " (same settings; --overwrite starts over)"
+            print(f"segment: resuming from {ckpt_path} at step {step}/{total}{how}")
+    else:
+        if resume and progress:
+            print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
+        if log_path.exists():
+            log_path.unlink()  # a fresh run's log starts anew
     cfg.save(out / "config.yaml")
 
     train_set = CropDataset(ds, indices, masks, sc.crop_size, sc.scale_range, sc.flip, sc.seed)
@@ -200,49 +239,56 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     t0, loss_sum, loss_n = time.time(), 0.0, 0
     watch = FiniteWatch()
 
-    def check_finite() -> None:  # one host sync, at a logging interval or a checkpoint
+    def check_finite() -> None:  # one host sync, at a logging interval, a checkpoint or an interrupt
         if watch.seen():
             raise TokensegError(f"segment train: the loss became non-finite by step {step}; lower segment.lr")
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
-        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
-        order = order[offset * bs:]
-        train_set.epoch = epoch
-        loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                            pin_memory=device.type == "cuda")
-        for x, y in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with oom_hint(f"segmentation step {step + 1} (a batch of {bs} crops of {sc.crop_size}²)",
-                          "segment.batch_size or segment.crop_size (segment.amp=bf16 halves the activations)"):
-                with amp.autocast():
-                    logits = model(x)
-                # the mean over labelled pixels without asking the device whether there are any: a
-                # crop of 255 only gives 0 (and no gradient)
-                loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") \
-                    / (y != IGNORE_INDEX).sum().clamp_min(1)
-                amp.step(loss)
-            step += 1
-            watch.add(loss)
-            loss_sum = loss_sum + loss.detach()
-            loss_n += 1
-            bar.update(1)
-            if step % LOG_EVERY == 0:
-                check_finite()
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
-            if sc.checkpoint_every and step % sc.checkpoint_every == 0:
-                check_finite()
-                checkpoint()
-            if step >= total:
-                break
-        check_finite()
-        checkpoint()
-        append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step, "loss": float(loss_sum) / max(loss_n, 1),
-                                          "time_s": round(time.time() - t0, 2)})
-        loss_sum, loss_n = 0.0, 0
+
+    with interrupt_at_step_boundary() as stop:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
+            order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
+            order = order[offset * bs:]
+            train_set.epoch = epoch
+            loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                                pin_memory=device.type == "cuda")
+            for x, y in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with oom_hint(f"segmentation step {step + 1} (a batch of {bs} crops of {sc.crop_size}²)",
+                              "segment.batch_size or segment.crop_size (segment.amp=bf16 halves the activations)"):
+                    with amp.autocast():
+                        logits = model(x)
+                    # the mean over labelled pixels without asking the device whether there are any: a
+                    # crop of 255 only gives 0 (and no gradient)
+                    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") \
+                        / (y != IGNORE_INDEX).sum().clamp_min(1)
+                    amp.step(loss)
+                step += 1
+                watch.add(loss)
+                loss_sum = loss_sum + loss.detach()
+                loss_n += 1
+                bar.update(1)
+                if step % LOG_EVERY == 0:
+                    check_finite()
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
+                if (sc.checkpoint_every and step % sc.checkpoint_every == 0) or stop.requested:
+                    check_finite()
+                    checkpoint()
+                if stop.requested:  # SIGINT / SIGTERM during this step: checkpointed above
+                    bar.close()
+                    print(f"\nsegment: interrupted; checkpoint saved at step {step}/{total} in {ckpt_path}; the "
+                          f"same command continues from it")
+                    raise KeyboardInterrupt
+                if step >= total:
+                    break
+            check_finite()
+            checkpoint()
+            append_jsonl(log_path, {"epoch": epoch, "step": step, "loss": float(loss_sum) / max(loss_n, 1),
+                                    "time_s": round(time.time() - t0, 2)})
+            loss_sum, loss_n = 0.0, 0
     bar.close()
     if not ckpt_path.is_file():
         checkpoint()
