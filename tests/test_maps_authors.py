@@ -82,6 +82,23 @@ def test_plus_at_scale_one_equals_default_path():
         np.testing.assert_allclose(a[kind], d[kind][0, [1, 2]].numpy(), atol=2e-5, err_msg=kind)
 
 
+def test_an_image_without_classes_gets_empty_maps_and_a_capped_photo_smaller_views():
+    """No present class: no maps (and no forward pass); maps.max_side shrinks the views of a large
+    photo while the seeds keep its size."""
+    model = tiny("mctformer-plus")
+    img = random_image(96, 80, seed=2)
+    cfg = MapsConfig(scales=[1.0, 1.5], flip=True, layers=3, kinds=["fused", "attention_affinity"])
+    empty = compute_maps_authors(model, img, np.zeros(4, np.float32), cfg, method="mctformer-plus")
+    assert all(m.shape == (0, 80, 96) for m in empty.values())
+    labels = np.array([0, 1, 0, 1], np.float32)
+    capped = MapsConfig(scales=[1.0, 1.5], flip=True, layers=3, kinds=["fused"], max_side=96)
+    same = MapsConfig(scales=[2 / 3, 1.0], flip=True, layers=3, kinds=["fused"])  # 96 / (96 * 1.5)
+    a = compute_maps_authors(model, img, labels, capped, method="mctformer-plus")["fused"]
+    b = compute_maps_authors(model, img, labels, same, method="mctformer-plus")["fused"]
+    assert a.shape == (2, 80, 96)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["mctformer-v2", "mctformer-plus"])
 def test_maps_from_authors_layout_equal_native(method):
     model = tiny(method)

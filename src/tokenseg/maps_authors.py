@@ -157,6 +157,8 @@ def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: 
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=device).flatten()
     W, H = image.size
     present = torch.nonzero(labels > 0).flatten()
+    if len(present) == 0:  # nothing to localise: no forward pass (theirs writes all-zero maps of no class)
+        return {kind: np.zeros((0, H, W), np.float32) for kind in kinds}
     need_aff = any(k in AFFINITY_KINDS for k in kinds)
     weight = labels[present].view(1, -1, 1, 1)  # theirs multiplies every class by the label vector: the
     # absent ones are 0 before the per-class normalisation drops them, so only the present are computed
