@@ -116,8 +116,8 @@ def test_torch_backend_agrees_with_pydensecrf():
 # The README's figures (section "DenseCRF"), measured with benchmarks/bench_crf.py: the worst argmax
 # agreement (%) of crf_backend=torch with pydensecrf2 over the four sample photos, per preset; each photo
 # tested here must reach it.
-EXACT_AGREEMENT = {"psa": 0.0, "mctformer-seg": 0.0, "clip-es": 0.0, "irn": 0.0}  # 64×64: the exact path
-VOC_AGREEMENT = {"psa": 0.0, "mctformer-seg": 0.0, "clip-es": 0.0, "irn": 0.0}  # 500×375: the approximation
+EXACT_AGREEMENT = {"psa": 93.9, "mctformer-seg": 99.1, "clip-es": 98.3, "irn": 97.2}  # 64×64: the exact path
+VOC_AGREEMENT = {"psa": 91.9, "mctformer-seg": 90.1, "clip-es": 83.8, "irn": 84.8}  # 500×375: the approximation
 
 
 def agreement(name: str, size: tuple[int, int], preset: str) -> float:
@@ -129,15 +129,16 @@ def agreement(name: str, size: tuple[int, int], preset: str) -> float:
 
 @pytest.mark.parametrize("preset", list(CRF_PRESETS))
 def test_exact_torch_path_against_pydensecrf_on_real_photos(preset):
-    """64×64 = 4096 px, the largest image the torch path computes exactly; all four photos."""
-    for name in PHOTOS:
+    """64×64 = 4096 px, the largest image the torch path computes exactly; two of the photos (time)."""
+    for name in PHOTOS[:2]:
         assert agreement(name, (64, 64), preset) >= EXACT_AGREEMENT[preset], (preset, name)
 
 
 @pytest.mark.parametrize("preset", list(CRF_PRESETS))
 def test_large_image_approximation_against_pydensecrf_at_voc_size(preset):
-    """500×375 (VOC), the torch path's large-image approximation; two of the photos (time)."""
-    for name in PHOTOS[:2]:
+    """500×375 (VOC), the torch path's large-image approximation; one photo (time: the torch path
+    takes seconds there)."""
+    for name in PHOTOS[:1]:
         assert agreement(name, (500, 375), preset) >= VOC_AGREEMENT[preset], (preset, name)
 
 
@@ -155,6 +156,7 @@ def test_missing_pydensecrf_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(crfmod, "pydensecrf_available", lambda: False)
     with pytest.raises(TokensegError, match=r"pip install pydensecrf2"):
         crfmod.resolve_backend("pydensecrf")
-    assert crfmod.resolve_backend("auto") == "torch"
+    with pytest.warns(UserWarning, match="falls back to the pure-torch backend"):
+        assert crfmod.resolve_backend("auto") == "torch"
     image, probs, truth = two_region_case()
     np.testing.assert_array_equal(dense_crf(image, probs, backend="auto").argmax(0), truth)
