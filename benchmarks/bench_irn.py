@@ -108,6 +108,89 @@ def worker(args) -> dict:
     return res
 
 
+def train_step(args) -> None:
+    """One default IRNet training step (``--train-step``), timed by part next to its FLOP bound.
+
+    The step of ``train_irn``: frozen ResNet-50 features, boundary and displacement branches, the
+    affinity loss (path max over radius-10 pairs) and the displacement loss, backward, SGD. Inputs
+    are random images and random labels (0, 1, 2, 255) at ``--crop`` (default 512, IRN's). The FLOP
+    count is torch's (convolutions and matrix products, forward and backward); the bound is that count
+    at the machine's best measured fp32 matmul rate. Element-wise work (path max, GroupNorm,
+    upsampling, the losses) counts no FLOPs, so its bound is 0 and its time is all overhead."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenseg import optim
+    from tokenseg.refine.irn_net import IRNet, irn_loss, reduce_labels
+    from _common import matmul_rate
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = IRNet(args.backbone, displacement=True, freeze_backbone=True).train()
+    net.encoder.requires_grad_(False)
+    opt = optim.sgd([{"params": net.edge_parameters()}, {"params": net.displacement_parameters()}], True,
+                    lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(args.step_batch, 3, args.crop, args.crop)
+    y = torch.randint(0, 4, (args.step_batch, args.crop, args.crop))
+    y[y == 3] = 255
+
+    def parts(flops: FlopCounterMode | None) -> dict:
+        times, t = {}, time.perf_counter()
+
+        def mark(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            times[name] = now - t
+            t = now
+            if flops is not None:
+                times[name + "_flops"] = sum(flops.get_flop_counts()["Global"].values()) - sum(
+                    v for k, v in times.items() if k.endswith("_flops"))
+        feats = net.features(x)
+        mark("backbone forward")
+        h, w = feats[1].shape[-2:]
+        edge = net.edge_out(torch.cat([layer(f)[..., :h, :w] for layer, f in zip(net.edge_layers, feats)], 1))
+        mark("boundary branch")
+        d = [layer(f) for layer, f in zip(net.dp_layers[:5], feats)]
+        h8, w8 = d[2].shape[-2:]
+        mid = net.dp_layers[5](torch.cat([d[2], d[3][..., :h8, :w8], d[4][..., :h8, :w8]], 1))[..., :h, :w]
+        disp = net.dp_layers[6](torch.cat([d[0], d[1], mid], 1))
+        mark("displacement branch")
+        labels = reduce_labels(y, edge.shape[-2:])
+        loss, _ = irn_loss(edge, disp, labels, 10)
+        mark("losses (affinity + displacement)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark("backward")
+        opt.step()
+        mark("optimizer step")
+        with torch.no_grad():  # not part of the step: how much of the losses is the affinity (path max) part
+            irn_loss(edge, None, labels, 10)
+        mark("(of the losses: affinity alone)")
+        return times
+
+    parts(None)  # warm-up
+    with FlopCounterMode(display=False) as fc:
+        counted = parts(fc)
+    runs = [parts(None) for _ in range(args.repeats)]
+    rate = matmul_rate(torch.float32, torch.device("cpu"))["best"]
+    names = [k for k in runs[0] if not k.endswith("_flops")]
+    rows, total_t, total_f = [], 0.0, 0.0
+    for k in names:
+        t = median([r[k] for r in runs])
+        gf = counted.get(k + "_flops", 0) / 1e9
+        bound = gf / rate
+        if not k.startswith("("):
+            total_t += t
+            total_f += gf
+        rows.append([k, f"{t:.3f}", f"{gf:.1f}", f"{bound:.3f}", f"{t / bound:.1f}×" if bound > 0 else "—"])
+    rows.append(["step", f"{total_t:.3f}", f"{total_f:.1f}", f"{total_f / rate:.3f}",
+                 f"{total_t / (total_f / rate):.2f}×"])
+    print(machine())
+    print(f"IRNet training step: {args.backbone} frozen, batch {args.step_batch}, crop {args.crop}, "
+          f"fp32 matmul rate {rate:.0f} GFLOP/s (best of 7)")
+    print(table(["part", "seconds", "GFLOP", "bound s", "time / bound"], rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=500)
@@ -122,7 +205,14 @@ def main() -> None:
     p.add_argument("--dtype", default="float64", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--train-step", action="store_true", help="time one IRNet training step by part instead")
+    p.add_argument("--backbone", default="resnet50", help="--train-step: the timm ResNet")
+    p.add_argument("--crop", type=int, default=512, help="--train-step: the (padded) crop side")
+    p.add_argument("--step-batch", type=int, default=32, help="--train-step: images per step")
     args = p.parse_args()
+    if args.train_step:
+        train_step(args)
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -402,6 +402,48 @@ def test_training_resumes_to_the_same_weights(toy, tmp_path):
         irn.make_ir_labels(cfg, tasks, seeds, tmp_path / "labels", progress=False)
 
 
+# ----------------------------------------------------------------------------- padding to the batch
+def test_pad_size_rounds_the_largest_side_up_to_16_at_most_the_crop():
+    assert irn._pad_size([(375, 500), (333, 500)], 512) == 512  # a VOC batch: IRN's 512 crop
+    assert irn._pad_size([(96, 96), (90, 64)], 512) == 96
+    assert irn._pad_size([(100, 90)], 512) == 112
+    assert irn._pad_size([(100, 90)], 104) == 104  # never more than the crop ...
+    assert irn._pad_size([(600, 400)], 512) == 608  # ... unless the image is larger (not cropped at inference)
+
+
+@pytest.mark.parametrize("scale, crop, side", [(1.0, 128, 48), (12.5, 512, 512)])
+def test_batches_are_padded_only_as_far_as_their_largest_image(toy, tmp_path, scale, crop, side):
+    """40-px images in a 128 crop: the batch is 48² and cuts padding only; images scaled to 500 px (VOC
+    size) in IRN's 512 crop: exactly the crop-padded batch."""
+    from tokenseg.io import save_palette_png
+    from tokenseg.segment.train import CropDataset
+
+    base, root, seeds = toy
+    ds = build_dataset(toy_config(root, tmp_path).data, "train")
+    rng = np.random.default_rng(0)
+    for image_id in ds.ids:  # labels with an ignore band, as IR labels have
+        save_palette_png(tmp_path / f"{image_id}.png", rng.choice([0, 1, 2, 255], size=(40, 40)).astype(np.uint8))
+    args = (ds, list(range(len(ds.ids))), tmp_path, crop, (scale, scale), True)
+    full = CropDataset(*args, seed=3)
+    lean = CropDataset(*args, seed=3, extent=True)
+    samples = [lean[k] for k in range(3)]
+    x, y = irn._BatchPad(crop, 5)(samples)
+    assert x.shape == (3, 3, side, side) and y.shape == (3, side, side)
+    xf = torch.stack([full[k][0] for k in range(3)])
+    yf = torch.stack([full[k][1] for k in range(3)])
+    torch.testing.assert_close(x, xf[:, :, :side, :side], rtol=0, atol=0)
+    torch.testing.assert_close(y, yf[:, :side, :side], rtol=0, atol=0)
+    assert not xf[:, :, side:].any() and not xf[..., side:].any()  # what was cut is padding only
+    assert bool((yf[:, side:] == 255).all()) and bool((yf[..., side:] == 255).all())
+
+
+def test_the_training_radius_sets_the_least_batch_side():
+    x = torch.zeros(3, 512, 512)  # a crop holding a 40-px image
+    y = torch.zeros(512, 512, dtype=torch.long)
+    xb, yb = irn._BatchPad(512, 10)([(x, y, torch.tensor([40, 40]))] * 2)
+    assert xb.shape[-1] == 80 and yb.shape[-1] == 80  # irn_loss needs a side > 8 · (10 − 1)
+
+
 # ----------------------------------------------------------------------------- the chain
 def test_irn_chain_through_the_cli(toy, tmp_path, capsys):
     base, root, seeds = toy
@@ -409,7 +451,9 @@ def test_irn_chain_through_the_cli(toy, tmp_path, capsys):
     out, work = tmp_path / "masks", tmp_path / "work"
     args = ["pseudo", str(cfg_file), *TINY, "pseudo.irn.max_steps=12", "--seeds", str(seeds), "--out", str(out),
             "--work", str(work), "--eval", "--json", str(tmp_path / "r.json"), "--quiet"]
-    assert main(args) == 0
+    with pytest.warns(UserWarning, match="without ImageNet weights") as caught:
+        assert main(args) == 0
+    assert sum("without ImageNet weights" in str(w.message) for w in caught) == 1
     text = capsys.readouterr().out
     assert "mIoU" in text and "6 written" in text
     ds = build_dataset(toy_config(root, tmp_path).data, "train")

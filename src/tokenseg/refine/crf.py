@@ -5,9 +5,12 @@ Two backends compute the same model: Potts compatibility, a spatial Gaussian ker
 
     Q ← softmax(−U + Σ_m w_m · n_m ⊙ K_m (n_m ⊙ Q)),   n_m = 1 / sqrt(K_m 1)
 
-* ``pydensecrf``: the ``pydensecrf2`` package (``pip install "tokenseg[crf]"``), permutohedral lattice,
-  fast on any image size. What the authors use.
-* ``torch``: pure torch, no extra dependency. The Gaussian kernel is separable and applied exactly.
+* ``pydensecrf``: the ``pydensecrf2`` package, a default dependency of tokenseg (built from source at
+  install time), permutohedral lattice, fast on any image size. What the authors use, and the default.
+* ``torch``: pure torch, the fallback where pydensecrf2 cannot be built. It computes the model with the
+  true Gaussian kernels, which the lattice only approximates, so even its exact path does not agree
+  with pydensecrf2 on every pixel (measured on real photos in the README, ``benchmarks/bench_crf.py``).
+  The Gaussian kernel is separable and applied exactly.
   The bilateral kernel is computed exactly with explicit N×N pairwise weights (in row chunks) when the
   image has at most ``exact_pixels`` pixels. Larger images are approximated: the bilateral message is
   computed on an area-downsampled grid (each coarse pixel carries its mean colour and its pixel count,
@@ -16,11 +19,14 @@ Two backends compute the same model: Potts compatibility, a spatial Gaussian ker
   coarse grid and brought back by joint bilateral upsampling (3×3 coarse neighbours weighted by
   distance and colour). Unaries and the Gaussian message stay at full resolution.
 
-``backend="auto"`` uses pydensecrf when it is importable, otherwise torch.
+``backend="auto"`` uses pydensecrf when it is importable, otherwise torch. The torch path costs about
+``pixels × min(pixels, exact_pixels)`` kernel entries, so it is much slower than the lattice on small
+images too.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 
 from ..io import TokensegError
 
-INSTALL_HINT = 'pip install "tokenseg[crf]"  (builds pydensecrf2; needs cython and a C++ compiler)'
+INSTALL_HINT = "pip install pydensecrf2  (a tokenseg dependency; it builds from source with a C++ compiler)"
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,11 @@ def pydensecrf_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     if backend == "auto":
-        return "pydensecrf" if pydensecrf_available() else "torch"
+        if pydensecrf_available():
+            return "pydensecrf"
+        warnings.warn(f"pydensecrf2 is not importable: the DenseCRF falls back to the pure-torch backend, slower and "
+                      f"not the authors' lattice (README: DenseCRF). Install it with: {INSTALL_HINT}", stacklevel=2)
+        return "torch"
     if backend == "pydensecrf":
         if not pydensecrf_available():
             raise TokensegError(

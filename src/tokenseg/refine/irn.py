@@ -9,12 +9,14 @@
    says foreground, 0 where both say background, 255 between. ``variant=pot``: the seed's own
    background channel in place of the constants; POT's code uses it unchanged in both maps, so there
    is no 255 band (§16.22), ``pot_fg_scale`` / ``pot_bg_scale`` ≠ 1 make one [I].
-2. **IRNet** (``irn.pt``, see :mod:`.irn_net`) trained on them: crop 512, batch 32, 3 epochs, SGD with
+2. **IRNet** (``irn.pt``, see :mod:`.irn_net`) trained on them: crop 512 (a batch of smaller images is
+   padded only to its largest image, rounded up to 16), batch 32, 3 epochs, SGD with
    poly lr (0.1 boundary branch, 1.0 displacement branch), wd 1e-4, momentum 0.9 (their code runs
    1e-4, §16.16: ``pseudo.irn.momentum=1e-4``). Checkpoints every epoch (and every
    ``checkpoint_every`` steps) hold the optimizer state, and the data order and augmentation are a
    function of (seed, epoch, index), so a killed run resumes to the same weights.
-3. **Random walk** → masks. Boundaries ``B`` at stride 4 (image and flip, padded to the crop size,
+3. **Random walk** → masks. Boundaries ``B`` at stride 4 (image and flip, padded to the crop size or
+   the batch's largest side rounded up to 16 if smaller,
    logits averaged); pair affinities ``a_ij = 1 − max_path B`` within radius 5, with unit self-loops;
    ``T = D⁻¹ a^β`` (β = 10), applied ``2^exp_times`` (256) times to the seeds ⊙ (1 − B) on the same
    grid; upsampled ×4, divided by the global max; ``variant=irn`` adds a constant background 0.25,
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,6 +59,11 @@ CHECKPOINT_FORMAT = "tokenseg-irn/1"
 CHECKPOINT_NAME = "irn.pt"
 LABEL_SETTINGS = "ir_labels.json"
 WALK_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+NO_WEIGHTS_WARNING = (
+    "pseudo.refine=irn without ImageNet weights (pseudo.irn.pretrained=false, no pseudo.irn.weights): IRN learns "
+    "its boundaries on a frozen random backbone (or one trained from scratch) and on the demo's synthetic data its "
+    "masks were worse than the plain threshold's (README: 'IRN without ImageNet weights'); set "
+    "pseudo.irn.pretrained=true or pseudo.irn.weights=FILE, or use the plain threshold")
 
 
 # ----------------------------------------------------------------------------- config
@@ -304,7 +312,6 @@ def sparse_transition(weights: torch.Tensor, offsets: Sequence[tuple[int, int]])
 
 def walk_sparse(x: torch.Tensor, weights: torch.Tensor, offsets: Sequence[tuple[int, int]], steps: int) -> torch.Tensor:
     """The same walk as :func:`walk_banded` through one sparse CSR matrix product per step."""
-    import warnings
 
     B, K, h, w = x.shape
     with warnings.catch_warnings():
@@ -377,6 +384,22 @@ def load_irn(path: str | Path) -> IRNet:
     return net.eval()
 
 
+class _BatchPad:
+    """Collate crops padded only as far as the batch needs: a square of its largest image extent
+    rounded up to 16 (:func:`_pad_size`), at least what the training radius needs, at most the crop.
+    Crops are padded bottom/right, so this cuts padding only; a batch that holds an image as large as
+    the crop (VOC: 500 px scaled by 0.5–1.5, batch 32) is the crop, as in IRN."""
+
+    def __init__(self, crop: int, train_radius: int) -> None:
+        self.crop = crop
+        self.least = min(crop, -(-(8 * (train_radius - 1) + 4) // 16) * 16)  # irn_loss needs > 8(r − 1)
+
+    def __call__(self, samples):
+        side = max(self.least, _pad_size([tuple(int(v) for v in e) for _, _, e in samples], self.crop))
+        return (torch.stack([x[:, :side, :side] for x, _, _ in samples]),
+                torch.stack([y[:side, :side] for _, y, _ in samples]))
+
+
 def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_dir: str | Path,
               progress: bool = True, labels: dict | None = None,
               step_hook: Callable[[int], None] | None = None) -> Path:
@@ -413,7 +436,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
                           lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     amp = AmpStep(pc.amp, device, optimizer)
-    fixed_shapes(device)  # crops of pseudo.irn.crop
+    fixed_shapes(device)  # crops of a few sizes (multiples of 16 up to pseudo.irn.crop): tuned once each
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -424,7 +447,8 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     total = ic.max_steps if ic.max_steps > 0 else ic.epochs * steps_per_epoch
     # [I] DeepLab-style augmentation of segment.train (bilinear rescale, pad bottom/right); IRN rescales
     # bicubically and places a crop-smaller image at a random offset
-    data = CropDataset(ds, indices, label_dir, ic.crop, tuple(ic.scale_range), True, seed=ic.seed)
+    data = CropDataset(ds, indices, label_dir, ic.crop, tuple(ic.scale_range), True, seed=ic.seed, extent=True)
+    collate = _BatchPad(ic.crop, ic.train_radius)
     workers = cfg.data.num_workers if ic.num_workers < 0 else ic.num_workers
     net.train()
     finished = False  # a checkpoint marked done has been written
@@ -435,7 +459,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
         order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
         data.epoch = epoch
         for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                               pin_memory=device.type == "cuda"):
+                               pin_memory=device.type == "cuda", collate_fn=collate):
             scale = (1.0 - step / total) ** ic.poly_power
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -467,10 +491,13 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
 
 # ----------------------------------------------------------------------------- inference
 def _pad_size(sizes: Sequence[tuple[int, int]], crop: int) -> int:
-    """IRN pads every image to the crop size (GroupNorm statistics then match training); larger
-    images go to the next multiple of 16 [I] (IRN would crop them)."""
-    side = max(max(max(h, w) for h, w in sizes), crop)
-    return -(-side // 16) * 16
+    """The square side a batch of images is zero-padded to: its largest side rounded up to a multiple
+    of 16, at most ``crop``. IRN pads every image to the crop (512), which is what a VOC image (500 px)
+    gets here too; a 96-px image is not padded 28-fold [I]. Larger images go to the next multiple of
+    16 [I] (IRN would crop them)."""
+    side = max(max(h, w) for h, w in sizes)
+    rounded = -(-side // 16) * 16
+    return min(rounded, crop) if side <= crop else rounded
 
 
 @torch.no_grad()
@@ -574,6 +601,8 @@ def make_irn_masks(cfg: Config, ds, tasks: Sequence, todo: Sequence, seeds_dir: 
 
     validate_irn(cfg)
     ic = cfg.pseudo.irn
+    if not ic.pretrained and not ic.weights:
+        warnings.warn(NO_WEIGHTS_WARNING, stacklevel=2)
     work = Path(work_dir)
     label_dir = work / "labels"
     labels = make_ir_labels(cfg, tasks, seeds_dir, label_dir, progress)

@@ -20,7 +20,7 @@ def demo_config(cfg: Config) -> Config:
         from ..refine.crf import resolve_backend
 
         if resolve_backend(cfg.pseudo.crf_backend) == "torch":
-            print("demo: pydensecrf is not installed; pseudo masks without CRF (pip install \"tokenseg[crf]\")")
+            print("demo: pydensecrf is not installed; pseudo masks without CRF (pip install pydensecrf2)")
             cfg.pseudo.crf = False
     return cfg
 

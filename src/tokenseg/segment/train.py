@@ -40,8 +40,9 @@ class CropDataset(Dataset):
     Randomness comes from ``(seed, epoch, index)`` so a sample is the same however it is loaded."""
 
     def __init__(self, dataset, indices: list[int], mask_dir: str | Path, crop: int,
-                 scale_range=(0.7, 1.3), flip: bool = True, seed: int = 0) -> None:
+                 scale_range=(0.7, 1.3), flip: bool = True, seed: int = 0, extent: bool = False) -> None:
         self.ds = dataset
+        self.extent = extent  # also return the (h, w) of the crop that is image, not padding
         self.indices = list(indices)
         self.mask_dir = Path(mask_dir)
         self.crop = int(crop)
@@ -82,6 +83,7 @@ class CropDataset(Dataset):
         x = normalise_image(img)
         c = self.crop
         H, W = mask.shape
+        content = torch.tensor([min(H, c), min(W, c)])
         ph, pw = max(c - H, 0), max(c - W, 0)
         if ph or pw:  # pad: image with 0 (= the mean colour after normalisation), mask with ignore
             x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
@@ -91,7 +93,8 @@ class CropDataset(Dataset):
         x0 = int(rng.integers(0, W - c + 1))
         x = x[:, y0:y0 + c, x0:x0 + c]
         mask = mask[y0:y0 + c, x0:x0 + c]
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        x, mask = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        return (x, mask, content) if self.extent else (x, mask)
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
