@@ -250,8 +250,9 @@ def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str |
     ``.npy`` dicts (float32) instead. ``method`` (``model.method``) picks the position-embedding
     interpolation (V1/V2: +0.1 offset); without it ``maps.layer_reduce=sum`` means V1/V2.
 
-    fp32, one image at a time (its view and mirror image batched), floor to the patch (``maps.batch_size`` does not apply; :func:`tokenseg.maps.resolve_mode`
-    refuses bf16 and other roundings); ``maps.max_side`` shrinks the scales of a larger photo only."""
+    fp32, one image at a time (its view and mirror image batched), floored to the patch;
+    ``maps.batch_size`` does not apply and :func:`tokenseg.maps.resolve_mode` refuses bf16 and other
+    roundings; ``maps.max_side`` shrinks the scales of a larger photo only."""
     out_dir = Path(out_dir)
     device = torch.device(device)
     model = model.to(device).eval()
