@@ -39,7 +39,7 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
 
 
 def measure(preset: str, size: tuple[int, int], photos, repeats: int) -> dict:
-    from tokenseg.refine.crf import CRF_PRESETS, dense_crf
+    from tokenseg.core.crf import CRF_PRESETS, dense_crf
 
     p = CRF_PRESETS[preset]
     t_pd, t_torch, agree = [], [], []
@@ -57,7 +57,7 @@ def measure(preset: str, size: tuple[int, int], photos, repeats: int) -> dict:
 def main() -> None:
     import torch
 
-    from tokenseg.refine.crf import CRF_PRESETS, pydensecrf_available
+    from tokenseg.core.crf import CRF_PRESETS, pydensecrf_available
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)

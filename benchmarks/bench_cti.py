@@ -145,7 +145,7 @@ def make_train_step(variant: str, device: torch.device, batch: int, size: int):
     random batch with a full memory; returns a callable that runs it and returns the loss."""
     from tokenseg.config import load_config
     from tokenseg.methods import StepContext, get_method
-    from tokenseg import optim
+    from tokenseg.core import optim
     from tokenseg.methods.base import default_param_groups
 
     cfg = load_config("cti", ["model.drop_path=0.1"])

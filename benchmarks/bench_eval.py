@@ -2,7 +2,7 @@
 
 ``ours``     :func:`tokenseg.evaluate.evaluate_seeds`: every seed file and mask is read once; one
              ``bincount`` per image fills the confusion matrices of all thresholds
-             (:class:`tokenseg.metrics.ThresholdSweep`).
+             (:class:`tokenseg.core.metrics.ThresholdSweep`).
 ``authors``  the authors' approach re-implemented here: for every threshold, every ``.npy`` seed and
              every mask PNG is read again, a (C+1)×H×W score tensor with background = t is arg-maxed,
              and TP/P/T are counted with one pass per class; the image list is split over worker
@@ -36,8 +36,9 @@ THRESHOLDS = [i / 100 for i in range(60)]
 
 def make_data(root: Path, n: int, seed: int = 0):
     from tokenseg.data import VOC_CLASSES, WSSSDataset
-    from tokenseg.io import SeedMaps, save_palette_png, save_seed
-    from tokenseg.maps_authors import save_seed_npy
+    from tokenseg.core.seeds import SeedMaps, save_seed
+    from tokenseg.core.masks import save_palette_png
+    from tokenseg.methods.mctformer.authors import save_seed_npy
 
     rng = np.random.default_rng(seed)
     H, W = 375, 500

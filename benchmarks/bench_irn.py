@@ -120,7 +120,7 @@ def train_step(args) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tokenseg import optim
+    from tokenseg.core import optim
     from tokenseg.refine.irn_net import IRNet, irn_loss, reduce_labels
     from _common import matmul_rate
 

@@ -11,7 +11,7 @@ Variants, each in its own process (peak RSS = ``ru_maxrss`` of that process; on 
                   batch 1 per view, explicit attention in all 12 layers appended to a list and stacked
                   (12×1×6×N×N), head mean, all 20 classes refined and upsampled, per-class Python loop
                   min–max on the CPU (numpy);
-``authors-mode``  ``tokenseg.maps_authors``: what ``tokenseg maps mctformer-plus`` runs by default
+``authors-mode``  ``tokenseg.methods.mctformer.authors``: what ``tokenseg maps mctformer-plus`` runs by default
                   (``maps.mode=auto``): the same maps, view + mirror in one batch, reduced on the fly;
 ``fp32`` / ``bf16``  ``tokenseg.maps.compute_maps`` (``maps.mode=tokenseg``, the opt-in batched path with its
                   deviations), fp32 and bf16 autocast.
@@ -145,7 +145,7 @@ def ours_maps(model, img_u8: torch.Tensor, labels: torch.Tensor, cfg) -> torch.T
 
 
 def authors_mode_maps(model, img, labels, device):
-    from tokenseg.maps_authors import compute_maps_authors
+    from tokenseg.methods.mctformer.authors import compute_maps_authors
 
     cfg = maps_cfg()
     return compute_maps_authors(model, img, labels, cfg, method="mctformer-plus", device=device)["fused_affinity"]

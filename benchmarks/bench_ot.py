@@ -1,4 +1,4 @@
-"""OT / k-means throughput for OTPL and POT: the released POT code's approach vs tokenseg.ot.
+"""OT / k-means throughput for OTPL and POT: the released POT code's approach vs tokenseg.core.ot.
 
 Workloads (one batch of 16 images, fp32, synthetic features with real cluster structure):
 
@@ -18,10 +18,10 @@ Variants, each in its own process, interleaved over rounds (medians of all timed
             tqdm / print); OT with their ``Net.Sinkhorn`` (one call per image on the stack of its classes'
             problems, ``err.item()`` every iteration). For OTPL there is no released code: the loop runs
             the same solver one image at a time, as the same authors' POT code would.
-``*-code``  tokenseg.ot batched: ``kmeans`` (same stop rule, same initial points via
+``*-code``  tokenseg.core.ot batched: ``kmeans`` (same stop rule, same initial points via
             ``kmeans_pytorch_init``) + ``sinkhorn_code`` with one stop group per image. It must give the
             loop's results: the driver prints the largest difference.
-``*-log``   tokenseg.ot batched: ``kmeans`` (torch RNG init) + log-domain ``sinkhorn``, a fixed 100
+``*-log``   tokenseg.core.ot batched: ``kmeans`` (torch RNG init) + log-domain ``sinkhorn``, a fixed 100
             iterations (no host sync); ``*-log-tol`` stops at a 1e-6 marginal error checked every 10.
             These converge the OT; the code's stop rule ends after ~2-6 iterations, far from it (the
             driver prints the code's marginal error), so they do more work than the loop.
@@ -122,7 +122,7 @@ def pot_loop(feats, masks, _present):
 
 # ------------------------------------------------------------------------------ ours
 def otpl_ours(cost, a, b, variant):
-    from tokenseg.ot import sinkhorn, sinkhorn_code
+    from tokenseg.core.ot import sinkhorn, sinkhorn_code
 
     if variant == "otpl-code":
         return sinkhorn_code(cost, a, b, eps=EPS)
@@ -131,7 +131,7 @@ def otpl_ours(cost, a, b, variant):
 
 
 def pot_ours(feats, masks, _present, variant):
-    from tokenseg.ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
+    from tokenseg.core.ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
 
     img = torch.arange(B, device=feats.device).repeat_interleave(POT_PRESENT)  # group g = (image, class)
     m = masks.flatten(0, 1)  # (G, HW)

@@ -138,7 +138,7 @@ def make_variants(device, with_network: bool, b: int = B, side: int = SIDE):
     gen = torch.Generator(device=device)
     variants = {}
 
-    from tokenseg.ot import kmeans_pytorch_init
+    from tokenseg.core.ot import kmeans_pytorch_init
 
     pairs = torch.nonzero(present > 0)
     X = feats0.flatten(2).transpose(1, 2).contiguous()

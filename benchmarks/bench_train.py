@@ -49,7 +49,7 @@ def authors_forward(model, x: torch.Tensor) -> dict:
 def make_step(variant: str, device: torch.device, batch: int, size: int):
     """One training step of ``variant`` (``authors`` | ``ours-fp32`` | ``ours-bf16``) on a fixed random
     batch; returns a callable that runs it and returns the loss as a float."""
-    from tokenseg import optim
+    from tokenseg.core import optim
     from tokenseg.config import load_config
     from tokenseg.methods import get_method
     from tokenseg.methods.base import default_param_groups

@@ -9,7 +9,7 @@ Rows (the authors' side is the re-implementation in the named benchmark script, 
 ``seeds default`` / ``seeds fp32`` / ``seeds bf16``  MCTformer+ seeds (DeiT-S, 500×375 images, scales
     1.0/0.75/1.25 + flip, ``fused_affinity``) vs their batch-1 loop (``bench_maps.authors_maps``, fp32, the
     attention of all layers stacked): the default (``maps.mode=auto``: their inference reproduced exactly,
-    ``tokenseg.maps_authors``, one image at a time) and ``maps.mode=tokenseg`` (``tokenseg.maps.compute_maps``,
+    ``tokenseg.methods.mctformer.authors``, one image at a time) and ``maps.mode=tokenseg`` (``tokenseg.maps.compute_maps``,
     batches of 16) in fp32 and bf16; images/s, peak GPU memory and the projected time for VOC train
     (1,464 images). Target: ≥ 5× theirs and VOC train in < 60 s.
 ``train step``  MCTformer+ training step, batch 32 at 448² (``train.amp=auto``: bf16 on CUDA) vs theirs
@@ -185,7 +185,7 @@ def seeds_figures(ours: dict, theirs: dict) -> dict:
 
 def row_seeds_default(ctx: Ctx) -> dict:
     """``maps.mode=auto``, MCTformer+'s default: the authors' inference reproduced exactly (one image at
-    a time, attention reduced on the fly; ``tokenseg.maps_authors``)."""
+    a time, attention reduced on the fly; ``tokenseg.methods.mctformer.authors``)."""
     import bench_maps as bm
 
     theirs = seeds_authors(ctx)
@@ -292,7 +292,7 @@ def row_irn(ctx: Ctx) -> dict:
 
 
 def row_crf(ctx: Ctx) -> dict:
-    from tokenseg.refine.crf import CRF_PRESETS, _crf_pydensecrf, crf_torch, pydensecrf_available
+    from tokenseg.core.crf import CRF_PRESETS, _crf_pydensecrf, crf_torch, pydensecrf_available
 
     import bench_maps as bm
 
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows_spec = [r for r in ROWS if not wanted or r[0] in wanted]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from tokenseg.io import write_json_atomic, write_text_atomic
+    from tokenseg.core.files import write_json_atomic, write_text_atomic
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"## GPU figures ({where}{', smoke sizes' if args.smoke else ''})\n\n"

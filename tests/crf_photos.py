@@ -46,7 +46,7 @@ def cam_probs(height: int, width: int, n_labels: int = 3, seed: int = 0, backgro
 def case(name: str, size: tuple[int, int], preset: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The image and the CRF input of one comparison: soft probabilities, or for the ``irn`` preset
     (IRN's label CRF) the unary of their argmax (gt_prob 0.7)."""
-    from tokenseg.refine.crf import label_probs
+    from tokenseg.core.crf import label_probs
 
     image = photo(name, size)
     probs = cam_probs(size[1], size[0], seed=seed + PHOTOS.index(name))

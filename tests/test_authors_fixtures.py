@@ -18,8 +18,9 @@ from tokenseg.data import WSSSDataset
 from tokenseg.checkpoint import load_model_from_checkpoint
 from tokenseg.methods.mctformer import compute_losses, uses_cct
 from tokenseg.evaluate import evaluate_seeds
-from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed
-from tokenseg.maps_authors import generate_seeds_authors
+from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.methods.mctformer.authors import generate_seeds_authors
 
 from authors_weights import authors_weights
 

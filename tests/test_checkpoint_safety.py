@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tokenseg.cli import main
-from tokenseg.checkpoint import describe_file, load_model_from_checkpoint, read_weights
-from tokenseg.io import TokensegError
+from tokenseg.core.weights import describe_file, read_weights
+from tokenseg.checkpoint import load_model_from_checkpoint
+from tokenseg.core.errors import TokensegError
 
 
 class _Planted:

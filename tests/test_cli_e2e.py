@@ -11,7 +11,8 @@ from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.engine import train
 from tokenseg.data import build_dataset
-from tokenseg.io import TokensegError, load_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
 
 from floors import background_only_miou
 

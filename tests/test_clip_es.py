@@ -17,8 +17,8 @@ from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
 
-from tokenseg import clip_es as ce  # noqa: E402
-from tokenseg.io import TokensegError  # noqa: E402
+from tokenseg.methods.clip_es import algorithm as ce  # noqa: E402
+from tokenseg.core.errors import TokensegError  # noqa: E402
 from tokenseg.models import clip as mc  # noqa: E402
 
 from authors_weights import authors_weights  # noqa: E402

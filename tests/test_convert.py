@@ -11,7 +11,9 @@ from tokenseg.cli import main
 from tokenseg.config import ModelConfig
 from tokenseg.data import VOC_CLASSES
 from tokenseg.engine import load_model_from_checkpoint, read_checkpoint
-from tokenseg.io import TokensegError, load_seed, save_palette_png
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
+from tokenseg.core.masks import save_palette_png
 from tokenseg.models import build_model
 from tokenseg.models.convert import (detect_layout, export_authors_state, load_authors_checkpoint,
                                      model_from_state, unwrap_state_dict)

@@ -15,7 +15,8 @@ from tokenseg.config import load_config
 from tokenseg.data import build_dataset
 from tokenseg.data.transforms import TrainSet
 from tokenseg.engine import train
-from tokenseg.io import TokensegError, load_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
 from tokenseg.methods import StepContext, get_method
 from tokenseg.methods.cti import compute_losses, plan_for
 from tokenseg.models.convert import model_from_state
@@ -396,7 +397,7 @@ def test_predict_from_a_cti_checkpoint_uses_its_background_channel(tmp_path):
 
     from tokenseg.maps import compute_map_batch, normalise
     from tokenseg.segment.predict import predict
-    from tokenseg.io import read_mask
+    from tokenseg.core.masks import read_mask
 
     cfg = tiny(tmp_path)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import COCO_CLASSES, build_dataset, cache_root, load_coco
 from tokenseg.data.coco import polygon_mask, rle_counts_from_string, rle_decode, semantic_mask
-from tokenseg.io import TokensegError
+from tokenseg.core.errors import TokensegError
 
 try:
     import pycocotools.mask as mask_utils

@@ -13,7 +13,8 @@ from PIL import Image
 from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import build_dataset, check_dataset, load_folder
-from tokenseg.io import TokensegError, save_palette_png
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import save_palette_png
 
 CLASSES = ["cat", "dog", "traffic light"]
 ROWS = [  # file, labels cell, split

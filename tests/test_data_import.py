@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from tokenseg.cli import main
 from tokenseg.data import load_folder, load_rgb
-from tokenseg.io import read_mask
+from tokenseg.core.masks import read_mask
 
 W, H = 40, 30
 # pycocotools' numpy-2 deprecation noise, from the reference rasterisations below

@@ -9,7 +9,7 @@ import pytest
 from tokenseg.cli import main
 from tokenseg.data import (VOC_CLASSES, WSSSDataset, import_cls_labels_npy, read_class_names,
                            read_labels_table, write_labels_file)
-from tokenseg.io import TokensegError
+from tokenseg.core.errors import TokensegError
 
 
 def _npy(path, keys, dim=20):

@@ -17,7 +17,7 @@ from PIL import Image
 from tokenseg.config import DataConfig
 from tokenseg.data import build_dataset
 from tokenseg.data.openimages import OpenImagesDataset, load_openimages, read_localization
-from tokenseg.io import TokensegError
+from tokenseg.core.errors import TokensegError
 
 MIDS = ["01226z", "0138tl", "014j1m"]  # classes 0, 1, 2 (their label order: sorted MIDs)
 # split, class, image id, image (h, w), mask (h, w), instance boxes (y0, y1, x0, x1), ignore box

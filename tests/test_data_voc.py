@@ -12,7 +12,8 @@ from PIL import Image
 from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import VOC_CLASSES, build_dataset, check_dataset, load_voc
-from tokenseg.io import TokensegError, read_mask, save_palette_png
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import read_mask, save_palette_png
 
 IDS = [f"2007_{i:06d}" for i in range(1, 7)]
 # foreground classes (1-based mask values) drawn in each image's mask

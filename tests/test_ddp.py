@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from tokenseg.io import load_seed
+from tokenseg.core.seeds import load_seed
 
 
 def torchrun(args, env_extra=None):
@@ -48,7 +48,7 @@ def test_ddp_training_and_sharded_maps_match_single_process(tmp_path):
         np.testing.assert_allclose(s1.maps.astype(np.float32), s2.maps.astype(np.float32), atol=2e-3)
 
     # pseudo masks: each rank writes its share; together the same PNGs as one process, one summary
-    from tokenseg.io import read_mask
+    from tokenseg.core.masks import read_mask
 
     seeds = str(tmp_path / "m1" / "fused_affinity")
     extra = ["pseudo.split=val", "pseudo.threshold=0.4", "pseudo.crf=false"]

@@ -19,7 +19,8 @@ from PIL import Image
 from tokenseg import engine
 from tokenseg.cli import main
 from tokenseg.config import RANGES, Config, load_config, numeric_fields, range_problem
-from tokenseg.io import TokensegError, append_jsonl, write_bytes_atomic
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.files import append_jsonl, write_bytes_atomic
 
 TINY = ["train.epochs=1", "train.keep_best=true", "maps.kinds=[fused]", "data.num_workers=0",
         "segment.max_steps=2", "segment.eval_at_end=false"]
@@ -320,7 +321,7 @@ def test_a_250_byte_image_name_works(run, tmp_path):
 
 def test_disk_full_is_one_line_naming_folder_and_file(tmp_path, monkeypatch):
     """Without root: the write fails as a full disk does (ENOSPC from the file system)."""
-    import tokenseg.io as tio
+    import tokenseg.core.files as tio
 
     real = tio.os.fdopen
 

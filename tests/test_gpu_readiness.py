@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tokenseg.config import load_config
-from tokenseg.device import AmpStep, FiniteWatch, oom_hint
-from tokenseg.io import TokensegError
+from tokenseg.core.device import AmpStep, FiniteWatch, oom_hint
+from tokenseg.core.errors import TokensegError
 
 SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy")
 
@@ -131,7 +131,7 @@ def test_finite_watch_remembers_a_bad_loss_until_read():
 
 
 def test_background_writer_keeps_submission_order_and_raises_its_error():
-    from tokenseg.io import BackgroundWriter
+    from tokenseg.core.files import BackgroundWriter
 
     order = []
     with BackgroundWriter(depth=2) as w:

@@ -24,7 +24,9 @@ from test_post_common import (make_toy_voc, one_thread, seeds_from_masks, toy_co
 from tokenseg.cli import main  # noqa: E402
 from tokenseg.config import load_config  # noqa: E402
 from tokenseg.data import build_dataset  # noqa: E402
-from tokenseg.io import SeedMaps, TokensegError, load_seed, read_mask, save_seed, voc_palette  # noqa: E402
+from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import read_mask, voc_palette  # noqa: E402
 from tokenseg.refine import irn  # noqa: E402
 from tokenseg.refine.irn_net import IRNet, direction_path, irn_loss, search_directions  # noqa: E402
 
@@ -123,7 +125,7 @@ def test_ir_labels_with_the_crf_follow_the_image():
     assert (plain == truth).mean() < 0.8 and (plain == 255).any()
     assert (lab == truth).mean() > 0.97  # both label maps snap to the colour edges
     # the unary is pydensecrf's unary_from_labels(gt_prob=0.7, zero_unsure=False): -log 0.7 / -log 0.15
-    from tokenseg.refine.crf import label_probs, unary_from_probs
+    from tokenseg.core.crf import label_probs, unary_from_probs
 
     u = unary_from_probs(label_probs(np.array([[0, 2]]), 3, 0.7))
     np.testing.assert_allclose(u[:, 0, 0], -np.log([0.7, 0.15, 0.15]), rtol=1e-6)
@@ -415,8 +417,8 @@ def test_pad_size_rounds_the_largest_side_up_to_16_at_most_the_crop():
 def test_batches_are_padded_only_as_far_as_their_largest_image(toy, tmp_path, scale, crop, side):
     """40-px images in a 128 crop: the batch is 48² and cuts padding only; images scaled to 500 px (VOC
     size) in IRN's 512 crop: exactly the crop-padded batch."""
-    from tokenseg.io import save_palette_png
-    from tokenseg.segment.train import CropDataset
+    from tokenseg.core.masks import save_palette_png
+    from tokenseg.data.crops import CropDataset
 
     base, root, seeds = toy
     ds = build_dataset(toy_config(root, tmp_path).data, "train")

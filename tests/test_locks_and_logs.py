@@ -8,11 +8,11 @@ import time
 import pytest
 
 from tokenseg.cli import main
-from tokenseg.progress import LineProgress, progress_bar
+from tokenseg.core.progress import LineProgress, progress_bar
 
 HOLD = """
 import sys, time
-from tokenseg.io import output_lock
+from tokenseg.core.locks import output_lock
 with output_lock(sys.argv[1], "tokenseg train (the other run)"):
     print("held", flush=True)
     time.sleep(60)

@@ -13,10 +13,10 @@ from PIL import Image
 
 from tokenseg.config import MapsConfig, ModelConfig, load_config
 from tokenseg.data import WSSSDataset
-from tokenseg.io import TokensegError, load_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
 from tokenseg.maps import compute_maps, normalise
-from tokenseg.maps_authors import (authors_patch_pos, compute_maps_authors, export_seeds_npy,
-                                   generate_seeds_authors, import_seeds_npy, uses_dino_offset)
+from tokenseg.methods.mctformer.authors import (authors_patch_pos, compute_maps_authors, export_seeds_npy, generate_seeds_authors, import_seeds_npy, uses_dino_offset)
 from tokenseg.models import build_model
 from tokenseg.models.convert import export_authors_state, model_from_state
 

@@ -70,7 +70,7 @@ def test_synthetic_dataset_is_deterministic_voc_layout(tmp_path):
         assert [c + 1 for c in ds.labels[i]] == present  # labels are the classes the mask shows
         assert 1 <= len(ds.labels[i]) <= 3
     # other parameters may not reuse a folder made with different ones
-    from tokenseg.io import TokensegError
+    from tokenseg.core.errors import TokensegError
 
     with pytest.raises(TokensegError, match="other parameters"):
         ensure_synthetic(SyntheticConfig(num_classes=3), a, exact=True, progress=False)

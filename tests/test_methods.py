@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import build_dataset
-from tokenseg.io import TokensegError, load_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
 from tokenseg.methods import MapRecipe, Method, available_methods, get_method, register
 
 from floors import background_only_miou
@@ -111,8 +112,9 @@ def test_channel_evaluation_equals_a_direct_argmax(tmp_path):
     from tokenseg.config import EvalConfig
     from tokenseg.data import WSSSDataset
     from tokenseg.evaluate import evaluate_seeds
-    from tokenseg.io import SeedMaps, save_palette_png, save_seed
-    from tokenseg.metrics import confusion_matrix, scores_from_confusion
+    from tokenseg.core.seeds import SeedMaps, save_seed
+    from tokenseg.core.masks import save_palette_png
+    from tokenseg.core.metrics import confusion_matrix, scores_from_confusion
 
     rng = np.random.default_rng(0)
     ids, masks, conf = [], [], np.zeros((4, 4), np.int64)

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from tokenseg.metrics import (ThresholdSweep, confusion_matrix, pick_best, scores_from_confusion,
-                              seed_prediction, threshold_grid)
+from tokenseg.core.metrics import (ThresholdSweep, confusion_matrix, pick_best, scores_from_confusion, seed_prediction, threshold_grid)
 
 
 def brute_force(images, thresholds, n):

@@ -13,7 +13,8 @@ from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import build_dataset
 from tokenseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tokenseg.io import TokensegError, load_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.seeds import load_seed
 from tokenseg.methods import get_method
 
 from floors import background_only_miou

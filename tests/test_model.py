@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenseg.config import ModelConfig
-from tokenseg.losses import contrastive_class_token_loss
+from tokenseg.core.losses import contrastive_class_token_loss
 from tokenseg.models import build_model, gwrp, resize_pos_grid
 from tokenseg.models import attention as classtoken  # the attention helpers moved out of classtoken.py
 

@@ -172,8 +172,8 @@ def test_segment_train_scores_quickly_by_default_and_says_so(tmp_path, capsys):
 
 # ------------------------------------------------------------------------- what people look at
 def test_predict_overlay_names_the_colours(tmp_path):
-    from tokenseg.io import voc_palette
-    from tokenseg.viz import class_legend, with_legend
+    from tokenseg.core.masks import voc_palette
+    from tokenseg.core.viz import class_legend, with_legend
 
     img = np.full((300, 400, 3), 90, np.uint8)
     legend = class_legend([0, 2], ["cat", "dog"])

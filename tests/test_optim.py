@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from tokenseg import optim
+from tokenseg.core import optim
 from tokenseg.config import load_config
 from tokenseg.engine import build_optimizer
 from tokenseg.methods import get_method

@@ -1,4 +1,4 @@
-"""tokenseg.ot against independent references: the POT library (ot.sinkhorn, ot.bregman.sinkhorn_log),
+"""tokenseg.core.ot against independent references: the POT library (ot.sinkhorn, ot.bregman.sinkhorn_log),
 scipy minimisation of the entropic objective, per-problem loops written here with the released POT
 code's semantics, scikit-learn's KMeans, and (when installed) kmeans_pytorch itself."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-from tokenseg.io import TokensegError
-from tokenseg.ot import gather_rows, kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code, topk_per_column
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.ot import gather_rows, kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code, topk_per_column
 
 try:
     import ot  # the POT library (a dev extra): the reference solver

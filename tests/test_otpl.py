@@ -13,7 +13,8 @@ from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import build_dataset
 from tokenseg.engine import train
-from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed, seed_path
+from tokenseg.core.seeds import SeedMaps, load_seed, save_seed, seed_path
+from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.otpl import OTPLConfig, SeedCropView, fuse, otpl_terms
 from tokenseg.models.otpl import (Assignment, ProxyConv, assign, classifier_cam, make_proxies, positives,

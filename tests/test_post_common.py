@@ -11,7 +11,9 @@ import yaml
 from PIL import Image
 
 from tokenseg.config import Config, PseudoConfig, SegmentConfig, load_config
-from tokenseg.io import SeedMaps, TokensegError, save_palette_png, save_seed
+from tokenseg.core.seeds import SeedMaps, save_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import save_palette_png
 
 CLASSES = ["box", "disc"]
 
@@ -84,7 +86,7 @@ def seeds_from_masks(root: Path, out: Path, split: str = "train", blur: float = 
     """Seeds that look like CAMs: each present class's GT region blurred (and shifted), min–max scaled."""
     from scipy.ndimage import gaussian_filter, shift as nd_shift
 
-    from tokenseg.io import read_mask
+    from tokenseg.core.masks import read_mask
 
     ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
     labels = json.loads((root / "labels.json").read_text())["labels"]

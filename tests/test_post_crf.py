@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from tokenseg.io import TokensegError
-from tokenseg.refine import crf as crfmod
-from tokenseg.refine.crf import CRF_PRESETS, CRFParams, crf_params, crf_torch, dense_crf
+from tokenseg.core.errors import TokensegError
+from tokenseg.core import crf as crfmod
+from tokenseg.core.crf import CRF_PRESETS, CRFParams, crf_params, crf_torch, dense_crf
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_post_common import one_thread  # noqa: E402,F401  (autouse: 1 torch thread)

@@ -16,8 +16,9 @@ from test_post_common import (CLASSES, make_toy_voc, one_thread, seeds_from_mask
 
 from tokenseg.cli import main  # noqa: E402
 from tokenseg.data import build_dataset  # noqa: E402
-from tokenseg.io import (SeedMaps, TokensegError, load_seed, read_mask, save_palette_png, save_seed,  # noqa: E402
-                         voc_palette)
+from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import read_mask, save_palette_png, voc_palette
 from tokenseg.refine.pseudo import attention_affinity, evaluate_masks, make_pseudo_masks  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from tokenseg.io import SeedMaps
+from tokenseg.core.seeds import SeedMaps
 from tokenseg.refine.affinitynet import (affinity_loss, pair_offsets, psa_label, sparse_affinity)
 from tokenseg.refine.randomwalk import random_walk, transition_matrix, walk_maps
 

@@ -18,9 +18,11 @@ from test_post_common import (CLASSES, make_toy_voc, one_thread, seeds_from_mask
 from tokenseg.cli import main  # noqa: E402
 from tokenseg.config import SegmentConfig  # noqa: E402
 from tokenseg.data import build_dataset  # noqa: E402
-from tokenseg.io import TokensegError, read_mask  # noqa: E402
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import read_mask  # noqa: E402
+from tokenseg.pipeline.chain import run_post_chain  # noqa: E402
 from tokenseg.segment import (build_segmenter, evaluate_segmentation, load_segmenter, predict,  # noqa: E402
-                              predict_mask, run_post_chain, train_segmentation)
+                              predict_mask, train_segmentation)
 
 SMALL = ["segment.backbone=resnet10t", "segment.feature_stage=3", "segment.aspp_dilations=[1,2]",
          "segment.crop_size=64", "segment.batch_size=3", "segment.optimizer=adamw", "segment.lr=0.005",

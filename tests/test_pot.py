@@ -14,7 +14,8 @@ from PIL import Image
 from tokenseg.cli import main
 from tokenseg.config import MapsConfig, load_config
 from tokenseg.data import WSSSDataset, build_dataset
-from tokenseg.io import SeedMaps, TokensegError, load_seed, save_seed
+from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
+from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
 from tokenseg.methods.pot import POTConfig, POTView, own_maps, to_released_state

@@ -20,7 +20,8 @@ from torch.utils.data import default_collate
 from tokenseg.cli import main
 from tokenseg.config import load_config
 from tokenseg.data import VOC_CLASSES
-from tokenseg.io import SeedMaps, TokensegError, save_seed
+from tokenseg.core.seeds import SeedMaps, save_seed
+from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
 from tokenseg.methods.pot import flip_of, numpy_init_of

@@ -11,7 +11,7 @@ import pytest
 from tokenseg.cli import main
 from tokenseg.data import build_dataset
 from tokenseg.config import load_config
-from tokenseg.io import load_seed
+from tokenseg.core.seeds import load_seed
 from tokenseg.report import image_miou
 
 CHROMIUM = next((p for p in (os.environ.get("TOKENSEG_CHROMIUM", ""), "/usr/bin/chromium",

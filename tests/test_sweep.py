@@ -9,7 +9,7 @@ import torch
 from tokenseg import pipeline
 from tokenseg.cli import main
 from tokenseg.config import load_config
-from tokenseg.io import TokensegError
+from tokenseg.core.errors import TokensegError
 from tokenseg.sweep import grid, parse_axes, point_name, run_point, split_values
 
 
@@ -146,7 +146,7 @@ def test_points_that_differ_in_maps_keys_share_one_training_and_seeds_give_mean_
 def test_sweep_plot_markers_integer_ticks_margin_and_overlaps(tmp_path):
     """Integer keys get their values as ticks, the y range a margin, identical lines a legend name that
     says so, and the legend sits where no line passes."""
-    from tokenseg.plot import line_plot
+    from tokenseg.core.plot import line_plot
     from tokenseg.sweep import _x_axis, name_overlaps, plot_sweep
 
     table = {"config": "demo-otpl", "axes": {"otpl.top_k": ["1", "3", "5", "7"]}, "rows": [

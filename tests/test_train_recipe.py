@@ -68,7 +68,7 @@ def test_deit_transform_has_no_colour_jitter_unless_asked():
 
 
 def test_epochs_must_be_positive():
-    from tokenseg.io import TokensegError
+    from tokenseg.core.errors import TokensegError
 
     with pytest.raises(TokensegError, match="train.epochs"):
         load_config("tiny", ["train.epochs=0"])

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_post_common import CLASSES, make_toy_voc, seeds_from_masks, tiny_classifier_checkpoint, toy_config  # noqa: E402
 
 from tokenseg.data import build_dataset  # noqa: E402
-from tokenseg.io import read_mask, voc_palette  # noqa: E402
+from tokenseg.core.masks import read_mask, voc_palette  # noqa: E402
 from tokenseg.segment.predict import predict, upsample_argmax, working_size  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def test_predict_from_a_classifier_at_the_working_size(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ gallery
 def test_gallery_titles_are_wrapped_not_cut():
-    from tokenseg import viz
+    from tokenseg.core import viz
     from PIL import ImageDraw
 
     titles = ["input", "fused (attention x PatchCAM)", "argmax fused (attention x PatchCAM)", "supercalifragilistic"]
@@ -181,7 +181,7 @@ def test_demo_gallery_has_a_legend_and_labelled_heat_maps(tmp_path, monkeypatch)
         value = 0 if name == "background" else CLASSES.index(name) + 1
         assert tuple(img[(y0 + y1) // 2, (x0 + x1) // 2]) == tuple(pal[value]) == sw["colour"]
     # the heat maps' colour bar runs from the colour of 0 to the colour of 1
-    from tokenseg.viz import heatmap
+    from tokenseg.core.viz import heatmap
 
     x0, y0, x1, y1 = captured["layout"]["colorbar"]
     ends = heatmap(np.array([0.0, 1.0]))

@@ -22,7 +22,11 @@ from tokenseg.data import WSSSDataset, load_folder, load_rgb
 from tokenseg.data.base import TRANSPARENT_FILL
 from tokenseg.data.scan import scan_images
 from tokenseg.data.guard import refuse_inside_dataset
-from tokenseg.io import (SeedMaps, TokensegError, output_lock, safe_output_path, save_palette_png, save_seed, seed_path, write_bytes_atomic, write_json_atomic)
+from tokenseg.core.seeds import SeedMaps, save_seed, seed_path
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.locks import output_lock
+from tokenseg.core.files import safe_output_path, write_bytes_atomic, write_json_atomic
+from tokenseg.core.masks import save_palette_png
 
 
 def folder_dataset(base: Path, rows: list[tuple[str, str]], classes=("cat", "dog", "giraffe"),
@@ -149,7 +153,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
 # ------------------------------------------------------------------------------------ output lock
 HOLDER = textwrap.dedent("""
     import sys, time
-    from tokenseg.io import output_lock
+    from tokenseg.core.locks import output_lock
     with output_lock(sys.argv[1], "tokenseg train my.yaml"):
         print("READY", flush=True)
         sys.stdin.readline()

@@ -4,7 +4,7 @@ References: a brute-force loop over every threshold written here (prediction = s
 t in np.arange(0, 1, 0.001) plus the overflow edges 1 and 2; precision·Δrecall summed where something
 is predicted; peak tp/(tp+fp+fn)); scikit-learn's average precision on scores that lie on the bin
 edges (there the binned curve is the exact one); a case computed by hand; and the OpenImages fixture of
-test_data_openimages with seeds written by tokenseg.io.save_seed.
+test_data_openimages with seeds written by tokenseg.core.seeds.save_seed.
 """
 import re
 
@@ -17,10 +17,12 @@ from sklearn.metrics import average_precision_score
 from test_data_openimages import make_openimages
 from tokenseg.data import WSSSDataset
 from tokenseg.data.openimages import load_openimages
-from tokenseg.io import SeedMaps, TokensegError, save_palette_png, save_seed
-from tokenseg.plot import line_plot
-from tokenseg.wsol import (WSOLSweep, evaluate_wsol, format_wsol, nearest_indices, normalize_scoremaps,
-                           save_pr_curve, wsol_step)
+from tokenseg.core.seeds import SeedMaps, save_seed
+from tokenseg.core.errors import TokensegError
+from tokenseg.core.masks import save_palette_png
+from tokenseg.core.plot import line_plot
+from tokenseg.wsol import WSOLSweep, evaluate_wsol, format_wsol, normalize_scoremaps, save_pr_curve, wsol_step
+from tokenseg.core.masks import nearest_indices
 
 STEP = 0.001
 

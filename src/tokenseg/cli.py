@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from .io import TokensegError
+from .core.errors import TokensegError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def _is_override(token: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .device import close_distributed, set_threads
+    from .core.device import close_distributed, set_threads
 
     argv, threads = _take_threads(list(sys.argv[1:] if argv is None else argv))
     set_threads(threads)

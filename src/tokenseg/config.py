@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import yaml
 
-from .io import TokensegError, write_text_atomic
+from .core.errors import TokensegError
+from .core.files import write_text_atomic
 
 PRESET_DIR = Path(__file__).parent / "configs"
+INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")  # eval.wsol_interp: how WSOL scores are resized
 
 
 @dataclass
@@ -192,7 +194,7 @@ def available_presets() -> list[str]:
 
 
 def _section_class(name: str) -> type | None:
-    from .methods import section_config
+    from .core.registry import section_config
 
     return section_config(name)
 
@@ -208,7 +210,7 @@ def _merge(obj: Any, updates: dict, where: str) -> None:
             continue
         if key not in names:
             if isinstance(obj, Config):
-                from .methods import available_methods, get_method
+                from .core.registry import available_methods, get_method
 
                 names = {**names, **{s: None for m in available_methods() if (s := get_method(m).section)}}
             close = difflib.get_close_matches(key, names, n=1)
@@ -462,7 +464,7 @@ def validate_ranges(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from .methods import get_method
+    from .core.registry import get_method
 
     def choice(key: str, value: Any, options: Sequence[Any]) -> None:
         if value not in options:
@@ -490,8 +492,6 @@ def validate(cfg: Config) -> None:
     choice("maps.size_rounding", cfg.maps.size_rounding, ("auto", "round", "floor", "ceil", "none"))
     choice("maps.mode", cfg.maps.mode, ("auto", "tokenseg", "authors"))
     choice("eval.background", cfg.eval.background, ("constant", "power", "channel"))
-    from .wsol import INTERPOLATIONS
-
     choice("eval.wsol_interp", cfg.eval.wsol_interp, tuple(INTERPOLATIONS))
     if cfg.eval.wsol_size < 0 or not 0 < cfg.eval.wsol_step < 1:
         raise TokensegError(f"eval.wsol_size must be >= 0 and eval.wsol_step in (0, 1), got "

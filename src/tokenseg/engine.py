@@ -20,20 +20,21 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, load_state_checked,
-                         read_checkpoint, restore_rng, save_checkpoint, unwrap)
+from .core.weights import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, read_checkpoint, restore_rng, save_checkpoint)
+from .core.weights import load_state_checked, unwrap
 from .config import Config
 from .data import WSSSDataset, build_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
-from .device import (AmpStep, DistInfo, FiniteWatch, amp_dtype, barrier, fixed_shapes, init_distributed, oom_hint,
-                     resolve_device, setup)
+from .core.device import (AmpStep, DistInfo, FiniteWatch, amp_dtype, barrier, fixed_shapes, init_distributed, oom_hint, resolve_device, setup)
 from .data.guard import refuse_inside_dataset
-from .io import TokensegError, append_jsonl, job_lock, keep_log_until
-from . import optim
-from .resume import config_differences, differing_settings_error, interrupt_at_step_boundary
+from .core.errors import TokensegError
+from .core.files import append_jsonl, keep_log_until
+from .core.locks import job_lock
+from .core import optim
+from .core.resume import config_differences, differing_settings_error, interrupt_at_step_boundary
 from .methods import Method, StepContext, get_method
-from .progress import progress_bar
+from .core.progress import progress_bar
 
 __all__ = ["train", "evaluate_map", "average_precision", "lr_at", "lr_at_epoch", "poly_lr", "build_optimizer",
            "CHECKPOINT_NAME", "load_model_from_checkpoint", "read_checkpoint", "save_checkpoint",
@@ -176,7 +177,7 @@ def train_warnings(cfg: Config, method: Method) -> list[str]:
     backbone = getattr(own, "backbone", "") or cfg.model.backbone
     custom = cfg.model.backbone_kwargs or getattr(own, "backbone_kwargs", None) or cfg.model.stem != "patch"
     if cfg.model.pretrained is False and not custom:
-        from .hub import timm_sources
+        from .core.hub import timm_sources
 
         try:
             repo, url = timm_sources(backbone)
@@ -456,7 +457,7 @@ class _TensorBoard:
         import copy
 
         from .maps import compute_map_batch, normalise
-        from .viz import overlay
+        from .core.viz import overlay
 
         mcfg = copy.deepcopy(cfg)
         mcfg.maps.scales, mcfg.maps.flip = [1.0], True

@@ -7,10 +7,12 @@ import numpy as np
 
 from .config import EvalConfig
 from .data import WSSSDataset
-from .io import TokensegError, load_seed, write_json_atomic
-from .progress import progress_bar
-from .refine.scores import require_seed_file
-from .metrics import ThresholdSweep, pick_best, scores_from_confusion, seed_prediction, threshold_grid
+from .core.errors import TokensegError
+from .core.seeds import load_seed
+from .core.files import write_json_atomic
+from .core.progress import progress_bar
+from .core.scores import require_seed_file
+from .core.metrics import ThresholdSweep, pick_best, scores_from_confusion, seed_prediction, threshold_grid
 
 
 def evaluate_seeds(seeds_dir: str | Path, ds: WSSSDataset, cfg: EvalConfig | None = None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,14 +27,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
-from .data.base import image_hw
+from .data.base import image_hw, size_batches
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
 from .data.guard import refuse_inside_dataset
-from .device import is_alloc_error
-from .io import BackgroundWriter, SeedMaps, TokensegError, job_lock, safe_output_path, save_seed, seed_path
+from .core.device import is_alloc_error
+from .core.files import BackgroundWriter, safe_output_path
+from .core.seeds import SeedMaps, save_seed, seed_path
+from .core.errors import TokensegError
+from .core.locks import job_lock
 from .methods import BACKGROUND, MapRecipe, get_method
-from .progress import progress_bar
-from .viz import overlay, save_png
+from .core.progress import progress_bar
+from .core.viz import overlay, save_png
 
 WARN_TOKENS = 4096  # explicit attention over more tokens than this needs > 64 MB per view and layer
 
@@ -196,30 +198,6 @@ def image_bytes(size: tuple[int, int], pairs: int, cfg: MapsConfig, patch: int, 
     s = max(input_scales(cfg, size))
     n = prefix + math.ceil(H * s / patch) * math.ceil(W * s / patch)
     return maps + views * 3 * n * n * 4
-
-
-def size_batches(ds: WSSSDataset, indices: list[int], batch_size: int, budget_bytes: int = 0,
-                 cost=None) -> list[list[int]]:
-    """Group images of equal size into batches (VOC has few distinct sizes) of at most ``batch_size``
-    images and, when ``budget_bytes`` is set, at most that much estimated memory (``cost(i, size)``)."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    sizes = {}
-    for i in indices:
-        sizes[i] = image_hw(ds.image_paths[i])
-        groups[sizes[i]].append(i)
-    batches = []
-    for _, idx in sorted(groups.items()):
-        current, used = [], 0
-        for i in idx:
-            c = cost(i, sizes[i]) if (budget_bytes and cost) else 0
-            if current and (len(current) >= batch_size or (budget_bytes and used + c > budget_bytes)):
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += c
-        if current:
-            batches.append(current)
-    return batches
 
 
 def normalise(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -393,11 +371,11 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
              overwrite: bool = False) -> Path:
     """Python API of ``tokenseg maps``: load a checkpoint (ours or the authors'; none for a training-free
     method), generate seeds for a split with ``maps.mode`` (tokenseg: this module; authors: the method's
-    own inference, e.g. :mod:`tokenseg.maps_authors`). ``export_npy`` (authors mode) writes the authors'
+    own inference, e.g. :mod:`tokenseg.methods.mctformer.authors`). ``export_npy`` (authors mode) writes the authors'
     ``.npy`` dicts instead of ``.npz``. Resuming into a folder made with other settings is an error
     unless ``overwrite``."""
     from .checkpoint import BEST_NAME, load_model_from_checkpoint, run_checkpoint
-    from .device import setup
+    from .core.device import setup
 
     method = get_method(cfg.model.method)
     split = split or cfg.maps.split
@@ -438,7 +416,7 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
 def _report_progress(ds: WSSSDataset, out: Path, kinds: list[str], export_npy: bool, progress: bool) -> None:
     """Remove the temp files a killed run left in the kind folders; say how much of the split a re-run
     finds done ("continuing: N of M done")."""
-    from .io import remove_stale_temps
+    from .core.files import remove_stale_temps
 
     removed = sum(remove_stale_temps(out / k) for k in kinds)
     suffix = ".npy" if export_npy else ".npz"
@@ -450,8 +428,8 @@ def _report_progress(ds: WSSSDataset, out: Path, kinds: list[str], export_npy: b
 
 def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress, export_npy, overwrite) -> None:
     """The seeds of ``ds`` into ``out`` (under the folder's lock): settings check, then the method's loop."""
-    from .device import barrier
-    from .resume import check_settings
+    from .core.device import barrier
+    from .core.resume import check_settings
 
     recipe = method.recipe
     meta = {"checkpoint": str(ckpt), "method": method.name, "split": split, "background": recipe.background,

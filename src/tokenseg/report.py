@@ -26,13 +26,17 @@ from PIL import Image
 
 from .config import Config, load_config
 from .data import WSSSDataset, build_dataset
-from .io import TokensegError, load_seed, read_mask, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .metrics import confusion_matrix, scores_from_confusion
-from .pipeline import KIND_TITLES, seed_folders
-from .plot import COLOURS, nice_ticks
-from .progress import progress_bar
-from .refine.scores import find_seed_file, seed_scores
-from .viz import colour_mask, overlay
+from .core.errors import TokensegError
+from .core.seeds import load_seed
+from .core.masks import read_mask
+from .core.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .core.metrics import confusion_matrix, scores_from_confusion
+from .core.seeds import seed_folders
+from .pipeline import KIND_TITLES
+from .core.plot import COLOURS, nice_ticks
+from .core.progress import progress_bar
+from .core.scores import find_seed_file, seed_scores
+from .core.viz import colour_mask, overlay
 
 __all__ = ["build_report", "load_run", "image_miou", "RunInfo", "META_FILE"]
 

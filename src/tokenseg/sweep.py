@@ -32,7 +32,8 @@ from typing import Sequence
 import yaml
 
 from .config import Config, load_config, parse_override
-from .io import TokensegError, write_json_atomic
+from .core.errors import TokensegError
+from .core.files import write_json_atomic
 
 __all__ = ["split_values", "parse_axes", "grid", "point_name", "run_point", "run_sweep", "format_table",
            "plot_sweep", "plot_variance", "training_key", "variance", "POINT_FILE", "TABLE_FILE", "PLOT_FILE"]
@@ -336,7 +337,7 @@ def format_variance(table: dict) -> str:
 def _x_axis(table: dict, key: str) -> tuple[dict[str, float], str, list[float] | None]:
     """x position of each value of ``key``, the x label, and the ticks: the values themselves for integer
     (or non-numeric) keys with at most 12 values, integer ticks for longer integer axes, else automatic."""
-    from .plot import nice_ticks
+    from .core.plot import nice_ticks
 
     raw = table["axes"][key]
     vals = [_value(v) for v in raw]
@@ -376,7 +377,7 @@ def plot_sweep(table: dict, path: str | Path) -> Path:
     of the other axes with each point's best kind (several axes); non-numeric values are plotted at
     their position 0, 1, ... (named in the x label). Markers per series, integer ticks for integer keys,
     a margin around the values. With ``train.seed`` swept, see :func:`plot_variance`."""
-    from .plot import line_plot
+    from .core.plot import line_plot
 
     if table.get("variance"):
         return plot_variance(table, path)
@@ -410,7 +411,7 @@ def plot_variance(table: dict, path: str | Path) -> Path:
     """Mean seed mIoU over ``train.seed`` with ± std error bars: against the first other axis (a line per
     kind, or per combination of the further axes with the best kind), or, when the seed is the only
     axis, one point per seed kind."""
-    from .plot import line_plot
+    from .core.plot import line_plot
 
     groups = table["variance"]
     others = [k for k in table["axes"] if k != SEED_KEY]

@@ -24,34 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import IGNORE_INDEX, TokensegError, load_seed
-from .refine.scores import require_seed_file
+from .config import INTERPOLATIONS
+from .core.masks import IGNORE_INDEX, resize_nearest
+from .core.errors import TokensegError
+from .core.seeds import load_seed
+from .core.scores import require_seed_file
 
 WSOL_RESIZE = 224  # wsolevaluation's _RESIZE_LENGTH
-INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
-
-
 def wsol_bin_edges(step: float = 0.001) -> np.ndarray:
     """Right edges of wsolevaluation's score bins: ``np.arange(0, 1, step)`` then 1, 2, 3 (float64)."""
     if not 0 < step < 1:
         raise ValueError(f"threshold step must be in (0, 1), got {step}")
     return np.append(np.arange(0, 1, step), [1.0, 2.0, 3.0])
-
-
-def nearest_indices(src: int, dst: int) -> np.ndarray:
-    """Source index of each of ``dst`` output pixels as OpenCV's ``INTER_NEAREST`` picks it:
-    ``floor(x · (1 / (dst / src)))`` clipped to ``src − 1``, the reciprocal of the scale in float64 as
-    its ``resizeNN`` computes it (checked against cv2.resize on 1,200 sizes: identical)."""
-    ifx = 1.0 / (float(dst) / float(src))
-    return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * ifx).astype(np.int64), src - 1)
-
-
-def resize_nearest(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W[, …]) array → (size[0], size[1][, …]) with OpenCV's nearest-neighbour rule."""
-    h, w = arr.shape[:2]
-    if (h, w) == tuple(size):
-        return arr
-    return arr[np.ix_(nearest_indices(h, size[0]), nearest_indices(w, size[1]))]
 
 
 def normalize_scoremaps(maps: np.ndarray) -> np.ndarray:
@@ -289,7 +273,7 @@ def evaluate_wsol(seeds_dir: str | Path, ds, resize: int | None = WSOL_RESIZE, *
             maps = F.interpolate(torch.from_numpy(maps)[None], size=(resize, resize), mode=interp, **kw)[0].numpy()
         return normalize_scoremaps(maps), target, missing
 
-    from .progress import progress_bar
+    from .core.progress import progress_bar
 
     n_maps = missing = pending = 0
     batch_s: list[np.ndarray] = []
@@ -353,7 +337,7 @@ def save_pr_curve(path: str | Path, result: dict | dict[str, dict], label: str |
     """The pixel precision–recall curve(s) of :func:`evaluate_wsol` as a PNG (recall on x, both in %).
 
     ``result``: one result, or ``{name: result}`` for one line per seed kind."""
-    from .plot import line_plot
+    from .core.plot import line_plot
 
     results = {label or "": result} if "curve" in result else dict(result)
     series = {}
@@ -417,4 +401,4 @@ def wsol_step(cfg, seeds: str | Path | None = None, split: str | None = None, re
 
 
 __all__ = ["WSOLSweep", "evaluate_wsol", "wsol_step", "format_wsol", "save_pr_curve", "wsol_bin_edges",
-           "wsol_targets", "normalize_scoremaps", "nearest_indices", "resize_nearest", "WSOL_RESIZE"]
+           "wsol_targets", "normalize_scoremaps", "WSOL_RESIZE"]

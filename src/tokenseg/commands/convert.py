@@ -52,11 +52,11 @@ def register(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from ..io import TokensegError
+    from ..core.errors import TokensegError
 
     src = Path(args.src)
     if src.is_dir():
-        from ..maps_authors import export_seeds_npy, import_seeds_npy
+        from ..methods.mctformer.authors import export_seeds_npy, import_seeds_npy
 
         has_npz = any(src.rglob("*.npz"))
         to_npy = args.to != "tokenseg" if args.to else has_npz
@@ -70,7 +70,7 @@ def cmd_convert(args) -> int:
     if not src.exists():
         raise TokensegError(f"{src}: not found")
     if args.to == "safetensors":
-        from ..checkpoint import export_safetensors
+        from ..core.weights import export_safetensors
 
         n = export_safetensors(src, args.dst, allow_pickle=args.allow_pickle)
         print(f"{src} -> {args.dst} (safetensors, {n} tensors)")

@@ -1,7 +1,7 @@
 """Core subcommands: demo, train, maps, evaluate, run."""
 from __future__ import annotations
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .common import config_args, guard_outputs, load
 
 

@@ -6,7 +6,8 @@ import argparse
 import textwrap
 
 from ..data.guard import refuse_inside_dataset
-from ..io import TokensegError, write_json_atomic
+from ..core.errors import TokensegError
+from ..core.files import write_json_atomic
 
 
 def register(sub) -> None:

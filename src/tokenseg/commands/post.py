@@ -11,7 +11,7 @@ from .common import load as _load
 def _scales(text: str | None):
     if text is None:
         return None
-    from ..io import TokensegError
+    from ..core.errors import TokensegError
 
     try:
         vals = [float(s) for s in text.replace(",", " ").split()]
@@ -24,7 +24,7 @@ def _scales(text: str | None):
 
 def cmd_pseudo(args) -> int:
     from ..data import build_dataset
-    from ..io import write_json_atomic
+    from ..core.files import write_json_atomic
     from ..refine.pseudo import evaluate_masks, format_scores, make_pseudo_masks
 
     cfg = _load(args)
@@ -66,7 +66,7 @@ def cmd_segment_train(args) -> int:
 
 
 def cmd_segment_evaluate(args) -> int:
-    from ..io import write_json_atomic
+    from ..core.files import write_json_atomic
     from ..refine.pseudo import format_scores
     from ..segment.evaluate import evaluate_segmentation
 

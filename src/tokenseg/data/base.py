@@ -6,6 +6,7 @@ cache folder the caller names.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -13,7 +14,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..io import TokensegError, read_mask, relative_name_problem
+from ..core.errors import TokensegError
+from ..core.masks import read_mask
+from ..core.files import relative_name_problem
 
 # constants every reader (and the label tools) share
 VOC_CLASSES = [
@@ -177,3 +180,27 @@ def load_rgb(path: str | Path, fill: tuple[int, int, int] = TRANSPARENT_FILL) ->
         raise TokensegError(f"{path}: image file not found") from exc
     except Exception as exc:
         raise TokensegError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def size_batches(ds: WSSSDataset, indices: list[int], batch_size: int, budget_bytes: int = 0,
+                 cost=None) -> list[list[int]]:
+    """Group images of equal size into batches (VOC has few distinct sizes) of at most ``batch_size``
+    images and, when ``budget_bytes`` is set, at most that much estimated memory (``cost(i, size)``)."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    sizes = {}
+    for i in indices:
+        sizes[i] = image_hw(ds.image_paths[i])
+        groups[sizes[i]].append(i)
+    batches = []
+    for _, idx in sorted(groups.items()):
+        current, used = [], 0
+        for i in idx:
+            c = cost(i, sizes[i]) if (budget_bytes and cost) else 0
+            if current and (len(current) >= batch_size or (budget_bytes and used + c > budget_bytes)):
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += c
+        if current:
+            batches.append(current)
+    return batches

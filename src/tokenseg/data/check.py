@@ -18,7 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..io import IGNORE_INDEX, TokensegError, display_name, read_mask
+from ..core.masks import IGNORE_INDEX, read_mask
+from ..core.errors import TokensegError
+from ..core.files import display_name
 from .base import TRANSPARENT_FILL, WSSSDataset
 from .scan import UnusableSplit, collecting, scan_cache_file, scan_images
 
@@ -73,7 +75,7 @@ def _check_mask(path: str, num_classes: int, size: tuple[int, int] | None) -> st
 def check_split(data: DataConfig, split: str, *, decode: bool = True, workers: int = 2,
                 patch_size: int = 16, progress: bool = False, mask_cache: dict | None = None,
                 chosen_by: str = "") -> dict:
-    from . import build_dataset, cache_root
+    from .build import build_dataset, cache_root
 
     rep: dict = {"split": split, "loaded": False, "error": "", "images": 0, "problems": []}
     dcfg = copy.deepcopy(data)

@@ -32,7 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..io import IGNORE_INDEX, TokensegError, save_palette_png, write_json_atomic
+from ..core.masks import IGNORE_INDEX, save_palette_png
+from ..core.errors import TokensegError
+from ..core.files import write_json_atomic
 from .base import COCO_CLASSES, WSSSDataset  # noqa: F401 (COCO_CLASSES: re-exported)
 from .labels import read_labels_table, resolve_labels
 from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
@@ -357,7 +359,7 @@ def _convert_masks(full: dict, mask_dir: Path, backend: str, workers: int, progr
     errors: list[tuple[str, str]] = []
     bar = None
     if progress and len(jobs) > 500:
-        from ..progress import progress_bar as tqdm
+        from ..core.progress import progress_bar as tqdm
         bar = tqdm(total=len(jobs), desc=f"COCO masks ({backend})", unit="img", file=sys.stderr)
     chunk = 64
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]

@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .base import IMAGE_EXTENSIONS, WSSSDataset
 from .labels import LabelTable, labels_from_mask, read_class_names, read_labels_table, resolve_labels
 from .scan import MAX_LISTED, Problems, UnusableSplit, drop_bad_images, scan_cache_file

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import TokensegError, display_name
+from ..core.errors import TokensegError
+from ..core.files import display_name
 
 
 def dataset_folders(cfg_or_roots: Any) -> list[tuple[str, Path]]:
@@ -25,7 +26,7 @@ def dataset_folders(cfg_or_roots: Any) -> list[tuple[str, Path]]:
     if hasattr(data, "root") and hasattr(data, "format") and not hasattr(data, "image_paths"):
         root = Path(data.root) if data.root else None
         if root is None and data.format == "synthetic":
-            from . import cache_root
+            from .build import cache_root
             from .synthetic import default_root
             root = default_root(data.synthetic, cache_root(data))
         if root is not None:

@@ -51,8 +51,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import (TEMP_PREFIX, TokensegError, atomic_write, remove_stale_temps, display_name, output_lock, relative_name_problem, safe_output_path, save_palette_png, write_bytes_atomic,
-                  write_json_atomic, write_text_atomic)
+from ..core.files import (TEMP_PREFIX, atomic_write, remove_stale_temps, display_name, relative_name_problem, safe_output_path, write_bytes_atomic, write_json_atomic, write_text_atomic)
+from ..core.errors import TokensegError
+from ..core.locks import output_lock
+from ..core.masks import save_palette_png
 from .base import IMAGE_EXTENSIONS
 from .guard import refuse_inside_dataset
 from .labels import BACKGROUND_NAMES, EntryErrors, did_you_mean, read_class_names
@@ -741,7 +743,7 @@ def import_dataset(fmt: str, src: str | Path, dst: str | Path, *, classes: str |
                 return "failed", f"{display_name(it.where)}: {type(exc).__name__}: {exc}", False
             return how, "", want_mask
 
-        from ..progress import progress_bar
+        from ..core.progress import progress_bar
 
         counts: dict[str, int] = {}
         done: list[tuple[Item, bool]] = []

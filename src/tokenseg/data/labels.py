@@ -24,7 +24,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..io import IGNORE_INDEX, TokensegError, read_mask, relative_name_problem, write_json_atomic
+from ..core.masks import IGNORE_INDEX, read_mask
+from ..core.errors import TokensegError
+from ..core.files import relative_name_problem, write_json_atomic
 from .base import COCO_CLASSES, IMAGE_EXTENSIONS, VOC_CLASSES
 from .scan import MAX_LISTED
 

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .base import WSSSDataset
 from .scan import EXIF_ORIENTATION, Problems, drop_bad_images, scan_cache_file
 
@@ -259,7 +259,7 @@ class OpenImagesDataset(WSSSDataset):
         each instance mask and the ignore mask resized nearest (OpenCV's rule) to ``size`` × ``size``,
         instances OR-ed, ignore = ignore box minus foreground. ``size=None``: at the image size (masks
         of another size resized nearest to it [I])."""
-        from ..wsol import resize_nearest
+        from ..core.masks import resize_nearest
 
         if not self.instance_masks[i]:
             raise TokensegError(f"image {self.ids[i]!r} has no ground-truth mask: no line in "

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from ..io import TokensegError, write_json_atomic
+from ..core.errors import TokensegError
+from ..core.files import write_json_atomic
 
 SCAN_VERSION = 2  # 2: "alpha" (transparency) in the per-image info
 EXIF_ORIENTATION = 0x0112
@@ -162,7 +163,7 @@ def scan_images(paths: Sequence[str | Path], decode: bool = True, workers: int =
     if todo:
         bar = None
         if progress and len(todo) > 200:
-            from ..progress import progress_bar
+            from ..core.progress import progress_bar
             bar = progress_bar(total=len(todo), desc="scanning images", unit="img", file=sys.stderr)
         def one(i: int) -> tuple[int, dict]:
             return i, scan_image(paths[i], decode)

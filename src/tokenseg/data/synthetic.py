@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from ..progress import progress_bar as tqdm
+from ..core.progress import progress_bar as tqdm
 
 from ..config import SyntheticConfig
-from ..io import TokensegError, save_palette_png, write_json_atomic
+from ..core.errors import TokensegError
+from ..core.masks import save_palette_png
+from ..core.files import write_json_atomic
 
 CLASS_NAMES = ["disc", "block", "wedge", "cross", "ring", "diamond", "star", "bar"]
 STAMP = "tokenseg_synthetic.json"
@@ -88,7 +90,7 @@ def remove_stale_builds(cache: Path, max_age_s: float = 86400.0) -> list[Path]:
     """Delete the half-built ``.synthetic-<hash>.<pid>.XXXXXXXX`` folders of generations that were killed
     (their process has ended; folders of the older form without a PID once a day old). Only those folders,
     only in ``cache``."""
-    from ..io import pid_alive
+    from ..core.locks import pid_alive
 
     removed = []
     with contextlib.suppress(OSError):

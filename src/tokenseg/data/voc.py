@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .base import VOC_CLASSES, WSSSDataset
 from .labels import labels_from_masks, labels_from_xml, read_labels_table, resolve_labels
 from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file

@@ -49,7 +49,7 @@ class MapRecipe:
     size_rounding: str = "round"  # default for maps.size_rounding=auto: round | floor | ceil | none
     size_multiple: int = 0  # 0: the model's patch size
     needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
-    # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.maps_authors)
+    # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.methods.mctformer.authors)
     authors: Callable[..., Any] | None = None
     # map_extras(cfg, ds) -> None or i -> (N, H, W) float maps of image i, given to combine(..., extras=)
     # with every view (OTPL's CLIP-ES variant: the image's CLIP-ES seeds for its per-image prototypes)
@@ -62,7 +62,7 @@ class MapRecipe:
     generate: Callable[..., Any] | None = None
 
     def check_kinds(self, kinds, source: str = "") -> None:
-        from ..io import TokensegError
+        from ..core.errors import TokensegError
 
         bad = [k for k in kinds if k not in self.kinds]
         if bad:

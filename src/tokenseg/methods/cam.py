@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses import multilabel_soft_margin
+from ..core.losses import multilabel_soft_margin
 from . import MapRecipe, Method, register
 
 

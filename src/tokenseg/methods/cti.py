@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..io import TokensegError
-from ..losses import multilabel_soft_margin
+from ..core.errors import TokensegError
+from ..core.losses import multilabel_soft_margin
 from . import BACKGROUND, MapRecipe, Method, image_only, register
 
 ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..io import TokensegError
-from ..losses import multilabel_soft_margin
+from ..core.errors import TokensegError
+from ..core.losses import multilabel_soft_margin
 from . import MapRecipe, Method, register
 from .mctformer import ALL_KINDS, combine, decays_pos_embed
 
@@ -120,7 +120,7 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
 
         names = list(build_dataset(cfg.data, cfg.data.train_split).class_names)
     if cfg.mmcst.prompt_names == "clip-es":
-        from ..clip_es import dataset_kind, prompt_names as clip_es_names
+        from .clip_es.algorithm import dataset_kind, prompt_names as clip_es_names
 
         names = clip_es_names(names, dataset_kind(names, cfg.data.format))
     return names
@@ -155,7 +155,7 @@ def build(cfg, num_classes: int) -> nn.Module:
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
     """The training forward; a model built with placeholders (:func:`deferred`) first gets CLIP's outputs."""
-    from ..checkpoint import unwrap
+    from ..core.weights import unwrap
 
     net = unwrap(model)
     if net._text_pending:

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD
-from ..io import TokensegError, load_seed, seed_path
-from ..losses import multilabel_soft_margin
+from ..core.errors import TokensegError
+from ..core.seeds import load_seed, seed_path
+from ..core.losses import multilabel_soft_margin
 from . import BACKGROUND, MapRecipe, Method, available_methods, get_method, register
 
 OTPL_KINDS = ("proxy", "proxy_affinity", "otpl", "otpl_affinity")
@@ -441,7 +442,7 @@ class SeedCropView:
 
 class ClipSeedExtras:
     """Sample i -> its CLIP-ES seed (present classes' maps, background, class ids), read with
-    :func:`tokenseg.io.load_seed`; seeds without a background channel get ``(1 − max)^clip_bg_power``."""
+    :func:`tokenseg.core.seeds.load_seed`; seeds without a background channel get ``(1 − max)^clip_bg_power``."""
 
     def __init__(self, folder: str, ids, num_classes: int, bg_power: float) -> None:
         self.folder, self.ids, self.C, self.bg_power = Path(folder), list(ids), int(num_classes), bg_power

@@ -13,7 +13,7 @@ and a consistency loss between prototype CAMs and a reference CAM. Two pipelines
     training resize without flip, and IS_CAM + IS_CAM1 seeds.
 
 Seeds carry an explicit background channel (``eval.background=channel``). The k-means and the OT run
-batched over every (image, class) pair of a batch (:mod:`tokenseg.ot`).
+batched over every (image, class) pair of a batch (:mod:`tokenseg.core.ot`).
 
 Maps that need per-image inputs besides the image (the CLIP-ES seeds) or the code's IS_CAM + IS_CAM1
 (IS_CAM from the first scale only, combined after normalisation) run in POT's own loop, one scale at a
@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..io import TokensegError
-from ..losses import multilabel_soft_margin
+from ..core.errors import TokensegError
+from ..core.losses import multilabel_soft_margin
 from ..models.pot import CODE_CLUSTERS, POTNet, code_fusion, code_stage, grid_size, max_norm, paper_stage
 from . import BACKGROUND, MapRecipe, Method, register
 
@@ -171,7 +171,7 @@ class ClipSeeds:
     Every image must have one: missing files are an error up front, naming a few."""
 
     def __init__(self, pc, ds, split: str = "") -> None:
-        from ..pipeline import seed_folders
+        from ..core.seeds import seed_folders
 
         text = pc.clip_seeds.replace("{split}", split)
         root = Path(text)
@@ -211,11 +211,11 @@ class ClipSeeds:
         """(classes (n,) int64, maps (n, H, W) float32) of image ``i``."""
         path = self.paths[i]
         if path.suffix == ".npy":
-            from ..clip_es import load_clip_es_npy
+            from .clip_es.algorithm import load_clip_es_npy
 
             seed = load_clip_es_npy(path, allow_pickle=self.allow_pickle)
         else:
-            from ..io import load_seed
+            from ..core.seeds import load_seed
 
             seed = load_seed(path)
         classes = np.asarray(seed.classes, np.int64).reshape(-1)
@@ -542,8 +542,8 @@ def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1
 
     from .. import maps as mp
     from ..config import Config
-    from ..io import seed_path
-    from ..progress import progress_bar
+    from ..core.seeds import seed_path
+    from ..core.progress import progress_bar
 
     pc = getattr(model, "pot_cfg", None) or POTConfig()
     cfg = Config(maps=mc)
@@ -638,7 +638,7 @@ def _export_npy(folder: Path, pairs, maps, bg, idx, ds) -> None:
     """Their make_cam.py file: {"keys": [0, classes + 1], "IS_CAM": (1+n, H, W), "IS_CAM1": ...} float32."""
     import io as _io
 
-    from ..io import safe_output_path, write_bytes_atomic
+    from ..core.files import safe_output_path, write_bytes_atomic
 
     pairs = pairs.cpu().numpy()
     for b, i in enumerate(idx):
@@ -733,9 +733,9 @@ def load_foreign(state, source: str, overrides=(), num_heads=None, path=None):
     backbone, ``side1..4``, ``classifier``; ``f9`` (unused by their forward) and the aliases
     ``stage*`` / ``backbone.*`` / ``newly_added.*`` of the same modules are dropped. Built as
     ``pot-clip-es`` in code mode (their network is trained with CLIP-ES)."""
-    from ..checkpoint import load_state_checked
+    from ..core.weights import load_state_checked
     from ..config import load_config
-    from ..models.convert import resolve_class_names
+    from ..models.layout import resolve_class_names
 
     sd = state.get("net", state) if isinstance(state, dict) else None
     if not isinstance(sd, dict):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .classtoken import ClassTokenViT, MapOutputs, explicit_attention, gwrp, pool_patch_scores, resize_pos_grid
 
 __all__ = ["ClassTokenViT", "MapOutputs", "build_model", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
@@ -37,16 +37,13 @@ def _create_backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load an ImageNet ViT checkpoint (timm/DeiT/DINO layout, optionally under 'model' or
     'state_dict') into a timm backbone; the classifier head is dropped, the position grid resized."""
-    from ..checkpoint import read_weights
+    from ..core.weights import read_weights, unwrap_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise TokensegError(f"model.pretrained: weights file {path} not found")
     sd = read_weights(path)  # tensors-only
-    for key in ("model", "state_dict", "teacher"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    sd = unwrap_state_dict(sd, f"model.pretrained: {path}", strip=("module.", "backbone."))
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist.", "fc_norm."))}
     if "pos_embed" in sd and sd["pos_embed"].shape != backbone.pos_embed.shape:
         pe = sd["pos_embed"]
@@ -71,7 +68,7 @@ def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = Fals
     pretrained = cfg.pretrained
     online = pretrained is True
     if online:  # offline: fail at once naming the file, or use the cached copy
-        from ..hub import require_timm_download
+        from ..core.hub import require_timm_download
 
         cached = require_timm_download(cfg.backbone, "model.pretrained", "model.pretrained")
         if cached is not None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from ..checkpoint import read_weights
-from ..io import TokensegError
+from ..core.weights import read_weights, unwrap_state_dict
+from ..core.errors import TokensegError
 
 
 def read_state_dict(path: str | Path, key: str = "segment") -> dict:
@@ -22,12 +21,7 @@ def read_state_dict(path: str | Path, key: str = "segment") -> dict:
         sd = read_weights(path)
     except TokensegError as exc:
         raise TokensegError(f"{key}.weights: {exc}") from exc
-    for k in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-            sd = sd[k]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TokensegError(f"{key}.weights: {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return unwrap_state_dict(sd, f"{key}.weights: {path}")
 
 
 def load_local_weights(model: nn.Module, path: str | Path, key: str = "segment") -> None:
@@ -55,7 +49,7 @@ def create_timm(name: str, pretrained: bool = False, weights: str | Path = "", k
         read_state_dict(weights, key)  # fail early on a missing/unreadable file
         pretrained = False
     elif pretrained:  # offline: fail at once naming the file, or use the cached copy
-        from ..hub import require_timm_download
+        from ..core.hub import require_timm_download
 
         cached = require_timm_download(name, f"{key}.pretrained", f"{key}.weights")
         if cached is not None:

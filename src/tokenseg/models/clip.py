@@ -8,7 +8,7 @@ or are downloaded when online. Whatever the source, the result is a :class:`Clip
 
 The visual forward here is split into the pieces CLIP-ES needs (embedding with a resized position
 grid, the no-gradient blocks with explicit attention only where asked, the last block's parts), so that
-:mod:`tokenseg.clip_es` can run the last block once for all classes' Grad-CAMs.
+:mod:`tokenseg.methods.clip_es.algorithm` can run the last block once for all classes' Grad-CAMs.
 """
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import TokensegError, write_bytes_atomic
+from ..core.errors import TokensegError
+from ..core.files import write_bytes_atomic
+from ..core.weights import unwrap_state_dict
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -215,7 +217,7 @@ def _download_openai(arch: str, cache_dir: str | os.PathLike | None) -> Path:
         raise TokensegError(f"model.backbone={arch!r}: open_clip has no OpenAI weights for it "
                             f"(known: {oc.list_openai_models()})")
     root = Path(cache_dir).expanduser() / "clip" if cache_dir else None
-    from ..hub import require_url_download
+    from ..core.hub import require_url_download
 
     require_url_download(url, (root or Path("~/.cache/clip").expanduser()) / url.rsplit("/", 1)[-1],
                          "model.pretrained")
@@ -266,12 +268,7 @@ def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise TokensegError(f"{path}: cannot read CLIP weights ({type(exc).__name__}: {exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not sd:
-        raise TokensegError(f"{path}: not a CLIP state_dict")
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = unwrap_state_dict(sd, f"{path} (CLIP weights)")
     return {k: v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}, scripted
 
 

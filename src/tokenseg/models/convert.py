@@ -29,27 +29,21 @@ its key, so ours → authors' → ours round-trips bit for bit (:func:`export_au
 """
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import (config_from_checkpoint, is_tokenseg_checkpoint, load_state_checked, read_weights,
-                          save_checkpoint)
-from ..config import Config, apply_overrides, load_config, validate
-from ..io import TokensegError
+from ..checkpoint import config_from_checkpoint, save_checkpoint
+from ..core.weights import unwrap_state_dict as _unwrap
+from ..core.weights import is_tokenseg_checkpoint, load_state_checked, read_weights
+from ..core.errors import TokensegError
+from .layout import (_BLOCK_KEY, _SHARED_PREFIXES, LayoutInfo, _grid_of, authors_patch_positions, config_for,
+                     resolve_class_names)
 
 METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus", "cti")
 _METHOD_ALIASES = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus", "+": "mctformer-plus",
                    "mctformer+": "mctformer-plus"}
-# (embed dim, depth, patch) -> (timm name, heads) for the standard DeiT backbones the authors use
-_STANDARD = {(192, 12, 16): ("deit_tiny_patch16_224", 3), (384, 12, 16): ("deit_small_patch16_224", 6),
-             (768, 12, 16): ("deit_base_patch16_224", 12)}
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
-_SHARED_PREFIXES = ("patch_embed.proj.", "norm.")
 
 
 def canonical_method(method: str | None) -> str | None:
@@ -63,51 +57,8 @@ def canonical_method(method: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------- reading
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint: ``model`` / ``state_dict`` wrappers and ``module.`` removed."""
-    sd = obj
-    for _ in range(3):
-        if isinstance(sd, dict):
-            inner = next((sd[k] for k in ("model", "state_dict", "teacher") if isinstance(sd.get(k), dict)), None)
-            if inner is not None and not any(isinstance(v, torch.Tensor) and k in ("cls_token", "cls_tokens")
-                                             for k, v in sd.items()):
-                sd = inner
-                continue
-        break
-    if not isinstance(sd, dict) or not sd:
-        raise TokensegError(f"{source}: no state dict found (expected a dict of tensors, maybe under 'model')")
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        k = str(k)
-        for prefix in ("module.", "backbone."):
-            k = k.removeprefix(prefix)
-        out[k] = v
-    if not out:
-        raise TokensegError(f"{source}: the state dict holds no tensors")
-    return out
-
-
-@dataclass
-class LayoutInfo:
-    """What a state dict says about its model."""
-
-    layout: str  # mctformer-v1 | mctformer-v2 | mctformer-plus | cti | imagenet | tokenseg
-    num_classes: int
-    embed_dim: int
-    depth: int
-    patch_size: int
-    grid: tuple[int, int]  # training patch grid of the position embedding
-    mlp_ratio: float
-    qkv_bias: bool
-    has_head: bool
-
-
-def _grid_of(m: int, source: str) -> tuple[int, int]:
-    g = int(round(math.sqrt(m)))
-    if g * g != m:
-        raise TokensegError(f"{source}: {m} patch position embeddings do not form a square grid")
-    return g, g
+    """The tensor dict inside one of the authors' checkpoints (``module.`` and ``backbone.`` removed)."""
+    return _unwrap(obj, source, strip=("module.", "backbone."))
 
 
 def detect_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> LayoutInfo:
@@ -197,22 +148,6 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, sou
     return out
 
 
-def authors_patch_positions(sd: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Our (1, D, gh, gw) ``pos_embed_pat`` as the authors' (1, gh·gw, D), after checking that their
-    layout can hold the model at all (a linear patch stem without norm, a square grid)."""
-    if any(k.startswith("patch_embed.proj.") and k.count(".") > 3 for k in sd) or \
-            "patch_embed.proj.weight" not in sd:
-        raise TokensegError("this model has a convolutional stem (model.stem=conv), which the authors' "
-                            "layout cannot hold")
-    extra = [k for k in sd if k.startswith("patch_embed.norm.")]
-    if extra:
-        raise TokensegError(f"the authors' layout has no patch-embedding norm ({extra[0]})")
-    _, D, gh, gw = sd["pos_embed_pat"].shape
-    if gh != gw:
-        raise TokensegError(f"the authors' code needs a square position grid, this model has {gh}×{gw}")
-    return sd["pos_embed_pat"].permute(0, 2, 3, 1).reshape(1, gh * gw, D).contiguous()
-
-
 def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
     """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``; CTI:
     :func:`tokenseg.models.cti.tokenseg_to_authors_state`)."""
@@ -250,65 +185,6 @@ def export_authors_state(model: torch.nn.Module, method: str) -> dict[str, torch
 
 
 # ---------------------------------------------------------------------------------------- building
-def resolve_class_names(spec: str | list[str] | None, num_classes: int | None) -> list[str]:
-    """``voc`` / ``coco`` / a class names file / a list; default by count (20: VOC, 80: COCO)."""
-    from ..data import COCO_CLASSES, VOC_CLASSES
-
-    if isinstance(spec, (list, tuple)):
-        names = list(spec)
-    elif spec in (None, ""):
-        if num_classes is None:
-            raise TokensegError("give the number of classes (--num-classes) or their names (--class-names)")
-        names = {20: VOC_CLASSES, 80: COCO_CLASSES}.get(num_classes) or [f"class_{i}" for i in range(num_classes)]
-    elif str(spec).lower() in ("voc", "coco"):
-        names = VOC_CLASSES if str(spec).lower() == "voc" else COCO_CLASSES
-    else:
-        from ..data import read_class_names
-
-        names = read_class_names(spec)
-    names = list(names)
-    if num_classes is not None and len(names) != num_classes:
-        raise TokensegError(f"{len(names)} class names given for {num_classes} classes")
-    return names
-
-
-def config_for(info: LayoutInfo, method: str, num_heads: int | None = None, overrides=()) -> Config:
-    """A config that rebuilds the model ``info`` describes: the ``method`` preset, the right backbone."""
-    cfg = load_config(method)
-    cfg.name = f"converted-{method}"
-    cfg.output_dir = f"runs/converted-{method}"
-    m = cfg.model
-    key = (info.embed_dim, info.depth, info.patch_size)
-    std = _STANDARD.get(key)
-    if std and (num_heads in (None, std[1])) and info.mlp_ratio == 4.0 and info.qkv_bias:
-        m.backbone, m.backbone_kwargs = std[0], {}
-    else:
-        if num_heads is None:
-            if info.embed_dim % 64:
-                raise TokensegError(f"cannot tell the number of attention heads for embed dim {info.embed_dim}: "
-                                    "pass --num-heads")
-            num_heads = info.embed_dim // 64
-        if info.embed_dim % num_heads:
-            raise TokensegError(f"embed dim {info.embed_dim} is not divisible by {num_heads} heads")
-        m.backbone = "vit_small_patch16_224"
-        m.backbone_kwargs = {"embed_dim": info.embed_dim, "depth": info.depth, "num_heads": num_heads,
-                             "patch_size": info.patch_size, "img_size": info.grid[0] * info.patch_size}
-        if info.mlp_ratio != 4.0:
-            m.backbone_kwargs["mlp_ratio"] = info.mlp_ratio
-        if not info.qkv_bias:
-            m.backbone_kwargs["qkv_bias"] = False
-    m.method = method
-    m.pretrained = False
-    m.stem = "patch"
-    if info.layout != "imagenet":
-        m.img_size = info.grid[0] * info.patch_size
-    if method == "mctformer-v1":
-        cfg.maps.kinds = [k for k in cfg.maps.kinds if k.startswith("attention")] or ["attention_affinity"]
-    apply_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
-
-
 def _check_method(info: LayoutInfo, method: str | None, source: str) -> str:
     method = canonical_method(method)
     if info.layout == "imagenet":
@@ -429,7 +305,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = Non
     """``tokenseg convert``: authors' (or ImageNet) weights -> a tokenseg checkpoint, or a tokenseg
     checkpoint -> the authors' layout (``{'model': state_dict}``). ``to``: ``tokenseg`` | ``authors``
     (default: the other side of what ``src`` is). Returns a summary."""
-    from ..io import write_bytes_atomic
+    from ..core.files import write_bytes_atomic
 
     src, dst = Path(src), Path(dst)
     obj = read_weights(src, allow_pickle)

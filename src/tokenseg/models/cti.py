@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .attention import run_blocks
 from .classtoken import ClassTokenViT, MapOutputs
 
@@ -321,7 +321,7 @@ def is_authors_state(sd: dict) -> bool:
 
 def authors_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint"):
     """:class:`~tokenseg.models.convert.LayoutInfo` of their state dict, every CTI key checked."""
-    from .convert import _BLOCK_KEY, LayoutInfo, _grid_of
+    from .layout import _BLOCK_KEY, LayoutInfo, _grid_of
 
     need = ("cls_token", "pos_embed_cls", "pos_embed_pat", "head.weight", "head.bias", "patch_embed.proj.weight",
             *CTI_KEYS)
@@ -359,7 +359,7 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info, source: str = "
                               ) -> dict[str, torch.Tensor]:
     """Their keys -> :class:`CTIViT`'s (only ``pos_embed_pat`` changes shape: (1, M, D) -> (1, D, h, w));
     the memory is not in their files (it starts empty)."""
-    from .convert import _BLOCK_KEY, _SHARED_PREFIXES
+    from .layout import _BLOCK_KEY, _SHARED_PREFIXES
 
     gh, gw = info.grid
     D = info.embed_dim
@@ -386,7 +386,7 @@ def tokenseg_to_authors_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     (training state their files do not hold) is left out."""
     if "bg_token" not in sd or "tokenizer.0.weight" not in sd:
         raise TokensegError("not a CTI model (no bg_token / tokenizer): export it with its own method")
-    from .convert import authors_patch_positions
+    from .layout import authors_patch_positions
 
     out = {"cls_token": sd["cls_token"].clone(), "pos_embed": sd["pos_embed"].clone(),
            "bg_token": sd["bg_token"].clone(), "pos_embed_cls": sd["pos_embed_cls"].clone(),
@@ -402,8 +402,8 @@ def model_from_authors_state(sd: dict[str, torch.Tensor], source: str = "checkpo
                              overrides=()) -> tuple[CTIViT, Any, list[str]]:
     """Build the CTI model from their state dict: ``(model, cfg, class_names)`` (the ``cti`` preset
     with the backbone the weights imply; names VOC for 20 classes, COCO for 80, unless given)."""
-    from ..checkpoint import load_state_checked
-    from .convert import config_for, resolve_class_names
+    from ..core.weights import load_state_checked
+    from .layout import config_for, resolve_class_names
 
     info = authors_layout(sd, source)
     C = info.num_classes

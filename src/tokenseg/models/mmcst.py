@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from .attention import run_blocks
 from .classtoken import ClassTokenViT, MapOutputs, pool_patch_scores
 

@@ -4,8 +4,8 @@ Everything is batched over images and prototypes with masks (no Python loop over
 
 * :func:`classifier_cam` — the classifier CAM ``M^cls`` (B, C+1, M) with background in column 0;
 * :func:`assign` — entropic OT between patch features and prototypes with the CAM-derived target
-  marginal (``tokenseg.ot.sinkhorn``, log domain), the top-K rows of each plan column
-  (``tokenseg.ot.topk_per_column``), and the plan / CAM argmax of every patch;
+  marginal (``tokenseg.core.ot.sinkhorn``, log domain), the top-K rows of each plan column
+  (``tokenseg.core.ot.topk_per_column``), and the plan / CAM argmax of every patch;
 * :class:`ProxyConv` — ``P_c = Conv(Concat[Q_c, H_c])`` initialised so that ``P_c = Q_c``;
 * :func:`proxy_patch_contrastive` — L_ppc (Eq. 19), positives where the CAM and the plan agree;
 * :func:`proxy_cam` — ``ReLU(cos(F_i, P_c))``, max-normalised;
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ot
-from ..io import TokensegError
+from ..core import ot
+from ..core.errors import TokensegError
 
 __all__ = ["Assignment", "classifier_cam", "cam_argmax", "cosine", "assign", "ProxyConv", "positives",
            "proxy_patch_contrastive", "proxy_cam", "make_proxies", "masked_average", "split_class_tokens", "OTPLModel",
@@ -94,7 +94,7 @@ def assign(feats: torch.Tensor, protos: torch.Tensor, cam: torch.Tensor, col_mas
     """Entropic OT between the patches and the prototypes (Eq. 14), then the top-K patches per prototype.
 
     ``max Σ T S`` with ``S = cos(F_i, Q_j)`` is solved as ``min <T, 1 − S>`` (same plan) by the
-    log-domain Sinkhorn of :mod:`tokenseg.ot` with ε = ``eps`` and a fixed ``iters`` iterations (no host
+    log-domain Sinkhorn of :mod:`tokenseg.core.ot` with ε = ``eps`` and a fixed ``iters`` iterations (no host
     sync). Rows: uniform 1/M. Columns (``col_mask``): ``x_j ∝ Σ_i M^cls_ij`` (``marginal="cam"``, [I] the
     spec's reading of "derived from CAM predictions") or uniform; ``marginal_mix`` blends in the uniform
     marginal so that a present class the CAM misses still receives patches [I]."""

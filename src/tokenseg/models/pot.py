@@ -8,7 +8,7 @@ for ResNet-50: 128+128+256+256); a 1×1 classifier (no bias) on layer 4, GAP for
 
 The prototype stages are batched over every (image, class) pair of a batch with no Python loop over
 images or classes: a pair's points are a mask over its image's h·w grid, the k-means and the OT run on
-all pairs at once (:mod:`tokenseg.ot`), and the per-pair products with the image's features use a
+all pairs at once (:mod:`tokenseg.core.ot`), and the per-pair products with the image's features use a
 (B, S·K, D) stack of prototypes, S = the most classes one image has, so no (pairs, h·w, D) copy of
 the features is ever made.
 """
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import TokensegError
-from ..ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
+from ..core.errors import TokensegError
+from ..core.ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
 
 __all__ = ["POTNet", "PaperStage", "paper_stage", "code_stage", "code_fusion", "max_norm", "class_slots",
            "grid_size", "CODE_CLUSTERS"]

@@ -26,15 +26,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from ..progress import progress_bar as tqdm
+from ..core.progress import progress_bar as tqdm
 
-from .. import optim
-from ..checkpoint import read_weights
+from ..core import optim
+from ..core.weights import read_weights
 from ..config import Config, PseudoConfig
-from ..io import IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic
-from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
-from ..device import AmpStep, fixed_shapes, oom_hint, resolve_device
-from .scores import find_seed_file, normalise_scores, seed_scores
+from ..core.masks import IGNORE_INDEX, save_palette_png
+from ..core.seeds import SeedMaps, load_seed
+from ..core.errors import TokensegError
+from ..core.files import write_bytes_atomic
+from ..core.crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
+from ..core.device import AmpStep, fixed_shapes, oom_hint, resolve_device
+from ..core.scores import find_seed_file, normalise_scores, seed_scores
 
 CHECKPOINT_FORMAT = "tokenseg-affinitynet/1"
 
@@ -243,8 +246,8 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
     """Labels (CRF at two α) + AffinityNet training; resumable. Returns the checkpoint path
     (``<work_dir>/affinitynet.pt``); a finished checkpoint made with the same settings is reused, one made
     with others is an error naming them (``overwrite`` redoes the labels and the training)."""
-    from ..resume import check_settings, differing_settings_error, flatten
-    from ..segment.train import CropDataset
+    from ..core.resume import check_settings, differing_settings_error, flatten
+    from ..data.crops import CropDataset
 
     pc = cfg.pseudo
     work = Path(work_dir)

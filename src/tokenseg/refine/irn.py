@@ -44,15 +44,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import optim
+from ..core import optim
 from ..config import Config, IRNConfig
-from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, load_seed, save_palette_png, write_bytes_atomic,
-                  write_json_atomic)
-from ..progress import progress_bar
-from .crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
+from ..core.masks import IGNORE_INDEX, save_palette_png
+from ..core.seeds import SeedMaps, load_seed
+from ..core.errors import TokensegError
+from ..core.files import write_bytes_atomic, write_json_atomic
+from ..core.progress import progress_bar
+from ..core.crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
 from .irn_net import IRNet, irn_loss, path_max, reduce_labels, search_directions
-from ..device import AmpStep, fixed_shapes, oom_hint, resolve_device
-from .scores import seed_scores
+from ..core.device import AmpStep, fixed_shapes, oom_hint, resolve_device
+from ..core.scores import seed_scores
 from .workers import worker_pool
 
 CHECKPOINT_FORMAT = "tokenseg-irn/1"
@@ -406,7 +408,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     """Train IRNet on the IR labels of ``ids``; returns ``<work_dir>/irn.pt``. A finished checkpoint
     made with the same settings is reused; an unfinished one is resumed exactly. ``step_hook(step)``
     is called after every optimiser step (after that step's checkpoint, if one is due)."""
-    from ..segment.train import CropDataset
+    from ..data.crops import CropDataset
 
     pc, ic = cfg.pseudo, cfg.pseudo.irn
     work = Path(work_dir)

@@ -32,7 +32,8 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from ..io import IGNORE_INDEX, TokensegError
+from ..core.masks import IGNORE_INDEX
+from ..core.errors import TokensegError
 
 EPS = 1e-5
 

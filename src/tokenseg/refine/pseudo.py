@@ -23,19 +23,22 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..progress import progress_bar as tqdm
+from ..core.progress import progress_bar as tqdm
 
 from ..config import Config, PseudoConfig
-from ..io import (IGNORE_INDEX, SeedMaps, TokensegError, job_lock, load_seed, read_mask, safe_output_path,
-                  save_palette_png, write_json_atomic)
+from ..core.masks import IGNORE_INDEX, read_mask, save_palette_png
+from ..core.seeds import SeedMaps, load_seed
+from ..core.errors import TokensegError
+from ..core.locks import job_lock
+from ..core.files import safe_output_path, write_json_atomic
 from ..data.base import image_hw
 from ..data.guard import refuse_inside_dataset
 from ..data.transforms import normalise_images
-from ..device import barrier, init_distributed, resolve_device
-from ..metrics import confusion_matrix, scores_from_confusion
-from .crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
+from ..core.device import barrier, init_distributed, resolve_device
+from ..core.metrics import confusion_matrix, scores_from_confusion
+from ..core.crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
 from .randomwalk import walk_maps
-from .scores import find_seed_file, label_from_probs, normalise_scores, seed_scores
+from ..core.scores import find_seed_file, label_from_probs, normalise_scores, seed_scores
 from .workers import watch_parent, worker_pool
 
 # ----------------------------------------------------------------------------- per-image steps
@@ -224,7 +227,7 @@ def _make_pseudo_masks(cfg: Config, seeds_dir, out_dir, checkpoint, work_dir, ov
                                 f"torchrun); refine none or attention shard by rank")
         todo = todo[dinfo.rank::dinfo.world]  # each rank writes its share of the masks; rank 0 the summary
     if dinfo.is_main:
-        from ..resume import check_settings
+        from ..core.resume import check_settings
 
         check_settings(out, pseudo_settings(cfg, seeds, checkpoint), overwrite, "pseudo_settings.json",
                        "pseudo masks")

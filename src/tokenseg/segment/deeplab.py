@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import TokensegError
+from ..core.errors import TokensegError
 from ..models.backbone import create_feature_backbone, create_timm
 
 

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, SegmentConfig
-from ..io import TokensegError, save_palette_png, write_json_atomic
-from ..metrics import confusion_matrix, scores_from_confusion
-from ..progress import progress_bar
+from ..core.errors import TokensegError
+from ..core.masks import save_palette_png
+from ..core.files import write_json_atomic
+from ..core.metrics import confusion_matrix, scores_from_confusion
+from ..core.progress import progress_bar
 from .deeplab import build_segmenter
 from ..data.transforms import normalise_array as normalise_image
-from ..device import amp_dtype as autocast_dtype
+from ..core.device import amp_dtype as autocast_dtype
 
 
 def read_segmentation_checkpoint(path: str | Path) -> dict:
@@ -100,7 +102,7 @@ def predict_mask(model, image: np.ndarray, scales=(1.0,), flip=False, merge="max
     """(H, W) uint8 label mask for one image."""
     probs = infer_probs(model, image, scales, flip, merge, device, amp).numpy()
     if crf:
-        from ..refine.crf import CRF_PRESETS, dense_crf
+        from ..core.crf import CRF_PRESETS, dense_crf
 
         probs = dense_crf(image, probs, CRF_PRESETS[crf_preset], crf_backend)
     return probs.argmax(0).astype(np.uint8)
@@ -115,7 +117,7 @@ def evaluate_segmentation(cfg: Config, checkpoint: str | Path | None = None, spl
     ``save_dir``: also write the predicted masks there (palette PNGs)."""
     from ..data import build_dataset
 
-    from ..device import all_reduce_sum, setup
+    from ..core.device import all_reduce_sum, setup
 
     sc = cfg.segment
     dinfo, device = setup(sc.device)  # under torchrun every rank scores its share of the images

@@ -27,12 +27,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..device import amp_dtype as autocast_dtype
-from ..device import init_distributed, resolve_device
+from ..core.device import amp_dtype as autocast_dtype
+from ..core.device import init_distributed, resolve_device
 from ..data.guard import refuse_inside_dataset
-from ..io import TokensegError, job_lock, save_palette_png, voc_palette, write_bytes_atomic, write_json_atomic
-from ..progress import progress_bar
-from ..viz import class_legend, with_legend
+from ..core.errors import TokensegError
+from ..core.locks import job_lock
+from ..core.masks import save_palette_png, voc_palette
+from ..core.files import write_bytes_atomic, write_json_atomic
+from ..core.progress import progress_bar
+from ..core.viz import class_legend, with_legend
 from .evaluate import infer_probs, is_segmentation_checkpoint, load_segmenter, read_segmentation_checkpoint
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -242,8 +245,8 @@ class _ClassifierPredictor:
         labels = (self.class_probabilities(xin) > self.cls_threshold).float()
         if labels.sum() == 0:
             return torch.zeros(1, H, W), np.zeros(1, np.uint8)
-        from ..io import SeedMaps
-        from ..refine.scores import seed_scores
+        from ..core.seeds import SeedMaps
+        from ..core.scores import seed_scores
 
         mb = self.compute_map_batch(self.model, x, labels, self.cfg, [self.kind])
         bg = mb.background[self.kind][0].float().cpu().numpy() if self.background == "channel" else None
@@ -322,7 +325,7 @@ def _predict(files, checkpoint, state, out: Path, scales, flip, crf, overlay, ov
             small = _resize(img, working_size(H, W, side))
             probs = infer_probs(model, small, sc, fl, cfg.segment.eval_merge, dev, amp)
             if crf:
-                from ..refine.crf import CRF_PRESETS, dense_crf
+                from ..core.crf import CRF_PRESETS, dense_crf
 
                 probs = torch.from_numpy(dense_crf(small, probs.numpy(), CRF_PRESETS[cfg.segment.crf_preset], "auto"))
             return upsample_argmax(probs, H, W)
@@ -338,7 +341,7 @@ def _predict(files, checkpoint, state, out: Path, scales, flip, crf, overlay, ov
             small = _resize(img, working_size(H, W, side))
             scores, values = runner.scores(small)
             if crf:
-                from ..refine.crf import CRF_PRESETS, dense_crf
+                from ..core.crf import CRF_PRESETS, dense_crf
 
                 idx = scores.argmax(0).numpy()
                 present = np.unique(idx)

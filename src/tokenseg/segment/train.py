@@ -13,88 +13,25 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from ..progress import progress_bar as tqdm
+from torch.utils.data import DataLoader
+from ..core.progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..io import (IGNORE_INDEX, TokensegError, append_jsonl, job_lock, read_mask, write_bytes_atomic,
-                  keep_log_until, write_json_atomic)
-from .. import optim
-from ..checkpoint import read_weights
-from ..data.transforms import normalise_array as normalise_image
-from ..device import AmpStep, FiniteWatch, fixed_shapes, oom_hint, resolve_device
-from ..resume import interrupt_at_step_boundary
+from ..core.masks import IGNORE_INDEX
+from ..core.errors import TokensegError
+from ..core.files import append_jsonl, write_bytes_atomic, keep_log_until, write_json_atomic
+from ..core.locks import job_lock
+from ..core import optim
+from ..core.weights import read_weights
+from ..data.crops import CropDataset
+from ..core.device import AmpStep, FiniteWatch, fixed_shapes, oom_hint, resolve_device
+from ..core.resume import interrupt_at_step_boundary
 from .deeplab import build_segmenter
 
 CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
 LOG_EVERY = 10  # steps between progress-bar loss readings (the only per-step reads of the device)
-
-
-class CropDataset(Dataset):
-    """Images with label masks, augmented as DeepLab: random scale, flip, pad, random crop.
-
-    Randomness comes from ``(seed, epoch, index)`` so a sample is the same however it is loaded."""
-
-    def __init__(self, dataset, indices: list[int], mask_dir: str | Path, crop: int,
-                 scale_range=(0.7, 1.3), flip: bool = True, seed: int = 0, extent: bool = False) -> None:
-        self.ds = dataset
-        self.extent = extent  # also return the (h, w) of the crop that is image, not padding
-        self.indices = list(indices)
-        self.mask_dir = Path(mask_dir)
-        self.crop = int(crop)
-        self.scale_range = tuple(float(s) for s in scale_range)
-        self.flip = flip
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load_pair(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        image = self.ds.load_image(i)
-        path = self.mask_dir / f"{self.ds.ids[i]}.png"
-        mask = read_mask(path)
-        if mask.shape != (image.height, image.width):
-            raise TokensegError(f"{path}: mask size {mask.shape} differs from image size "
-                                f"{(image.height, image.width)} of {self.ds.ids[i]!r}")
-        bad = (mask != IGNORE_INDEX) & (mask > self.ds.num_classes)
-        if bad.any():
-            raise TokensegError(f"{path}: label {int(mask[bad].max())} exceeds the {self.ds.num_classes} classes "
-                                f"(+ background 0, ignore 255) of the dataset")
-        return image, mask
-
-    def __getitem__(self, k: int):
-        i = self.indices[k]
-        image, mask = self.load_pair(i)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        lo, hi = self.scale_range
-        s = rng.uniform(lo, hi) if hi > lo else lo
-        if s != 1.0:
-            size = (max(1, int(round(image.width * s))), max(1, int(round(image.height * s))))
-            image = image.resize(size, Image.BILINEAR)
-            mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-        img = np.asarray(image, dtype=np.uint8)
-        if self.flip and rng.random() < 0.5:
-            img, mask = img[:, ::-1], mask[:, ::-1]
-        x = normalise_image(img)
-        c = self.crop
-        H, W = mask.shape
-        content = torch.tensor([min(H, c), min(W, c)])
-        ph, pw = max(c - H, 0), max(c - W, 0)
-        if ph or pw:  # pad: image with 0 (= the mean colour after normalisation), mask with ignore
-            x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
-            mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-            H, W = mask.shape
-        y0 = int(rng.integers(0, H - c + 1))
-        x0 = int(rng.integers(0, W - c + 1))
-        x = x[:, y0:y0 + c, x0:x0 + c]
-        mask = mask[y0:y0 + c, x0:x0 + c]
-        x, mask = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
-        return (x, mask, content) if self.extent else (x, mask)
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -143,7 +80,7 @@ def previous_segmentation(ckpt_path: Path, cfg: Config, masks: Path, overwrite: 
         raise TokensegError(f"{ckpt_path}: holds {'a ' + what if what else 'another'} checkpoint, not a segmentation "
                             f"network's (a classifier's output_dir?): write the segmentation run to its own "
                             f"folder (--out), a folder holds one kind of run")
-    from ..resume import config_differences, differing_settings_error
+    from ..core.resume import config_differences, differing_settings_error
 
     diffs = config_differences(state.get("config") or {}, cfg.to_dict(), ("segment", "data.format"), SEGMENT_FREE)
     if state.get("masks") and os.path.abspath(state["masks"]) != os.path.abspath(masks):

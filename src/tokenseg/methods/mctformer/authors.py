@@ -38,15 +38,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from .progress import progress_bar as tqdm
+from ...core.progress import progress_bar as tqdm
 
-from .config import MapsConfig
-from .data import WSSSDataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
-from .io import (BackgroundWriter, SeedMaps, TokensegError, atomic_write, load_seed, safe_output_path, save_seed,
-                 seed_path, write_json_atomic)
-from .models import ClassTokenViT, MapOutputs, explicit_attention
-from .viz import overlay, save_png
+from ...config import MapsConfig
+from ...data import WSSSDataset
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
+from ...core.files import BackgroundWriter, atomic_write, safe_output_path, write_json_atomic
+from ...core.seeds import SeedMaps, load_seed, save_seed, seed_path
+from ...core.errors import TokensegError
+from ...models import ClassTokenViT, MapOutputs, explicit_attention
+from ...core.viz import overlay, save_png
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 

@@ -2,7 +2,7 @@
 
 softmax-GradCAM of each present class over [its classes ∪ background words] ("a clean origami {}.",
 the authors' synonyms), refined by the class-aware attention affinity (CAA) and gated by boxes — the
-computation lives in :mod:`tokenseg.clip_es` (equal to the authors' code to 1e-5), the towers in
+computation lives in :mod:`tokenseg.methods.clip_es.algorithm` (equal to the authors' code to 1e-5), the towers in
 :mod:`tokenseg.models.clip`. This module makes it a method: its config section, the model (the CLIP
 weights of ``model.pretrained``), and its seed loop (PIL resizing of each image to the next multiple of
 16, images of one size batched, all present classes' Grad-CAMs from one pass). There is nothing to
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.transforms import CLIP_MEAN, CLIP_STD
-from ..io import BackgroundWriter, SeedMaps, TokensegError, save_seed, seed_path
-from ..progress import progress_bar
-from . import MapRecipe, Method, register
+from ...data.transforms import CLIP_MEAN, CLIP_STD
+from ...core.files import BackgroundWriter
+from ...core.seeds import SeedMaps, save_seed, seed_path
+from ...core.errors import TokensegError
+from ...core.progress import progress_bar
+from .. import MapRecipe, Method, register
 
 
 @dataclass
@@ -55,8 +57,8 @@ class ClipESConfig:
 
 
 def build(cfg, num_classes: int):
-    from ..data import cache_root
-    from ..models.clip import DEFAULT_ARCH, load_clip, random_clip
+    from ...data import cache_root
+    from ...models.clip import DEFAULT_ARCH, load_clip, random_clip
 
     if str(cfg.model.pretrained).lower() == "random":  # a smoke test without any file (as mmcst.clip=random)
         arch = cfg.model.backbone if cfg.model.backbone not in ("", "auto", None) else DEFAULT_ARCH
@@ -94,7 +96,7 @@ class _ClipInputs(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from ..models.clip import clip_input
+        from ...models.clip import clip_input
 
         img = self.ds.load_image(i)
         return clip_input(img, self.patch, CLIP_MEAN, CLIP_STD), torch.tensor([img.height, img.width]), i
@@ -103,9 +105,9 @@ class _ClipInputs(Dataset):
 def generate(model, ds, out_dir, cfg, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
              progress: bool = True) -> Path:
     """CLIP-ES seeds for every image of ``ds`` (this rank's share), resumable, as ``maps.generate_seeds``."""
-    from ..clip_es import ClipESOptions, clip_es_maps, clip_es_text, save_clip_es_npy
-    from ..data import cache_root
-    from ..maps import size_batches
+    from .algorithm import ClipESOptions, clip_es_maps, clip_es_text, save_clip_es_npy
+    from ...data import cache_root
+    from ...data.base import size_batches
 
     c, mc = cfg.clip_es, cfg.maps
     device = torch.device(device)

@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import voc_palette, write_bytes_atomic
+from .masks import voc_palette
+from .files import write_bytes_atomic
 
 
 def heatmap(values: np.ndarray) -> np.ndarray:

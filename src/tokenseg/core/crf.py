@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import TokensegError
+from .errors import TokensegError
 
 INSTALL_HINT = "pip install pydensecrf2  (a tokenseg dependency; it builds from source with a C++ compiler)"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import IGNORE_INDEX
+from .masks import IGNORE_INDEX
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .io import TokensegError
+from .errors import TokensegError
 
 HF_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 3.0

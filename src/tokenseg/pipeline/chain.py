@@ -17,7 +17,7 @@ def demo_config(cfg: Config) -> Config:
     if cfg.pseudo.refine != "none":
         cfg.pseudo.refine = "none"
     if cfg.pseudo.crf:
-        from ..refine.crf import resolve_backend
+        from ..core.crf import resolve_backend
 
         if resolve_backend(cfg.pseudo.crf_backend) == "torch":
             print("demo: pydensecrf is not installed; pseudo masks without CRF (pip install pydensecrf2)")
@@ -35,7 +35,7 @@ def run_post_chain(cfg: Config, seeds_dir: str | Path, out_dir: str | Path, prog
     Returns ``{"mask_miou", "seg_miou", "pseudo", "segment"}`` (mIoU in %, None where no ground truth)."""
     from ..data import build_dataset
     from ..refine.pseudo import evaluate_masks, make_pseudo_masks
-    from .train import train_segmentation
+    from ..segment.train import train_segmentation
 
     cfg = demo_config(cfg) if demo else copy.deepcopy(cfg)
     out = Path(out_dir)

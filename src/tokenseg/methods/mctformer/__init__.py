@@ -8,22 +8,22 @@
   sqrt(attention ⊙ PatchCAM), mean over K = 12 layers; position embeddings decayed (§16.3).
 
 No final LayerNorm anywhere (§16.1). The authors' checkpoints load through :mod:`tokenseg.models.convert`;
-``maps.mode=authors`` runs their inference exactly (:mod:`tokenseg.maps_authors`).
+``maps.mode=authors`` runs their inference exactly (:mod:`tokenseg.methods.mctformer.authors`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..losses import contrastive_class_token_loss, multilabel_soft_margin
-from . import MapRecipe, Method, register
+from ...core.losses import contrastive_class_token_loss, multilabel_soft_margin
+from .. import MapRecipe, Method, register
 
 ATTENTION_KINDS = ("attention", "attention_affinity")
 ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")
 
 
 def build(cfg, num_classes: int) -> nn.Module:
-    from ..models import build_model
+    from ...models import build_model
 
     return build_model(cfg.model, num_classes, decay_pos_embed=decays_pos_embed(cfg))
 
@@ -94,14 +94,14 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 
 
 def _authors(*args, **kwargs):
-    from ..maps_authors import generate_seeds_authors
+    from .authors import generate_seeds_authors
 
     return generate_seeds_authors(*args, **kwargs)
 
 
 def load_foreign(state, source: str, overrides=(), num_heads: int | None = None, path=None):
     """The authors' MCTformer-V1/V2/+ checkpoints (and ImageNet DeiT/DINO weights as initialisation)."""
-    from ..models.convert import detect_layout, model_from_state, unwrap_state_dict
+    from ...models.convert import detect_layout, model_from_state, unwrap_state_dict
 
     try:
         sd = unwrap_state_dict(state, source)

@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import TokensegError, write_bytes_atomic
+from .errors import TokensegError
+from .files import write_bytes_atomic
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]

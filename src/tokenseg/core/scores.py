@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import IGNORE_INDEX, SeedMaps, TokensegError
+from .masks import IGNORE_INDEX
+from .seeds import SeedMaps
+from .errors import TokensegError
 
 
 def find_seed_file(folder: str | Path, image_id: str) -> Path | None:

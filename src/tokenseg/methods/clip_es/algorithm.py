@@ -32,9 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.base import COCO_CLASSES, VOC_CLASSES
-from .io import SeedMaps, TokensegError, _load_npy_dict, write_bytes_atomic
-from .models.clip import ClipModel, block_qkv, layer_norm, linear, split_heads, visual_blocks, visual_embed
+from ...data.base import COCO_CLASSES, VOC_CLASSES
+from ...core.seeds import SeedMaps, _load_npy_dict
+from ...core.errors import TokensegError
+from ...core.files import write_bytes_atomic
+from ...models.clip import ClipModel, block_qkv, layer_norm, linear, split_heads, visual_blocks, visual_embed
 
 # --------------------------------------------------------------------------------------------
 # Class names, synonyms, background words (CLIP-ES's clip_text.py, as data)
@@ -161,7 +163,7 @@ def clip_es_text(model: ClipModel, class_names: Sequence[str], fmt: str | None =
     the authors' synonyms and background words; any other dataset its own names (``synonyms``: a
     mapping or a JSON/YAML file) and the VOC background words unless ``background`` replaces them
     (a list or a file with one word per line). Cached per (weights, template, words)."""
-    from .models.clip import text_features
+    from ...models.clip import text_features
 
     kind = dataset_kind(class_names, fmt)
     if isinstance(synonyms, (str, os.PathLike)):
@@ -222,7 +224,7 @@ class ClipESOutput:
     meta: dict = field(default_factory=dict)
 
     def seed(self, dtype=np.float32) -> SeedMaps:
-        """As :class:`tokenseg.io.SeedMaps` on the host (for ``save_seed``; background = (1 − max)^α)."""
+        """As :class:`tokenseg.core.seeds.SeedMaps` on the host (for ``save_seed``; background = (1 − max)^α)."""
         return SeedMaps(self.keys.cpu().numpy().astype(np.int64), self.maps.float().cpu().numpy().astype(dtype),
                         {"method": "clip-es", **self.meta})
 
@@ -530,7 +532,7 @@ def save_clip_es_npy(path: str | os.PathLike, keys, attn_highres, **extra) -> No
 
 
 def load_clip_es_npy(path: str | os.PathLike, allow_pickle: bool = False, key: str = "attn_highres") -> SeedMaps:
-    """Read their ``.npy`` dict (``keys`` + ``attn_highres``) as :class:`~tokenseg.io.SeedMaps`. Only
+    """Read their ``.npy`` dict (``keys`` + ``attn_highres``) as :class:`~tokenseg.core.seeds.SeedMaps`. Only
     numpy arrays are unpickled unless ``allow_pickle`` (trusted files only)."""
     path = Path(path)
     try:

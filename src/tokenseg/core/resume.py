@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .io import TokensegError, write_json_atomic
+from .errors import TokensegError
+from .files import write_json_atomic
 
 
 def _normal(value: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .io import TokensegError
+from .errors import TokensegError
 
 __all__ = ["OTResult", "KMeansResult", "sinkhorn", "sinkhorn_code", "kmeans", "kmeans_pytorch_init",
            "topk_per_column", "gather_rows"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .io import TokensegError
+from .errors import TokensegError
 
 
 @dataclass

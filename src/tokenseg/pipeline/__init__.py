@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, load_config
-from .data import WSSSDataset, build_dataset
-from .evaluate import evaluate_seeds, format_result, save_result
-from .io import load_seed
-from .refine.scores import seed_scores
-from .viz import colour_mask, gallery, overlay
+from ..config import Config, load_config
+from ..data import WSSSDataset, build_dataset
+from ..evaluate import evaluate_seeds, format_result, save_result
+from ..core.seeds import load_seed, seed_folders
+from ..core.scores import seed_scores
+from ..core.viz import colour_mask, gallery, overlay
 
 KIND_TITLES = {
     "attention": "class-token attention",
@@ -27,7 +27,7 @@ def seeds_dir(cfg: Config, split: str) -> Path:
 
 
 def train_step(cfg: Config, resume: bool = True, progress: bool = True, overwrite: bool = False) -> Path:
-    from .engine import train
+    from ..engine import train
 
     return train(cfg, resume=resume, progress=progress, overwrite=overwrite)
 
@@ -35,8 +35,8 @@ def train_step(cfg: Config, resume: bool = True, progress: bool = True, overwrit
 def trained_checkpoint(cfg: Config, progress: bool = True) -> Path | None:
     """Train (resuming) and return the checkpoint the later stages read: the best-val one under
     ``train.keep_best`` (MMCST's selection), else the last; ``None`` for a training-free method."""
-    from .checkpoint import run_checkpoint
-    from .methods import get_method
+    from ..checkpoint import run_checkpoint
+    from ..methods import get_method
 
     if not get_method(cfg.model.method).trainable:
         return None
@@ -47,34 +47,10 @@ def trained_checkpoint(cfg: Config, progress: bool = True) -> Path | None:
 def maps_step(cfg: Config, checkpoint: str | Path | None = None, split: str | None = None,
               out_dir: str | Path | None = None, progress: bool = True, export_npy: bool = False,
               overwrite: bool = False) -> Path:
-    from .maps import run_maps
+    from ..maps import run_maps
 
     return run_maps(cfg, checkpoint=checkpoint, split=split, out_dir=out_dir, progress=progress,
                     export_npy=export_npy, overwrite=overwrite)
-
-
-def seed_folders(root: Path) -> dict[str, Path]:
-    """``{kind: folder}`` under a seeds root (``<output_dir>/seeds/<split>``, one sub-folder per kind),
-    or ``{name: root}`` when ``root`` itself holds one kind's seed files (at any depth: ids may have
-    sub-folders)."""
-    def has_seeds(p: Path) -> bool:
-        return next(p.rglob("*.np[yz]"), None) is not None
-
-    if not root.is_dir():
-        return {}
-    subs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.endswith("_overlays")}
-    meta = root / "maps_meta.json"
-    if meta.is_file():  # the kinds the maps were made for (not an export folder next to them)
-        import json
-
-        kinds = json.loads(meta.read_text(encoding="utf-8")).get("maps", {}).get("kinds")
-        if kinds:
-            subs = {k: p for k, p in subs.items() if k in kinds}
-    if meta.is_file() or not any(root.glob("*.np[yz]")):
-        kinds = {k: p for k, p in subs.items() if has_seeds(p)}
-        if kinds:
-            return kinds
-    return {root.name: root} if has_seeds(root) else {}
 
 
 def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | None = None,
@@ -82,7 +58,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     """Evaluate every seed kind found under ``seeds`` (default: the run's seeds of ``eval.split``).
 
     A folder holding ``.npz``/``.npy`` files directly is evaluated as one kind."""
-    from .io import TokensegError
+    from ..core.errors import TokensegError
 
     split = split or cfg.eval.split
     ds = with_masks(build_dataset(cfg.data, split, "config key eval.split or the --split option"), progress)
@@ -91,7 +67,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
     if not folders:
         raise TokensegError(f"{root}: no seed files for split {split!r} (config key eval.split or --split); "
                             f"run `tokenseg maps {cfg.name} ... --split {split}` first")
-    from .data.guard import refuse_inside_dataset
+    from ..data.guard import refuse_inside_dataset
 
     results = {}
     for kind, folder in folders.items():
@@ -116,7 +92,7 @@ def has_masks(ds: WSSSDataset) -> bool:
 def with_masks(ds: WSSSDataset, progress: bool | None = True) -> WSSSDataset:
     """The images of ``ds`` that have a ground-truth mask (a folder of photos may have masks for some: boxes
     give labels only); an error when none has one."""
-    from .io import TokensegError
+    from ..core.errors import TokensegError
 
     if not has_masks(ds):
         raise TokensegError(f"{ds.name}: no image has a ground-truth mask, so there is nothing to score seeds "
@@ -159,7 +135,7 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
     """Input, ground truth, each map kind's heat map of one class per image (the class with the most
     ground-truth pixels, named under each heat map) and the best kind's argmax, with a colour legend of
     the classes the mask columns show."""
-    from .viz import class_legend
+    from ..core.viz import class_legend
 
     kinds = list(results)
     best = max(kinds, key=lambda k: results[k]["miou"])
@@ -221,8 +197,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, dict]:
 
 def demo_preset(method: str) -> str:
     """The demo preset of ``method``: ``demo`` for MCTformer+, ``demo-<method>`` otherwise."""
-    from .config import available_presets
-    from .io import TokensegError
+    from ..config import available_presets
+    from ..core.errors import TokensegError
 
     preset = "demo" if method == "mctformer-plus" else f"demo-{method}"
     if preset not in available_presets():
@@ -301,7 +277,7 @@ def compare_table(by_method: dict[str, dict[str, dict]]) -> str:
 
 def _demo_chain(cfg: Config, ckpt: Path, val_results: dict[str, dict], progress: bool) -> dict:
     """Seeds of the best kind on the train split → pseudo masks (its best val threshold) → DeepLab."""
-    from .segment.chain import run_post_chain
+    from .chain import run_post_chain
 
     best = max(val_results, key=lambda k: val_results[k]["miou"])
     train_split = cfg.data.train_split
