@@ -34,7 +34,6 @@ LAYERS: list[tuple[str, ...]] = [
 
 # imports still being moved (issue 23): each must disappear, and the test says so when one has
 KNOWN = {
-    ("tokenseg.methods.pot", "tokenseg.maps"): "POT's code-mode seed loop, to become hooks of the one seed loop",
 }
 
 

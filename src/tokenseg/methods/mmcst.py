@@ -149,7 +149,6 @@ def build(cfg, num_classes: int) -> nn.Module:
         map_groups=mc.map_groups, pooling=m.pooling, gwrp_decay=m.gwrp_decay,
         distinct_init=m.token_init == "independent" or (m.token_init == "auto" and not m.pretrained),
         final_norm=m.final_norm, decay_pos_embed=decays_pos_embed(cfg))
-    model.tokenseg_method = "mmcst"
     return model
 
 

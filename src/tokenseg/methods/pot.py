@@ -36,11 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..config import Config
+from ..data.base import size_batches
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
 from ..core.errors import TokensegError
 from ..core.losses import multilabel_soft_margin
 from ..models.pot import CODE_CLUSTERS, POTNet, code_fusion, code_stage, grid_size, max_norm, paper_stage
 from . import BACKGROUND, MapRecipe, Method, register
+from .base import SeedHooks, SeedJob
+from .mapops import (MapBatch, add_views, image_bytes, normalise_maps, rounding_of, save_map_batch, scaled_size,
+                     upsample)
 
 PAPER_KINDS = ("pot", "cam")
 CODE_KINDS = ("is_cam", "is_cam1", "is_cam_sum")
@@ -524,72 +529,64 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
     return result
 
 
-def own_maps(model, ds, out_dir, mc, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
-             progress: bool = True, meta: dict | None = None, method: str | None = None,
-             export_npy: bool = False, combine_fn=None) -> Path:
-    """POT's map loop (``maps.mode=authors``): :func:`_scale_maps` for one scale at a time, fed with each
-    batch's CLIP-ES seeds, then the code's combination.
+def code_hooks(combine_fn=None) -> SeedHooks:
+    """POT's inference (``maps.mode=authors``, set by code mode) as hooks of the one seed loop:
+    :func:`_scale_maps` for one scale at a time, fed with each batch's CLIP-ES seeds, then the code's
+    combination.
 
     ``is_cam`` = its fused map at the *first* of ``maps.scales`` (their ``IS_CAM_list[0]``); ``is_cam1``
     = its prototype map summed over all scales, max-normalised, then foreground × 2 and background
     + 0.4; ``is_cam_sum`` = is_cam + is_cam1 (the seeds their eval_cam.py scores, §16.21); ``pot`` /
-    ``cam`` over all scales. Same contract as :func:`~tokenseg.maps.generate_seeds`: resumable (images
-    whose files exist are skipped), rank-sharded. The options are the checkpoint's ``pot`` section (a
+    ``cam`` over all scales. The options are the model's ``pot`` section (from its checkpoint; a
     ``{split}`` in ``pot.clip_seeds`` is the split mapped). ``export_npy``: also their ``npy/<id>.npy``
     dict (keys with background 0, IS_CAM, IS_CAM1) for ``is_cam_sum``. ``combine_fn`` replaces
     :func:`combine` (tests)."""
-    from torch.utils.data import DataLoader
 
-    from .. import maps as mp
-    from ..config import Config
-    from ..core.seeds import seed_path
-    from ..core.progress import progress_bar
+    def prepare(job: SeedJob) -> dict:
+        pc = getattr(job.model, "pot_cfg", None) or POTConfig()
+        cfg = Config(maps=job.cfg.maps)
+        cfg.sections["pot"] = pc
+        code_pair = {"is_cam", "is_cam1"} if ("is_cam_sum" in job.kinds or job.export_npy) else set()
+        return {"cfg": cfg, "clip": ClipSeeds(pc, job.ds, job.meta.get("split", "")) if pc.clip_seeds else None,
+                "base": sorted(code_pair | {k for k in job.kinds if k != "is_cam_sum"})}
 
-    pc = getattr(model, "pot_cfg", None) or POTConfig()
-    cfg = Config(maps=mc)
-    cfg.sections["pot"] = pc
-    out_dir, device = Path(out_dir), torch.device(device)
-    model = model.to(device).eval()
-    kinds = list(mc.kinds)
-    split = (meta or {}).get("split", "")
-    clip = ClipSeeds(pc, ds, split) if pc.clip_seeds else None
-    todo = [i for i in range(rank, len(ds), world)
-            if not all(seed_path(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    code_pair = {"is_cam", "is_cam1"} if ("is_cam_sum" in kinds or export_npy) else set()
-    base = sorted(code_pair | {k for k in kinds if k != "is_cam_sum"})
-    patch = model.patch_size
-    budget = int(mc.memory_mb * 2 ** 20)
-    batches = mp.size_batches(ds, todo, mc.batch_size, budget,
-                              lambda i, size: mp.image_bytes(size, len(ds.labels[i]), mc, patch, 0))
-    loader = DataLoader(mp._ImageSet(ds), batch_sampler=batches, num_workers=num_workers)
-    bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
-    for raw, labels, idx in loader:
-        labels = labels.to(device)
+    def batches(job: SeedJob, todo: list[int]) -> list[list[int]]:
+        mc, ds, patch = job.cfg.maps, job.ds, job.model.patch_size
+        return size_batches(ds, todo, mc.batch_size, int(mc.memory_mb * 2 ** 20),
+                            lambda i, size: image_bytes(size, len(ds.labels[i]), mc, patch, 0))
+
+    def compute(job: SeedJob, batch) -> tuple:
+        raw, labels, idx = batch
+        st, mc, kinds = job.state, job.cfg.maps, job.kinds
+        labels = labels.to(job.device)
         H, W = raw.shape[-2:]
-        ex = clip.batch(idx.tolist(), (H, W), device) if clip is not None else None
+        ex = st["clip"].batch(idx.tolist(), (H, W), job.device) if st["clip"] is not None else None
         comb = partial(combine_fn or combine, extras=ex)
         acc, bgs, pairs = {}, {}, None
-        for j, s in enumerate(mp.input_scales(mc, (H, W))):
-            need = [k for k in base if k != "is_cam" or j == 0]
-            mb = _scale_maps(model, raw, labels, s, cfg, need, comb)
+        for j, s in enumerate(input_scales(mc, (H, W))):
+            need = [k for k in st["base"] if k != "is_cam" or j == 0]
+            mb = _scale_maps(job.model, raw, labels, s, st["cfg"], need, comb)
             pairs = mb.pairs
             for k in need:
                 acc[k] = acc[k] + mb.maps[k] if k in acc else mb.maps[k]
                 bgs[k] = bgs[k] + mb.background[k] if k in bgs else mb.background[k]
-        maps = {k: mp.normalise_maps(v, "max") for k, v in acc.items()}
-        bg = {k: mp.normalise_maps(v, "max") for k, v in bgs.items()}
+        maps = {k: normalise_maps(v, "max") for k, v in acc.items()}
+        bg = {k: normalise_maps(v, "max") for k, v in bgs.items()}
         if "is_cam1" in maps:  # their IS_CAM1 + pad(IS_CAM1[1:], 0.4): foreground doubled, background + 0.4
             maps["is_cam1"], bg["is_cam1"] = 2.0 * maps["is_cam1"], bg["is_cam1"] + 0.4
-        if "is_cam_sum" in kinds or export_npy:
+        if "is_cam_sum" in kinds or job.export_npy:
             maps["is_cam_sum"] = maps["is_cam"] + maps["is_cam1"]
             bg["is_cam_sum"] = bg["is_cam"] + bg["is_cam1"]
-        keep = mp.MapBatch(pairs, {k: maps[k] for k in kinds}, {k: bg[k] for k in kinds})
-        if export_npy:
-            _export_npy(out_dir / "npy", pairs, maps, bg, idx.tolist(), ds)
-        mp._save_batch(keep, raw, idx.tolist(), ds, out_dir, mc)
-        bar.update(len(idx))
-    bar.close()
-    return out_dir
+        return raw, pairs, maps, bg
+
+    def write(job: SeedJob, result: tuple, idx: list[int]) -> None:
+        raw, pairs, maps, bg = result
+        if job.export_npy:
+            _export_npy(job.out_dir / "npy", pairs, maps, bg, idx, job.ds)
+        keep = MapBatch(pairs, {k: maps[k] for k in job.kinds}, {k: bg[k] for k in job.kinds})
+        save_map_batch(keep, raw, idx, job.ds, job.out_dir, job.cfg.maps)
+
+    return SeedHooks(compute=compute, write=write, prepare=prepare, batches=batches)
 
 
 def _scale_maps(model, raw: torch.Tensor, labels: torch.Tensor, s: float, cfg, kinds, comb):
@@ -597,14 +594,12 @@ def _scale_maps(model, raw: torch.Tensor, labels: torch.Tensor, s: float, cfg, k
     resized with PIL bicubic to round(H·s) × round(W·s) (their ``pil_rescale``), normalised in float64
     (their ``TorchvisionNormalize``), with its mirror when ``maps.flip``; the maps of ``comb`` (a
     :func:`combine`) bilinearly upsampled from the grid straight to (H, W), the mirror's flipped back and
-    added. Returns a :class:`~tokenseg.maps.MapBatch` (not normalised)."""
+    added. Returns a :class:`~tokenseg.methods.mapops.MapBatch` (not normalised)."""
     from PIL import Image
-
-    from .. import maps as mp
 
     mc = cfg.maps
     B, _, H, W = raw.shape
-    hs, ws = mp.scaled_size(H, W, s, model.patch_size, mp.rounding_of(mc, RECIPE))
+    hs, ws = scaled_size(H, W, s, model.patch_size, rounding_of(mc, RECIPE))
     if (hs, ws) != (H, W):
         raw = torch.stack([torch.from_numpy(np.array(Image.fromarray(r.permute(1, 2, 0).cpu().numpy())
                                                         .resize((ws, hs), Image.BICUBIC))).permute(2, 0, 1)
@@ -629,9 +624,9 @@ def _scale_maps(model, raw: torch.Tensor, labels: torch.Tensor, s: float, cfg, k
     maps, bg = {}, {}
     for k in kinds:
         m = out[k].float()
-        maps[k] = mp._add_views(mp._upsample(torch.cat([m[v, k_idx] for v in views]), (H, W)), len(pairs), mc.flip)
-        bg[k] = mp._add_views(mp._upsample(out[k + BACKGROUND].float()[:, 0], (H, W)), B, mc.flip)
-    return mp.MapBatch(pairs, maps, bg)
+        maps[k] = add_views(upsample(torch.cat([m[v, k_idx] for v in views]), (H, W)), len(pairs), mc.flip)
+        bg[k] = add_views(upsample(out[k + BACKGROUND].float()[:, 0], (H, W)), B, mc.flip)
+    return MapBatch(pairs, maps, bg)
 
 
 def _export_npy(folder: Path, pairs, maps, bg, idx, ds) -> None:
@@ -685,7 +680,6 @@ def ignored_keys(cfg) -> dict[str, str]:
 
 def refuse_ignored(cfg) -> None:
     """A clear error for the first key of :func:`ignored_keys` set away from its default."""
-    from ..config import Config
 
     default = Config()
     for key, hint in ignored_keys(cfg).items():
@@ -752,7 +746,6 @@ def load_foreign(state, source: str, overrides=(), num_heads=None, path=None):
     ours.update({k: v for k, v in sd.items() if k.startswith(("side", "classifier."))})
     load_state_checked(model, ours, source)
     model.class_names_source = "default"
-    model.tokenseg_method = "pot"
     return model.eval(), cfg, resolve_class_names(None, C)
 
 
@@ -786,7 +779,7 @@ def to_released_state(model: nn.Module) -> dict:
 
 
 RECIPE = MapRecipe(kinds=PAPER_KINDS + CODE_KINDS, default_kinds=("pot",), combine=combine, normalise="max",
-                   background="channel", size_rounding="none", authors=own_maps)
+                   background="channel", size_rounding="none", authors=code_hooks())
 
 register(Method(
     name="pot", summary="Prototypical Optimal Transport on a SIPE-style ResNet (CVPR 2025)",
