@@ -20,7 +20,7 @@ from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
 from tokenseg.maps import generate_seeds
 from tokenseg.methods.pot import POTConfig, POTView, code_hooks, to_released_state
-from tokenseg.models.pot import code_fusion, paper_stage
+from tokenseg.methods.pot.model import code_fusion, paper_stage
 
 TINY = ["data.format=synthetic", "data.train_split=train", "data.val_split=val", "data.num_workers=0",
         "data.synthetic={num_classes: 3, image_size: 48, train_images: 48, val_images: 16, seed: 1}",
