@@ -78,7 +78,7 @@ def test_clip_es_code_crf_image_wraps_like_their_uint8_cast():
 
 def test_their_npy_seeds_are_read_by_evaluate(tmp_path):
     """CLIP-ES's {keys, attn_highres} files load as seeds (restricted unpickling)."""
-    from tokenseg.methods.clip_es.algorithm import save_clip_es_npy
+    from tokenseg.methods.clip_es.files import save_clip_es_npy
 
     maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float16)
     save_clip_es_npy(tmp_path / "a.npy", np.array([3, 7]), maps)

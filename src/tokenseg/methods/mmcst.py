@@ -120,7 +120,7 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
 
         names = list(build_dataset(cfg.data, cfg.data.train_split).class_names)
     if cfg.mmcst.prompt_names == "clip-es":
-        from .clip_es.algorithm import dataset_kind, prompt_names as clip_es_names
+        from .clip_es.prompts import dataset_kind, prompt_names as clip_es_names
 
         names = clip_es_names(names, dataset_kind(names, cfg.data.format))
     return names

@@ -8,7 +8,7 @@ or are downloaded when online. Whatever the source, the result is a :class:`Clip
 
 The visual forward here is split into the pieces CLIP-ES needs (embedding with a resized position
 grid, the no-gradient blocks with explicit attention only where asked, the last block's parts), so that
-:mod:`tokenseg.methods.clip_es.algorithm` can run the last block once for all classes' Grad-CAMs.
+:mod:`tokenseg.methods.clip_es.gradcam` can run the last block once for all classes' Grad-CAMs.
 """
 from __future__ import annotations
 

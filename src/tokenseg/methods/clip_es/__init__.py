@@ -2,9 +2,9 @@
 
 softmax-GradCAM of each present class over [its classes ∪ background words] ("a clean origami {}.",
 the authors' synonyms), refined by the class-aware attention affinity (CAA) and gated by boxes — the
-computation lives in :mod:`tokenseg.methods.clip_es.algorithm` (equal to the authors' code to 1e-5), the towers in
+computation lives in :mod:`tokenseg.methods.clip_es.gradcam` (equal to the authors' code to 1e-5), the towers in
 :mod:`tokenseg.models.clip`. This module makes it a method: its config section, the model (the CLIP
-weights of ``model.pretrained``), and its seed loop (PIL resizing of each image to the next multiple of
+weights of ``model.pretrained``), and its hooks in the one seed loop (PIL resizing of each image to the next multiple of
 16, images of one size batched, all present classes' Grad-CAMs from one pass). There is nothing to
 train: ``tokenseg maps clip-es ...`` and ``tokenseg run clip-es ...`` need no checkpoint.
 
@@ -102,7 +102,8 @@ class _ClipInputs(Dataset):
 def _prepare(job: SeedJob) -> tuple:
     """The class and background text features (cached), and the options of the Grad-CAM pass."""
     from ...data import cache_root
-    from .algorithm import ClipESOptions, clip_es_text
+    from .gradcam import ClipESOptions
+    from .prompts import clip_es_text
 
     c, cfg = job.cfg.clip_es, job.cfg
     background = c.background_file or (list(c.background_words) if c.background_words else None)
@@ -123,7 +124,7 @@ def _batches(job: SeedJob, todo: list[int]) -> list[list[int]]:
 
 
 def _compute(job: SeedJob, batch) -> tuple:
-    from .algorithm import clip_es_maps
+    from .gradcam import clip_es_maps
 
     images, sizes, idx = batch
     text, opts = job.state
@@ -134,7 +135,7 @@ def _compute(job: SeedJob, batch) -> tuple:
 
 
 def _write(job: SeedJob, result: tuple, idx: list[int]) -> None:
-    from .algorithm import save_clip_es_npy
+    from .files import save_clip_es_npy
 
     outs, sizes = result
     text, ds, c = job.state[0], job.ds, job.cfg.clip_es

@@ -58,7 +58,7 @@ class ClipSeeds:
         """(classes (n,) int64, maps (n, H, W) float32) of image ``i``."""
         path = self.paths[i]
         if path.suffix == ".npy":
-            from ..clip_es.algorithm import load_clip_es_npy
+            from ..clip_es.files import load_clip_es_npy
 
             seed = load_clip_es_npy(path, allow_pickle=self.allow_pickle)
         else:
