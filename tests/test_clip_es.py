@@ -22,6 +22,7 @@ from tokenseg.methods.clip_es import gradcam as ceg  # noqa: E402
 from tokenseg.methods.clip_es import prompts as cep  # noqa: E402
 from tokenseg.core.errors import TokensegError  # noqa: E402
 from tokenseg.models import clip as mc  # noqa: E402
+from tokenseg.models import clip_ops as mco  # noqa: E402
 
 from authors_weights import authors_weights  # noqa: E402
 
@@ -54,7 +55,7 @@ def image(i: str) -> Image.Image:
 
 def run(model, text, ids, labels=None, **opts):
     imgs = [image(i) for i in ids]
-    x = torch.stack([mc.clip_input(im) for im in imgs])
+    x = torch.stack([mco.clip_input(im) for im in imgs])
     labels = labels or [LABELS[i] for i in ids]
     options = ceg.ClipESOptions(box_threshold=META["caa"]["box_threshold"], caa_layers=META["caa"]["last_layers"],
                                sinkhorn_rounds=META["caa"]["sinkhorn_rounds"], **opts)
@@ -106,7 +107,7 @@ def test_no_refinement_gives_the_upsampled_gradcam(model, text, ref):
 
 
 def test_multi_hot_labels_and_seed(model, text, ref):
-    x = mc.clip_input(image("img2"))[None]
+    x = mco.clip_input(image("img2"))[None]
     hot = torch.zeros(1, 5)
     hot[0, [0, 3, 4]] = 1
     out = ceg.clip_es_maps(model, x, hot, *text, (90, 120))[0]
@@ -235,16 +236,16 @@ def test_clip_input_is_their_torchvision_transform():
     img = image("img4")  # 70×50 → 80×64
     tv = T.Compose([T.Resize((64, 80), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                     T.Normalize(mc.OPENAI_MEAN, mc.OPENAI_STD)])(img)
-    ours = mc.clip_input(img)
+    ours = mco.clip_input(img)
     assert ours.shape == (3, 64, 80)
     assert torch.equal(ours, tv)
 
 
 def test_position_grid_resize():
     pos = torch.randn(1 + 16, 8)
-    same = mc.resize_clip_pos_embed(pos, (4, 4), fp16=False)
+    same = mco.resize_clip_pos_embed(pos, (4, 4), fp16=False)
     assert torch.equal(same, pos)  # bilinear to the same size is the identity
-    up = mc.resize_clip_pos_embed(pos, (6, 5))
+    up = mco.resize_clip_pos_embed(pos, (6, 5))
     ref = F.interpolate(pos[1:].T.reshape(1, 8, 4, 4), size=(6, 5), mode="bilinear", align_corners=False)
     assert torch.equal(up[1:], ref.reshape(8, 30).T.half().float())
     assert torch.equal(up[0], pos[0].half().float())
@@ -347,7 +348,7 @@ def test_text_features_are_their_zeroshot_classifier(full_ckpt, tmp_path):
     ref, path = full_ckpt
     model = mc.load_clip(path)
     names, templates = ["bird avian", "person with clothes,people,human", "sky"], ["a clean origami {}.", "a {}"]
-    got = mc.text_features(model, names, templates, cache_dir=tmp_path / "cache")
+    got = mco.text_features(model, names, templates, cache_dir=tmp_path / "cache")
     with torch.no_grad():  # per class: embed each prompt, normalise, mean over prompts, normalise
         want = []
         for n in names:
@@ -360,31 +361,31 @@ def test_text_features_are_their_zeroshot_classifier(full_ckpt, tmp_path):
     assert len(files) == 1
     # a second call reads the cache (the text tower is not run again)
     model.text.encode_text = None
-    again = mc.text_features(model, names, templates, cache_dir=tmp_path / "cache")
+    again = mco.text_features(model, names, templates, cache_dir=tmp_path / "cache")
     assert torch.equal(again, got)
     with pytest.raises(TypeError):  # another class list is another key: it needs the tower
-        mc.text_features(model, names[:2], templates, cache_dir=tmp_path / "cache")
+        mco.text_features(model, names[:2], templates, cache_dir=tmp_path / "cache")
 
 
 def test_text_cache_is_keyed_by_the_weights_and_repaired(full_ckpt, tmp_path):
     ref, path = full_ckpt
     cache = tmp_path / "cache"
-    a = mc.text_features(mc.load_clip(path), ["cat"], "a {}", cache)
+    a = mco.text_features(mc.load_clip(path), ["cat"], "a {}", cache)
     f = next((cache / "clip_text").glob("*.npz"))
     f.write_bytes(b"damaged")
-    assert torch.equal(mc.text_features(mc.load_clip(path), ["cat"], "a {}", cache), a)  # recomputed
+    assert torch.equal(mco.text_features(mc.load_clip(path), ["cat"], "a {}", cache), a)  # recomputed
     with torch.no_grad():
         ref.token_embedding.weight.mul_(2)
     torch.save(ref.state_dict(), tmp_path / "other.pt")
-    b = mc.text_features(mc.load_clip(tmp_path / "other.pt"), ["cat"], "a {}", cache)
+    b = mco.text_features(mc.load_clip(tmp_path / "other.pt"), ["cat"], "a {}", cache)
     assert len(list((cache / "clip_text").glob("*.npz"))) == 2 and not torch.allclose(a, b)
     with pytest.raises(TokensegError, match="template"):
-        mc.text_features(mc.load_clip(path), ["cat"], "no placeholder", cache)
+        mco.text_features(mc.load_clip(path), ["cat"], "no placeholder", cache)
 
 
 def test_vision_only_weights_have_no_text_features(model):
     with pytest.raises(TokensegError, match="no text tower"):
-        mc.text_features(model, ["cat"])
+        mco.text_features(model, ["cat"])
 
 
 def test_open_clip_config_for_a_checkpoint(full_ckpt, tmp_path):
@@ -467,7 +468,7 @@ def test_dataset_text_side(full_ckpt, tmp_path):
     model = mc.load_clip(path)
     voc = cep.clip_es_text(model, VOC_CLASSES, cache_dir=tmp_path)
     assert voc.kind == "voc" and voc.box_threshold == 0.4 and voc.fg.shape == (20, 32) and voc.bg.shape == (25, 32)
-    np.testing.assert_allclose(voc.fg[14].numpy(), mc.text_features(
+    np.testing.assert_allclose(voc.fg[14].numpy(), mco.text_features(
         model, ["person with clothes,people,human"], cep.DEFAULT_TEMPLATE)[0].numpy(), atol=1e-6)
     coco = cep.clip_es_text(model, COCO_CLASSES, fmt="coco", cache_dir=tmp_path)
     assert coco.box_threshold == 0.7 and coco.bg.shape[0] == 23 and coco.prompts[31] == "sknowboard"

@@ -93,7 +93,7 @@ class _ClipInputs(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from ...models.clip import clip_input
+        from ...models.clip_ops import clip_input
 
         img = self.ds.load_image(i)
         return clip_input(img, self.patch, CLIP_MEAN, CLIP_STD), torch.tensor([img.height, img.width]), i

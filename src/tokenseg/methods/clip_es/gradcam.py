@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ...core.seeds import SeedMaps
 from ...core.errors import TokensegError
-from ...models.clip import ClipModel, block_qkv, layer_norm, linear, split_heads, visual_blocks, visual_embed
+from ...models.clip import ClipModel
+from ...models.clip_ops import block_qkv, layer_norm, linear, split_heads, visual_blocks, visual_embed
 from .prompts import COMPUTE_DTYPES
 
 
@@ -299,7 +300,7 @@ def clip_es_maps(model: ClipModel, images: torch.Tensor, labels: Sequence[Sequen
                  options: ClipESOptions | None = None, intermediates: bool = False) -> list[ClipESOutput]:
     """CLIP-ES seeds for a batch of images of one input size.
 
-    ``images`` (B, 3, H', W'): :func:`tokenseg.models.clip.clip_input` outputs (sides multiples of the
+    ``images`` (B, 3, H', W'): :func:`tokenseg.models.clip_ops.clip_input` outputs (sides multiples of the
     patch), on the model's device. ``labels``: each image's present class indices (into ``fg_text``
     rows), or a (B, C) multi-hot tensor. ``fg_text`` (C, E) / ``bg_text`` (K, E): text features of the
     class prompts and background words. ``out_sizes``: each image's original (H, W) (default: the input

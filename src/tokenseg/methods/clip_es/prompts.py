@@ -140,7 +140,7 @@ def clip_es_text(model: ClipModel, class_names: Sequence[str], fmt: str | None =
     the authors' synonyms and background words; any other dataset its own names (``synonyms``: a
     mapping or a JSON/YAML file) and the VOC background words unless ``background`` replaces them
     (a list or a file with one word per line). Cached per (weights, template, words)."""
-    from ...models.clip import text_features
+    from ...models.clip_ops import text_features
 
     kind = dataset_kind(class_names, fmt)
     if isinstance(synonyms, (str, os.PathLike)):
