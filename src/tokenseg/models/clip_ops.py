@@ -37,11 +37,8 @@ def text_features(model: ClipModel, names: Sequence[str], template: str | Sequen
         raise TokensegError(f"clip_es.template: every template needs a '{{}}' for the class name, got {templates}")
     if not names:
         return torch.zeros(0, model.visual.output_dim)
-    path = None
-    if cache_dir:
-        key = hashlib.sha256(json.dumps({"v": 1, "model": model.fingerprint(), "templates": templates,
-                                         "names": names}).encode()).hexdigest()[:32]
-        path = Path(cache_dir).expanduser() / "clip_text" / f"{key}.npz"
+    path = text_cache_path(model, names, templates, cache_dir) if cache_dir else None
+    if path is not None:
         cached = _read_text_cache(path, names, templates)
         if cached is not None:
             return cached
@@ -58,6 +55,16 @@ def text_features(model: ClipModel, names: Sequence[str], template: str | Sequen
                  templates=np.array(json.dumps(templates)))
         write_bytes_atomic(path, buf.getvalue())
     return emb
+
+
+def text_cache_path(model: ClipModel, names: Sequence[str], templates: Sequence[str],
+                    cache_dir: str | os.PathLike) -> Path:
+    """Where the text features of ``names`` under ``templates`` for these weights are cached (an ``.npz``
+    of ``features``, and the JSON ``names`` / ``templates`` they are for): one file per (weights,
+    templates, names), so features made elsewhere (a machine with the text tower) can be placed here."""
+    key = hashlib.sha256(json.dumps({"v": 1, "model": model.fingerprint(), "templates": list(templates),
+                                     "names": [str(n) for n in names]}).encode()).hexdigest()[:32]
+    return Path(cache_dir).expanduser() / "clip_text" / f"{key}.npz"
 
 
 def _read_text_cache(path: Path, names: list[str], templates: list[str]) -> torch.Tensor | None:
