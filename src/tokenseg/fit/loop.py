@@ -157,12 +157,14 @@ def fit(task: Task, step: int = 0, finished: int | None = None) -> int:
                                                      "time": round(time.time() - t0, 2)})
                         if task.on_log is not None:
                             task.on_log(step, lr, values)
-                if due or epoch_end or stop.requested:
+                if due or epoch_end:
                     save(task, step)
                     saved = step
                 if task.on_step is not None:
                     task.on_step(step, values)
-                if stop.requested:  # SIGINT / SIGTERM during this step: checkpointed above
+                if stop.requested:  # SIGINT / SIGTERM during this step: a resumable state first
+                    if saved != step:
+                        save(task, step)
                     bar.close()
                     if task.is_main:
                         print(f"\n{task.name}: interrupted; checkpoint saved at step {step}/{total} in "

@@ -32,9 +32,12 @@ OLD_KINDS = {"segmentation": "segmenter"}  # the kind names earlier versions wro
 
 
 def rng_state() -> dict:
+    """The global generators' states, as tensors and plain numbers (numpy's key array as a tensor), so
+    that even a bare ``torch.load(weights_only=True)`` reads the file."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss), "python": random.getstate()}
 
 
 def restore_rng(state: dict) -> None:
@@ -43,7 +46,8 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
+    name, keys, *rest = rng["numpy"]  # keys: a tensor, or (files of earlier versions) a numpy array
+    np.random.set_state((name, keys.numpy() if torch.is_tensor(keys) else keys, *rest))
     random.setstate(rng["python"])
 
 

@@ -33,7 +33,6 @@ the same walk to 1e-12 (tested against that dense reference); float32 is faster 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -49,15 +48,15 @@ from ..config import Config, IRNConfig
 from ..core.masks import IGNORE_INDEX, save_palette_png
 from ..core.seeds import SeedMaps, load_seed
 from ..core.errors import TokensegError
-from ..core.files import write_bytes_atomic, write_json_atomic
+from ..core.files import write_json_atomic
 from ..core.progress import progress_bar
 from ..core.crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
 from .irn_net import IRNet, irn_loss, path_max, reduce_labels, search_directions
-from ..core.device import AmpStep, fixed_shapes, oom_hint, resolve_device
+from ..core.device import AmpStep, fixed_shapes, resolve_device
 from ..core.scores import seed_scores
+from ..fit import Task, epoch_order, finished_step, fit, poly_lr, read_state, restore
 from .workers import worker_pool
 
-CHECKPOINT_FORMAT = "tokenseg-irn/1"
 CHECKPOINT_NAME = "irn.pt"
 LABEL_SETTINGS = "ir_labels.json"
 WALK_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -357,24 +356,8 @@ def training_settings(cfg: Config, ids: Sequence[str], labels: dict) -> dict:
 
 
 def read_irn_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read IRN checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("kind") != "irn":
-        raise TokensegError(f"{path}: not an IRN checkpoint")
-    return state
-
-
-def _save(path: Path, net: IRNet, optimizer, step: int, total: int, done: bool, settings: dict) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "kind": "irn", "model": net.state_dict(),
-             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "done": done,
-             "backbone": net.backbone_name, "displacement": net.displacement,
-             "freeze_backbone": net.freeze_backbone, "settings": settings}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    """An IRN checkpoint, read tensors-only through the one weights reader."""
+    return read_state(path, "irn")
 
 
 def load_irn(path: str | Path) -> IRNet:
@@ -424,10 +407,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     torch.manual_seed(ic.seed)
     fresh = state is None  # a resumed run takes its backbone from the checkpoint, not from timm / a file
     net = IRNet(ic.backbone, ic.pretrained and fresh, ic.weights if fresh else "", ic.displacement,
-                ic.freeze_backbone)
-    if state is not None:
-        net.load_state_dict(state["model"])
-    net.to(device)
+                ic.freeze_backbone).to(device)
     groups = [{"params": net.edge_parameters(), "lr": ic.lr, "base_lr": ic.lr}]
     if net.displacement:
         groups.append({"params": net.displacement_parameters(), "lr": 10 * ic.lr, "base_lr": 10 * ic.lr})
@@ -439,10 +419,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
                           lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     amp = AmpStep(pc.amp, device, optimizer)
     fixed_shapes(device)  # crops of a few sizes (multiples of 16 up to pseudo.irn.crop): tuned once each
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    step = 0 if state is None else restore(state, net, optimizer, amp.scaler, str(ckpt))
     indices = [ds.index_of(k) for k in ids]
     bs = min(ic.batch_size, len(indices))
     steps_per_epoch = max(len(indices) // bs, 1)
@@ -452,42 +429,30 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     data = CropDataset(ds, indices, label_dir, ic.crop, tuple(ic.scale_range), True, seed=ic.seed, extent=True)
     collate = _BatchPad(ic.crop, ic.train_radius)
     workers = cfg.data.num_workers if ic.num_workers < 0 else ic.num_workers
-    net.train()
-    finished = False  # a checkpoint marked done has been written
-    bar = progress_bar(total=total, initial=step, desc="irn train", unit="step", disable=not progress)
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(ic.seed * 7919 + epoch)
-        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
+
+    def batches(epoch: int, offset: int) -> DataLoader:
         data.epoch = epoch
-        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                               pin_memory=device.type == "cuda", collate_fn=collate):
-            scale = (1.0 - step / total) ** ic.poly_power
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * scale
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with oom_hint(f"IRN step {step + 1} (a batch of {bs} crops of {ic.crop}²)",
-                          "pseudo.irn.batch_size or pseudo.irn.crop (pseudo.amp=bf16 halves the activations)"):
-                with amp.autocast():
-                    edge, disp = net(x, with_displacement=net.displacement)
-                loss, _ = irn_loss(edge.float(), None if disp is None else disp.float(),
-                                   reduce_labels(y, edge.shape[-2:]), ic.train_radius)
-                amp.step(loss)
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == total:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            due = ic.checkpoint_every and step % ic.checkpoint_every == 0
-            if step >= total or step % steps_per_epoch == 0 or due:
-                _save(ckpt, net, optimizer, step, total, step >= total, settings)
-                finished = step >= total
-            if step_hook is not None:
-                step_hook(step)
-            if step >= total:
-                break
-    bar.close()
-    if not finished:  # resumed from a checkpoint that had reached the end without being marked done
-        _save(ckpt, net, optimizer, step, total, True, settings)
+        order = epoch_order(len(indices), bs, steps_per_epoch, ic.seed, epoch, offset, stride=7919)
+        return DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                          pin_memory=device.type == "cuda", collate_fn=collate)
+
+    def loss(out, batch, at):
+        edge, disp = out
+        return irn_loss(edge.float(), None if disp is None else disp.float(),
+                        reduce_labels(batch[1], edge.shape[-2:]), ic.train_radius)[0], {}
+
+    task = Task(
+        kind="irn", name="irn train", model=net, optimizer=optimizer, amp=amp,
+        schedule=lambda step, epoch: poly_lr(step, total, 1.0, ic.poly_power), steps_per_epoch=steps_per_epoch,
+        total_steps=total, batches=batches, forward=lambda batch, at: net(batch[0], with_displacement=net.displacement),
+        loss=loss, checkpoint=ckpt, checkpoint_every=ic.checkpoint_every,
+        save_meta=lambda: {"backbone": net.backbone_name, "displacement": net.displacement,
+                           "freeze_backbone": net.freeze_backbone, "settings": settings},
+        oom=(f"IRN step {{step}} (a batch of {bs} crops of {ic.crop}²)",
+             "pseudo.irn.batch_size or pseudo.irn.crop (pseudo.amp=bf16 halves the activations)"),
+        nonfinite_hint="lower pseudo.irn.lr", on_step=None if step_hook is None else lambda s, _: step_hook(s),
+        progress=progress)
+    fit(task, step, finished_step(state))
     return ckpt
 
 
