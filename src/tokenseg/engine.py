@@ -28,13 +28,13 @@ from .core.files import append_jsonl
 from .core.locks import job_lock
 from .core.progress import progress_bar
 from .core.resume import config_differences, differing_settings_error
-from .core.weights import FORMAT as CHECKPOINT_FORMAT
 from .core.weights import load_state_checked, unwrap
 from .data import WSSSDataset, build_dataset
 from .data.guard import refuse_inside_dataset
 from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
-from .fit import (LOG_EVERY, At, Task, epoch_generator, finished_step, fit, lr_at, lr_at_epoch, poly_lr, restore,
-                  start_log)
+from .fit import (LOG_EVERY, At, Task, epoch_generator, finished_step, fit, kind_of, lr_at, lr_at_epoch, poly_lr,
+                  restore, start_log)
+from .fit.state import TITLES
 from .methods import Method, StepContext, get_method
 
 __all__ = ["train", "evaluate_map", "average_precision", "lr_at", "lr_at_epoch", "poly_lr", "build_optimizer", "LOG_EVERY",
@@ -187,8 +187,9 @@ def previous_state(ckpt_path: Path, cfg: Config, method: Method, overwrite: bool
     if overwrite or not ckpt_path.is_file():
         return None
     state = read_checkpoint(ckpt_path)
-    if state.get("format") not in (None, CHECKPOINT_FORMAT):
-        raise TokensegError(f"{ckpt_path}: holds a {state.get('kind') or state.get('format')} checkpoint, not a "
+    if kind_of(state) != "classifier":
+        found = TITLES.get(kind_of(state)) or f"a {state.get('kind') or state.get('format')}"
+        raise TokensegError(f"{ckpt_path}: holds {found} checkpoint, not a "
                             f"{method.name} classifier: give the classifier its own output_dir (a folder holds "
                             f"one kind of run)")
     keys = TRAIN_SETTINGS + tuple(s for s in (method.section, *method.uses_sections) if s)

@@ -86,7 +86,7 @@ def read_state(path: str | Path, kind: str) -> dict:
     if kind_of(state) != kind:
         found = kind_of(state)
         raise TokensegError(f"{path}: not {TITLES[kind]} checkpoint" +
-                            (f" (it holds {TITLES[found]}'s)" if found else ""))
+                            (f" (it holds {TITLES[found]} checkpoint)" if found else ""))
     return state
 
 
@@ -108,4 +108,4 @@ def finished_step(state: dict | None) -> int | None:
     return None if state is None or not state.get("done", True) else int(state["step"])
 
 
-__all__ = ["FORMATS", "save_state", "read_state", "restore", "restore_rng", "rng_state", "kind_of", "finished_step"]
+__all__ = ["FORMATS", "TITLES", "save_state", "read_state", "restore", "restore_rng", "rng_state", "kind_of", "finished_step"]
