@@ -26,8 +26,8 @@ from ..core.weights import FORMAT, load_state_checked, read_weights, unwrap
 
 FORMATS = {"classifier": FORMAT, "segmenter": "tokenseg-segmentation/1", "affinitynet": "tokenseg-affinitynet/1",
            "irn": "tokenseg-irn/1"}
-TITLES = {"classifier": "a classifier", "segmenter": "a segmentation network", "affinitynet": "an AffinityNet",
-          "irn": "an IRN"}
+TITLES = {"classifier": "a classifier", "segmenter": "a segmentation", "affinitynet": "an AffinityNet",
+          "irn": "an IRN"}  # "... checkpoint" in messages
 OLD_KINDS = {"segmentation": "segmenter"}  # the kind names earlier versions wrote
 
 
