@@ -11,7 +11,7 @@ its model and optimizer, its batches, its forward and loss, what it saves beside
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -77,7 +77,6 @@ class Task:
     on_step: Callable[[int, dict | None], None] | None = None  # (step, losses read at it, or None)
     is_main: bool = True  # rank 0 writes checkpoints, logs and the progress bar
     progress: bool = True
-    state_objects: dict = field(default_factory=dict)  # besides model, optimizer, scaler
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -105,8 +104,7 @@ def start_log(task: Task, step: int) -> None:
 def save(task: Task, step: int) -> None:
     """The task's checkpoint at ``step`` (rank 0 only)."""
     if task.is_main:
-        objects = {"model": task.model, "optimizer": task.optimizer, "scaler": task.amp.scaler,
-                   **task.state_objects}
+        objects = {"model": task.model, "optimizer": task.optimizer, "scaler": task.amp.scaler}
         save_state(task.checkpoint, task.kind, step, objects, total_steps=task.total_steps,
                    epoch=step / task.steps_per_epoch, done=step >= task.total_steps, **task.save_meta())
 
