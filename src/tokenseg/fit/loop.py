@@ -3,8 +3,8 @@
 Read top to bottom: for each epoch, the task's batches from where the run stands; for each batch, the
 schedule's lr, the forward under autocast, the loss, the AMP step (:class:`~tokenseg.core.device.AmpStep`);
 then the bookkeeping of a step boundary — a non-finite loss check when the losses are read, a log record,
-a checkpoint when due (every ``checkpoint_every`` steps, at each epoch's end, at the end, on SIGINT /
-SIGTERM), the task's ``on_step``; at each epoch's end the task's ``after_epoch`` (validation, an epoch
+a checkpoint every ``checkpoint_every`` steps, the task's ``on_step``, a checkpoint on SIGINT / SIGTERM
+and at each epoch's end (and the run's); then the task's ``after_epoch`` (validation, an epoch
 log line). What differs between the classifier methods, DeepLab, AffinityNet and IRN is the task:
 its model and optimizer, its batches, its forward and loss, what it saves beside the weights.
 """
@@ -155,10 +155,10 @@ def fit(task: Task, step: int = 0, finished: int | None = None) -> int:
                                                      "time": round(time.time() - t0, 2)})
                         if task.on_log is not None:
                             task.on_log(step, lr, values)
-                if due or epoch_end:
+                if due:
                     save(task, step)
                     saved = step
-                if task.on_step is not None:
+                if task.on_step is not None:  # after a due checkpoint, before the epoch's
                     task.on_step(step, values)
                 if stop.requested:  # SIGINT / SIGTERM during this step: a resumable state first
                     if saved != step:
@@ -168,6 +168,9 @@ def fit(task: Task, step: int = 0, finished: int | None = None) -> int:
                         print(f"\n{task.name}: interrupted; checkpoint saved at step {step}/{total} in "
                               f"{task.checkpoint}; the same command continues from it")
                     raise KeyboardInterrupt
+                if epoch_end and saved != step:
+                    save(task, step)
+                    saved = step
                 if step >= total:
                     break
             if task.after_epoch is not None and loss_n:
