@@ -52,7 +52,7 @@ def authors_walk(x, edge):
     """Their dense approach (see the module docstring), one image: x (K, h, w), edge (h, w)."""
     import torch
 
-    from tokenseg.refine.irn import boundary_bands, flush_level, walk_offsets
+    from tokenseg.refine.irn_walk import boundary_bands, flush_level, walk_offsets
 
     h, w = edge.shape
     r = RADIUS

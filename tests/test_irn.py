@@ -27,7 +27,7 @@ from tokenseg.data import build_dataset  # noqa: E402
 from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
 from tokenseg.core.errors import TokensegError
 from tokenseg.core.masks import read_mask, voc_palette  # noqa: E402
-from tokenseg.refine import irn  # noqa: E402
+from tokenseg.refine import irn, irn_walk  # noqa: E402
 from tokenseg.refine.irn_net import IRNet, direction_path, irn_loss, search_directions  # noqa: E402
 
 # a tiny network and crop: the suite stays fast
@@ -505,11 +505,11 @@ def test_pot_variant_walks_the_seed_background(toy, tmp_path):
     images = [np.asarray(ds.load_image(k), dtype=np.uint8) for k in range(4)]
     batch_seeds = [load_seed(pot_seeds / f"{i}.npz") for i in ds.ids[:4]]
     together = irn.irn_masks(net, images, batch_seeds, cfg.pseudo.irn)
-    irn.WALK_CACHE_BYTES, saved = 1, irn.WALK_CACHE_BYTES
+    irn_walk.WALK_CACHE_BYTES, saved = 1, irn_walk.WALK_CACHE_BYTES
     try:
         alone = irn.irn_masks(net, images, batch_seeds, cfg.pseudo.irn)
     finally:
-        irn.WALK_CACHE_BYTES = saved
+        irn_walk.WALK_CACHE_BYTES = saved
     assert all((a == b).all() for a, b in zip(together, alone))
     with pytest.raises(TokensegError, match="background channel"):
         make_pseudo_masks(cfg, seeds, tmp_path / "m2", work_dir=tmp_path / "w2", progress=False)

@@ -18,6 +18,7 @@ PACKAGE = SRC / "tokenseg"
 # low to high; a module belongs to the unit of the longest prefix that matches it
 LAYERS: list[tuple[str, ...]] = [
     ("tokenseg.core",),
+    ("tokenseg.fit",),  # the one training loop, its checkpoint format and schedules: imports only core
     ("tokenseg.config",),
     ("tokenseg.data",),
     ("tokenseg.checkpoint",),

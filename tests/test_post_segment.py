@@ -100,7 +100,7 @@ def _train_until(cfg, masks, out, stop_at: int) -> None:
 
     def counting(*args):
         calls["n"] += 1
-        if calls["n"] > 2 * stop_at:  # two parameter groups per step
+        if calls["n"] > stop_at:  # the schedule is asked once per step
             raise KeyboardInterrupt
         return real(*args)
 

@@ -9,17 +9,14 @@ rebuilds any method's model from it, or from a layout a method knows (``Method.l
 """
 from __future__ import annotations
 
-import io
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import Config, apply_overrides, validate
 from .core.errors import TokensegError
-from .core.files import write_bytes_atomic
-from .core.weights import FORMAT, is_tokenseg_checkpoint, load_state_checked, read_weights, unwrap
+from .core.weights import is_tokenseg_checkpoint, load_state_checked, read_weights
+from .fit.state import restore_rng, save_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "checkpoint_best.pt"  # train.keep_best: the epoch with the best val mAP
@@ -37,37 +34,12 @@ def run_checkpoint(cfg: Config) -> Path:
 # ----------------------------------------------------------------------------- our format
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scaler, step: int, cfg: Config,
                     class_names: list[str], class_names_source: str = "checkpoint", extra: dict | None = None) -> None:
-    """Atomically write our checkpoint. ``class_names_source="default"`` marks names made up for a file
-    that had none (converted authors' weights): a dataset with the same class count may supply its own."""
-    state = {
-        "format": FORMAT,
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "config": cfg.to_dict(),
-        "class_names": list(class_names),
-        "class_names_source": class_names_source,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-        **(extra or {}),
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue(), "checkpoint")
-
-
-def restore_rng(state: dict) -> None:
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    """Atomically write a classifier checkpoint (:mod:`tokenseg.fit.state`'s format, kind ``classifier``).
+    ``class_names_source="default"`` marks names made up for a file that had none (converted authors'
+    weights): a dataset with the same class count may supply its own."""
+    save_state(path, "classifier", step, {"model": model, "optimizer": optimizer, "scaler": scaler},
+               config=cfg.to_dict(), class_names=list(class_names), class_names_source=class_names_source,
+               **(extra or {}))
 
 
 def read_checkpoint(path: str | Path, allow_foreign: bool = False, allow_pickle: bool = False) -> dict:

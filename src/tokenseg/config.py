@@ -384,6 +384,7 @@ RANGES: dict[str, str] = {
     "pseudo.workers": ">=0", "pseudo.attn_beta": ">0", "pseudo.attn_t": ">=0", "pseudo.attn_layers": ">=0",
     "pseudo.aff_alpha_low": ">0", "pseudo.aff_alpha_high": ">0", "pseudo.aff_radius": ">=1", "pseudo.aff_crop": ">=16",
     "pseudo.aff_batch_size": ">=1", "pseudo.aff_epochs": ">=1", "pseudo.aff_lr": ">0", "pseudo.aff_weight_decay": ">=0",
+    "pseudo.aff_seed": ">=0",
     "pseudo.aff_max_steps": ">=0", "pseudo.rw_beta": ">0", "pseudo.rw_logt": ">=0", "pseudo.rw_bg": "[0,1]",
     "pseudo.irn.fg_threshold": "[0,1]", "pseudo.irn.bg_threshold": "[0,1]", "pseudo.irn.pot_fg_scale": ">0",
     "pseudo.irn.pot_bg_scale": ">0", "pseudo.irn.crf_gt_prob": "(0,1)", "pseudo.irn.crop": ">=16",
@@ -603,6 +604,7 @@ class PseudoConfig:
     aff_lr: float = 0.01
     aff_weight_decay: float = 5e-4
     aff_max_steps: int = 0  # stop after this many steps (0 = all epochs)
+    aff_seed: int = 0  # AffinityNet's initialisation, augmentation and data order (was segment.seed's)
     rw_beta: float = 8.0
     rw_logt: int = 6  # 2^logt random-walk steps
     rw_bg: float = 0.39  # constant background score before the walk

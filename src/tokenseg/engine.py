@@ -8,10 +8,8 @@ groups — comes from the :class:`~tokenseg.methods.Method` that ``model.method`
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,60 +18,32 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core.weights import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint, read_checkpoint, restore_rng, save_checkpoint)
-from .core.weights import load_state_checked, unwrap
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, config_from_checkpoint, load_model_from_checkpoint,
+                         read_checkpoint, save_checkpoint)
 from .config import Config
-from .data import WSSSDataset, build_dataset
-from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
-from .core.device import (AmpStep, DistInfo, FiniteWatch, amp_dtype, barrier, fixed_shapes, init_distributed, oom_hint, resolve_device, setup)
-from .data.guard import refuse_inside_dataset
-from .core.errors import TokensegError
-from .core.files import append_jsonl, keep_log_until
-from .core.locks import job_lock
 from .core import optim
-from .core.resume import config_differences, differing_settings_error, interrupt_at_step_boundary
-from .methods import Method, StepContext, get_method
+from .core.device import AmpStep, DistInfo, amp_dtype, barrier, fixed_shapes, init_distributed, resolve_device, setup
+from .core.errors import TokensegError
+from .core.files import append_jsonl
+from .core.locks import job_lock
 from .core.progress import progress_bar
+from .core.resume import config_differences, differing_settings_error
+from .core.weights import load_state_checked, unwrap
+from .data import WSSSDataset, build_dataset
+from .data.guard import refuse_inside_dataset
+from .data.transforms import ClassificationSet, TrainSet, build_eval_transform
+from .fit import (LOG_EVERY, At, Task, epoch_generator, finished_step, fit, kind_of, lr_at, lr_at_epoch, poly_lr,
+                  restore, start_log)
+from .fit.state import TITLES
+from .methods import Method, StepContext, get_method
 
-__all__ = ["train", "evaluate_map", "average_precision", "lr_at", "lr_at_epoch", "poly_lr", "build_optimizer",
+__all__ = ["train", "evaluate_map", "average_precision", "lr_at", "lr_at_epoch", "poly_lr", "build_optimizer", "LOG_EVERY",
            "CHECKPOINT_NAME", "load_model_from_checkpoint", "read_checkpoint", "save_checkpoint",
            "config_from_checkpoint", "load_state_checked", "resolve_device", "init_distributed", "amp_dtype",
            "DistInfo"]
 
 
-# ----------------------------------------------------------------------------- schedules
-LOG_EVERY = 10  # steps between metrics.jsonl records (the only steps that read the losses from the device)
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, warmup_lr: float, min_lr: float) -> float:
-    """Linear warm-up from ``warmup_lr`` then cosine decay to ``min_lr`` (per optimiser step)."""
-    if step < warmup:
-        return warmup_lr + (base - warmup_lr) * step / max(warmup, 1)
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def lr_at_epoch(epoch: int, epochs: int, warmup_epochs: float, base: float, warmup_lr: float, min_lr: float,
-                ahead: bool = False) -> float:
-    """The authors' schedule: timm's ``CosineLRScheduler`` stepped once per epoch *after* it
-    (``lr_scheduler.step(epoch)``), so epoch ``e`` runs at the scheduler's value for ``t = max(e - 1, 0)``:
-    epochs 0 and 1 both at ``warmup_lr`` (METHODS.md §16.4). CTI steps ``step(epo + 1)`` instead
-    (``ahead``): epoch ``e`` runs at ``t = e``. The cosine runs over ``t / epochs`` (timm's default, no
-    warm-up prefix), its floor ``min_lr`` from ``epochs`` on."""
-    t = epoch if ahead else max(epoch - 1, 0)
-    if t < warmup_epochs:
-        return warmup_lr + t * (base - warmup_lr) / warmup_epochs
-    if t >= epochs:
-        return min_lr
-    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
-
-
-def poly_lr(step: int, total: int, base: float, power: float) -> float:
-    """``base · (1 − step/total)^power`` (the PolyOptimizer of PSA/IRN/SIPE/POT), per step."""
-    return base * (1.0 - min(step, total) / max(total, 1)) ** power
-
-
+# ----------------------------------------------------------------------------- optimizer
 def build_optimizer(method: Method, model: torch.nn.Module, cfg: Config, steps_per_epoch: int, total_steps: int
                     ) -> tuple[torch.optim.Optimizer, Callable[[int, int], float]]:
     """The method's parameter groups in its optimizer; returns it and ``lr(step, epoch)`` (before each
@@ -217,8 +187,9 @@ def previous_state(ckpt_path: Path, cfg: Config, method: Method, overwrite: bool
     if overwrite or not ckpt_path.is_file():
         return None
     state = read_checkpoint(ckpt_path)
-    if state.get("format") not in (None, CHECKPOINT_FORMAT):
-        raise TokensegError(f"{ckpt_path}: holds a {state.get('kind') or state.get('format')} checkpoint, not a "
+    if kind_of(state) != "classifier":
+        found = TITLES.get(kind_of(state)) or f"a {state.get('kind') or state.get('format')}"
+        raise TokensegError(f"{ckpt_path}: holds {found} checkpoint, not a "
                             f"{method.name} classifier: give the classifier its own output_dir (a folder holds "
                             f"one kind of run)")
     keys = TRAIN_SETTINGS + tuple(s for s in (method.section, *method.uses_sections) if s)
@@ -270,24 +241,17 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
     step = 0
     log_path = out_dir / "metrics.jsonl"
     if state is not None:
-        load_state_checked(model, state["model"], str(ckpt_path))
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        restore_rng(state)
-        if dinfo.is_main:
-            keep_log_until(log_path, step)  # steps replayed since the checkpoint are logged again below
-            if progress:
-                how = "" if resume else " (same settings; --overwrite starts over)"
-                print(f"resuming from {ckpt_path} at step {step}/{total_steps}{how}")
-        del state
+        step = restore(state, model, optimizer, scaler, str(ckpt_path))
+        if dinfo.is_main and progress:
+            how = "" if resume else " (same settings; --overwrite starts over)"
+            print(f"resuming from {ckpt_path} at step {step}/{total_steps}{how}")
     elif dinfo.is_main:
         if resume and progress:
             print(f"no checkpoint at {ckpt_path} yet; starting from scratch")
-        for old in (log_path, out_dir / BEST_NAME):
-            if old.exists():
-                old.unlink()  # a fresh run: the log (and the best epoch) start anew
+        if (out_dir / BEST_NAME).exists():
+            (out_dir / BEST_NAME).unlink()  # a fresh run: the best epoch starts anew
+    finished = finished_step(state)
+    del state
 
     train_model: torch.nn.Module = model
     if dinfo.world > 1:
@@ -310,8 +274,24 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
                 print(f"note: no val mAP ({exc})")
     board = _TensorBoard(out_dir, tc.tensorboard and dinfo.is_main)
     best_map = _best_so_far(out_dir / BEST_NAME) if (tc.keep_best and step > 0) else -1.0
-    bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step",
-                       disable=not (progress and dinfo.is_main))
+
+    def batches(epoch: int, offset: int):
+        """The epoch's batches of this rank from the ``offset``-th on (DistributedSampler's order: the
+        permutation seeded ``train.seed + epoch``, sharded)."""
+        sampler.set_epoch(epoch)
+        tset.set_epoch(epoch)
+        indices = list(sampler)[offset * per_rank: steps_per_epoch * per_rank]
+        return DataLoader(tset, batch_size=per_rank, sampler=indices, num_workers=cfg.data.num_workers,
+                          drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda",
+                          generator=epoch_generator(tc.seed, epoch))
+
+    def context(at: At) -> StepContext:
+        return StepContext(epoch=at.epoch, step=at.step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                           world=dinfo.world, rank=dinfo.rank)
+
+    def loss(out, batch, at: At):
+        terms = method.loss(out, batch, context(at), cfg)
+        return sum(v for k, v in terms.items() if not k.startswith("_")), terms
 
     def validate_epoch(step: int) -> None:
         """Val mAP of the epoch that ends at ``step`` (if due), its log line and the best-checkpoint choice;
@@ -331,80 +311,24 @@ def _train(cfg: Config, resume: bool, progress: bool, on_step, overwrite: bool =
             board.overlays(step, model, method, val_ds, cfg, device)
             append_jsonl(log_path, {"step": step, "epoch": ep, "val_map": res["map"]})
             if progress:
-                bar.write(f"epoch {ep}/{tc.epochs}: val mAP {res['map']:.1f}")
+                print(f"epoch {ep}/{tc.epochs}: val mAP {res['map']:.1f}")
 
+    task = Task(
+        kind="classifier", name="train", model=train_model, optimizer=optimizer, amp=amp, schedule=lr_fn,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, batches=batches,
+        forward=lambda batch, at: method.forward(train_model, batch, context(at), cfg), loss=loss,
+        checkpoint=ckpt_path, checkpoint_every=tc.checkpoint_every,
+        save_meta=lambda: {"config": cfg.to_dict(), "class_names": list(train_ds.class_names),
+                           "class_names_source": "checkpoint"},
+        oom=(f"training step {{step}} (a batch of {per_rank} per device)",
+             "train.batch_size or model.img_size (train.amp=bf16 halves the activations)"),
+        nonfinite_hint="lower train.lr or set train.grad_clip", log_path=log_path, log_steps=True,
+        on_log=lambda step, lr, values: board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}}),
+        after_epoch=lambda end: validate_epoch(end.step), on_step=on_step, is_main=dinfo.is_main, progress=progress)
+    start_log(task, step)
     if step and (step % steps_per_epoch == 0 or step >= total_steps) and not _validated(log_path, step):
         validate_epoch(step)  # killed after the epoch's checkpoint, before its validation: redo it now
-    t0 = time.time()
-    watch = FiniteWatch()
-    with interrupt_at_step_boundary() as stop:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            tset.set_epoch(epoch)
-            indices = list(sampler)[offset * per_rank: steps_per_epoch * per_rank]
-            # a private generator: creating the loader must not draw from the global RNG (drop-path uses
-            # it), or a run resumed mid-epoch would diverge from an uninterrupted one
-            gen = torch.Generator().manual_seed(tc.seed * 100003 + epoch)
-            loader = DataLoader(tset, batch_size=per_rank, sampler=indices, num_workers=cfg.data.num_workers,
-                                drop_last=True, persistent_workers=False, pin_memory=device.type == "cuda",
-                                generator=gen)
-            train_model.train()
-            for batch in loader:
-                lr = lr_fn(step, epoch)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_mult", 1.0)
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                                  world=dinfo.world, rank=dinfo.rank)
-                with oom_hint(f"training step {step + 1} (a batch of {per_rank} per device)",
-                              "train.batch_size or model.img_size (train.amp=bf16 halves the activations)"):
-                    with amp.autocast():
-                        out = method.forward(train_model, batch, ctx, cfg)
-                    terms = method.loss(out, batch, ctx, cfg)
-                    total = sum(v for k, v in terms.items() if not k.startswith("_"))
-                    amp.step(total)
-                step += 1
-                watch.add(total)
-                due = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
-                values = None  # read from the device only at a logging interval, a checkpoint, for on_step or
-                # an interrupt
-                if step % LOG_EVERY == 0 or step >= total_steps or step % steps_per_epoch == 0 or due \
-                        or on_step is not None or stop.requested:
-                    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
-                    values["total"] = float(total.detach())
-                    if watch.seen():
-                        raise TokensegError(f"loss became non-finite by step {step} (now {values['total']}); lower "
-                                            f"train.lr or set train.grad_clip")
-                if dinfo.is_main:
-                    bar.update()
-                    if values is not None:
-                        bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}")
-                    if step % LOG_EVERY == 0 or step == total_steps:
-                        record = {"step": step, "epoch": epoch + 1, "lr": lr, **values,
-                                  "time": round(time.time() - t0, 2)}
-                        append_jsonl(log_path, record)
-                        board.scalars(step, {"lr": lr, **{f"loss/{k}": v for k, v in values.items()}})
-                    if due:
-                        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-                if on_step is not None:
-                    on_step(step, values)
-                if stop.requested:  # SIGINT / SIGTERM during this step: a resumable state first
-                    bar.close()
-                    if dinfo.is_main:
-                        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-                        print(f"\ninterrupted: checkpoint saved at step {step}/{total_steps} in {ckpt_path}; "
-                              f"the same command continues from it")
-                    raise KeyboardInterrupt
-                if step >= total_steps:
-                    break
-            epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-            if not epoch_done:
-                continue
-            if dinfo.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, train_ds.class_names)
-            validate_epoch(step)
-    bar.close()
+    fit(task, step, finished)
     board.close()
     barrier(dinfo)
     return ckpt_path

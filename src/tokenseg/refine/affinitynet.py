@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -26,20 +25,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from ..core.progress import progress_bar as tqdm
 
-from ..core import optim
-from ..core.weights import read_weights
 from ..config import Config, PseudoConfig
-from ..core.masks import IGNORE_INDEX, save_palette_png
-from ..core.seeds import SeedMaps, load_seed
-from ..core.errors import TokensegError
-from ..core.files import write_bytes_atomic
+from ..core import optim
 from ..core.crf import CRFParams, crf_params_from_config, dense_crf, resolve_backend
-from ..core.device import AmpStep, fixed_shapes, oom_hint, resolve_device
+from ..core.device import AmpStep, fixed_shapes, resolve_device
+from ..core.errors import TokensegError
+from ..core.masks import IGNORE_INDEX, save_palette_png
+from ..core.progress import progress_bar as tqdm
 from ..core.scores import find_seed_file, normalise_scores, seed_scores
-
-CHECKPOINT_FORMAT = "tokenseg-affinitynet/1"
+from ..core.seeds import SeedMaps, load_seed
+from ..fit import Task, epoch_order, finished_step, fit, poly_lr, read_state, restore
 
 
 # ----------------------------------------------------------------------------- labels
@@ -200,22 +196,8 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- training
-def _save(path: Path, net: AffinityNet, optimizer, step: int, total: int, done: bool, pc: PseudoConfig,
-          settings: dict | None = None) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "kind": "affinitynet", "model": net.state_dict(),
-             "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": step,
-             "total_steps": total, "done": done, "backbone": net.backbone_name, "pseudo": dataclasses.asdict(pc),
-             "settings": settings or {}}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
 def load_affinitynet(path: str | Path) -> AffinityNet:
-    path = Path(path)
-    state = read_weights(path)  # tensors-only: a planted pickle cannot run code
-    if not isinstance(state, dict) or state.get("kind") != "affinitynet":
-        raise TokensegError(f"{path}: not an AffinityNet checkpoint")
+    state = read_state(path, "affinitynet")  # tensors-only: a planted pickle cannot run code
     net = AffinityNet(state["backbone"])
     net.load_state_dict(state["model"])
     return net.eval()
@@ -237,7 +219,7 @@ def training_settings(cfg: Config, ids: list[str], labels: dict) -> dict:
     keys = ("aff_backbone", "aff_pretrained", "aff_weights", "aff_radius", "aff_crop", "aff_batch_size",
             "aff_epochs", "aff_lr", "aff_weight_decay", "aff_max_steps")
     ids_digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    return {**{k: getattr(pc, k) for k in keys}, "seed": cfg.segment.seed, "images": len(ids), "ids": ids_digest,
+    return {**{k: getattr(pc, k) for k in keys}, "seed": pc.aff_seed, "images": len(ids), "ids": ids_digest,
             "labels": labels}
 
 
@@ -259,7 +241,7 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
     settings = training_settings(cfg, ids, labels)
     state = None
     if ckpt.is_file() and not overwrite:
-        state = read_weights(ckpt)
+        state = read_state(ckpt, "affinitynet")
         old = flatten(state.get("settings") or {})  # none in checkpoints of older versions: not compared
         new = flatten(json.loads(json.dumps(settings)))
         diffs = [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old) if old[k] != new.get(k)]
@@ -269,7 +251,7 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
             return ckpt
     make_affinity_labels(ds, ids, Path(seeds_dir), label_dir, pc, progress)
     device = resolve_device(pc.device)
-    torch.manual_seed(cfg.segment.seed)
+    torch.manual_seed(pc.aff_seed)
     net = AffinityNet(pc.aff_backbone, pc.aff_pretrained, pc.aff_weights).to(device)
     indices = [ds.index_of(k) for k in ids]
     bs = min(pc.aff_batch_size, len(indices))
@@ -281,42 +263,27 @@ def train_affinitynet(cfg: Config, ds, ids: list[str], seeds_dir: str | Path, wo
                           lr=pc.aff_lr, momentum=0.9, weight_decay=pc.aff_weight_decay)
     amp = AmpStep(pc.amp, device, optimizer)
     fixed_shapes(device)  # crops of pseudo.aff_crop
-    step = 0
-    if state is not None:
-        net.load_state_dict(state["model"])
-        if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    data = CropDataset(ds, indices, label_dir, pc.aff_crop, (0.7, 1.3), True, seed=cfg.segment.seed)
-    workers = cfg.data.num_workers
-    net.train()
-    bar = tqdm(total=total, initial=step, desc="affinitynet train", unit="step", disable=not progress)
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(cfg.segment.seed * 7919 + epoch)
-        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
+    step = 0 if state is None else restore(state, net, optimizer, amp.scaler, str(ckpt))
+    data = CropDataset(ds, indices, label_dir, pc.aff_crop, (0.7, 1.3), True, seed=pc.aff_seed)
+
+    def batches(epoch: int, offset: int) -> DataLoader:
         data.epoch = epoch
-        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                               pin_memory=device.type == "cuda"):
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * (1 - step / total) ** 0.9
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with oom_hint(f"AffinityNet step {step + 1} (a batch of {bs} crops of {pc.aff_crop}²)",
-                          "pseudo.aff_batch_size or pseudo.aff_crop (pseudo.amp=bf16 halves the activations)"):
-                with amp.autocast():
-                    feats = net(x)
-                loss, parts = affinity_loss(feats.float(), downsample_labels(y, feats.shape[-2:]), pc.aff_radius)
-                amp.step(loss)
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == total:  # the one host sync, at a logging interval
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if step >= total:
-                break
-        _save(ckpt, net, optimizer, step, total, step >= total, pc, settings)
-    bar.close()
-    if not ckpt.is_file() or not read_weights(ckpt).get("done"):  # tensors-only, as every read
-        _save(ckpt, net, optimizer, step, total, True, pc, settings)
+        order = epoch_order(len(indices), bs, steps_per_epoch, pc.aff_seed, epoch, offset, stride=7919)
+        return DataLoader(data, batch_size=bs, sampler=order, num_workers=cfg.data.num_workers, drop_last=True,
+                          pin_memory=device.type == "cuda")
+
+    def loss(feats, batch, at):
+        return affinity_loss(feats.float(), downsample_labels(batch[1], feats.shape[-2:]), pc.aff_radius)[0], {}
+
+    task = Task(
+        kind="affinitynet", name="affinitynet train", model=net, optimizer=optimizer, amp=amp,
+        schedule=lambda step, epoch: poly_lr(step, total, 1.0, 0.9), steps_per_epoch=steps_per_epoch,
+        total_steps=total, batches=batches, forward=lambda batch, at: net(batch[0]), loss=loss, checkpoint=ckpt,
+        save_meta=lambda: {"backbone": net.backbone_name, "pseudo": dataclasses.asdict(pc), "settings": settings},
+        oom=(f"AffinityNet step {{step}} (a batch of {bs} crops of {pc.aff_crop}²)",
+             "pseudo.aff_batch_size or pseudo.aff_crop (pseudo.amp=bf16 halves the activations)"),
+        nonfinite_hint="lower pseudo.aff_lr", progress=progress)
+    fit(task, step, finished_step(state))
     return ckpt
 
 

@@ -22,18 +22,11 @@
    grid; upsampled ×4, divided by the global max; ``variant=irn`` adds a constant background 0.25,
    ``variant=pot`` walks [background, maps]^1.5 and takes the plain argmax.
 
-The transition operator is never dense: every pixel has at most 69 neighbours (radius 5), stored as
-69 weight planes; one step is 69 shifted multiply-adds over a flat zero-padded grid (``walk=banded``),
-or one torch sparse CSR product (``walk=sparse``). The authors square a dense HW×HW matrix 8 times
-(527 MiB per matrix and 26 TFLOP for a 500×375 image). In float64 (``walk_dtype``, default) both give
-the same walk to 1e-12 (tested against that dense reference); float32 is faster and drifts by up to
-~1e-4 over 256 steps, like the authors' own float32 squaring (~3e-5). Images are batched
-(``infer_batch``) through the network and the walk.
+The walk itself is :mod:`.irn_walk`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -49,18 +42,19 @@ from ..config import Config, IRNConfig
 from ..core.masks import IGNORE_INDEX, save_palette_png
 from ..core.seeds import SeedMaps, load_seed
 from ..core.errors import TokensegError
-from ..core.files import write_bytes_atomic, write_json_atomic
+from ..core.files import write_json_atomic
 from ..core.progress import progress_bar
 from ..core.crf import CRF_PRESETS, crf_labels, crf_params, resolve_backend
-from .irn_net import IRNet, irn_loss, path_max, reduce_labels, search_directions
-from ..core.device import AmpStep, fixed_shapes, oom_hint, resolve_device
+from .irn_net import IRNet, irn_loss, reduce_labels
+from .irn_walk import (WALK_DTYPES, boundary_bands, propagate, sparse_transition, transition_bands, walk_banded,
+                       walk_chunk, walk_offsets, walk_sparse)
+from ..core.device import AmpStep, fixed_shapes, resolve_device
 from ..core.scores import seed_scores
+from ..fit import Task, epoch_order, finished_step, fit, poly_lr, read_state, restore
 from .workers import worker_pool
 
-CHECKPOINT_FORMAT = "tokenseg-irn/1"
 CHECKPOINT_NAME = "irn.pt"
 LABEL_SETTINGS = "ir_labels.json"
-WALK_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 NO_WEIGHTS_WARNING = (
     "pseudo.refine=irn without ImageNet weights (pseudo.irn.pretrained=false, no pseudo.irn.weights): IRN learns "
     "its boundaries on a frozen random backbone (or one trained from scratch) and on the demo's synthetic data its "
@@ -225,121 +219,6 @@ def make_ir_labels(cfg: Config, tasks: Sequence, seeds_dir: str | Path, label_di
     return settings
 
 
-# ----------------------------------------------------------------------------- 3. the random walk
-def walk_offsets(radius: int) -> list[tuple[int, int]]:
-    """Neighbour offsets of the walk: the self-loop, IRN's forward half-disc and its mirror."""
-    fwd = list(search_directions(radius))
-    return [(0, 0)] + fwd + [(-dy, -dx) for dy, dx in fwd]
-
-
-def boundary_bands(edge: torch.Tensor, radius: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Pair affinities ``a(p, p + o) = 1 − max_path edge`` for every offset ``o`` of
-    :func:`walk_offsets` and every cell ``p``: (B, n_offsets, h, w); 1 for the self-loop; 0 where
-    ``p + o`` is outside the grid or outside ``valid`` (B, h, w) (images of a batch padded to one size)."""
-    B, h, w = edge.shape
-    r = radius - 1
-    valid = torch.ones_like(edge, dtype=torch.bool) if valid is None else valid
-    e = F.pad(edge.masked_fill(~valid, 1.0), (r, r, r, r), value=1.0)  # a path to outside has affinity 0
-    fwd = (1.0 - path_max(e, radius, r, r, h, w)) * valid[:, None]
-    padded = F.pad(fwd, (r, r, r, r))
-    rev = [padded[:, k, r - dy:r - dy + h, r - dx:r - dx + w] for k, (dy, dx) in enumerate(search_directions(radius))]
-    return torch.cat([valid[:, None].to(edge.dtype), fwd, torch.stack(rev, 1)], 1)
-
-
-def flush_level(dtype: torch.dtype) -> float:
-    """Values below this are set to 0 during the walk so that no product is subnormal: a^10 of small
-    affinities and the far tails of a walk are, and subnormal arithmetic runs ~20× slower on x86
-    CPUs (the authors' GPU flushes them to zero). The change is below 1e-150 (float64) / 1e-18 (float32)."""
-    return 2.0 * torch.finfo(dtype).tiny ** 0.5
-
-
-def transition_bands(bands: torch.Tensor, beta: float) -> torch.Tensor:
-    """Row-normalised ``a^β`` (the transpose of IRN's column-normalised ``T``; ``a`` is symmetric):
-    ``W[p, o] = a(p, p + o)^β / Σ_o' a(p, p + o')^β``."""
-    a = bands.clamp(0.0, 1.0).pow(beta)
-    a = torch.threshold(a, flush_level(a.dtype), 0.0)
-    w = a / a.sum(1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    return torch.threshold(w, flush_level(a.dtype), 0.0)
-
-
-def walk_banded(x: torch.Tensor, weights: torch.Tensor, offsets: Sequence[tuple[int, int]], steps: int) -> torch.Tensor:
-    """``steps`` walk steps ``v(p) ← Σ_o W[p, o] v(p + o)`` for (B, K, h, w) maps and (B, n, h, w)
-    weights: the grid is zero-padded by the largest offset and flattened, so every offset is one
-    contiguous shifted slice and a step is ``n`` fused multiply-adds over all images and classes."""
-    B, K, h, w = x.shape
-    n = len(offsets)
-    R = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    Wp = w + 2 * R
-    L = h * Wp
-    base = R + R * Wp  # flat index of (row R, column 0); a margin of R at both ends keeps slices in range
-    total = (h + 2 * R) * Wp + 2 * R
-    wf = x.new_zeros(n, B, 1, h, Wp)
-    wf[..., R:R + w] = weights.to(x.dtype).permute(1, 0, 2, 3)[:, :, None]
-    wf = wf.reshape(n, B, 1, L)
-    bufs = [x.new_zeros(B, K, total), x.new_zeros(B, K, total)]
-    bufs[0][:, :, base:base + L].view(B, K, h, Wp)[..., R:R + w] = x
-    views = [[b[:, :, base + dy * Wp + dx:base + dy * Wp + dx + L] for dy, dx in offsets] for b in bufs]
-    flush = flush_level(x.dtype) if bool((x >= 0).all()) else None  # maps are >= 0 (seeds, CAMs)
-    cur = 0
-    for _ in range(steps):
-        src, dst = views[cur], bufs[1 - cur][:, :, base:base + L]
-        torch.mul(src[0], wf[0], out=dst)
-        for k in range(1, n):
-            dst.addcmul_(src[k], wf[k])
-        if flush is not None:
-            torch.threshold_(dst, flush, 0.0)
-        cur = 1 - cur
-    return bufs[cur][:, :, base:base + L].reshape(B, K, h, Wp)[..., R:R + w].clone()
-
-
-def sparse_transition(weights: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """The walk's (B·h·w)² transition matrix as a torch sparse CSR tensor (block-diagonal over images)."""
-    B, n, h, w = weights.shape
-    idx = torch.arange(B * h * w, device=weights.device).reshape(B, h, w)
-    rows, cols, vals = [], [], []
-    for k, (dy, dx) in enumerate(offsets):
-        y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        v = weights[:, k, y0:y1, x0:x1]
-        keep = v != 0
-        rows.append(idx[:, y0:y1, x0:x1][keep])
-        cols.append(idx[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx][keep])
-        vals.append(v[keep])
-    size = (B * h * w, B * h * w)
-    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), size,
-                                  check_invariants=False).coalesce()
-    return coo.to_sparse_csr()
-
-
-def walk_sparse(x: torch.Tensor, weights: torch.Tensor, offsets: Sequence[tuple[int, int]], steps: int) -> torch.Tensor:
-    """The same walk as :func:`walk_banded` through one sparse CSR matrix product per step."""
-
-    B, K, h, w = x.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        t = sparse_transition(weights.to(x.dtype), offsets)
-        v = x.permute(0, 2, 3, 1).reshape(B * h * w, K)
-        flush = flush_level(x.dtype) if bool((x >= 0).all()) else None
-        for _ in range(steps):
-            v = torch.sparse.mm(t, v)
-            if flush is not None:
-                torch.threshold_(v, flush, 0.0)
-    return v.reshape(B, h, w, K).permute(0, 3, 1, 2).contiguous()
-
-
-def propagate(x: torch.Tensor, edge: torch.Tensor, valid: torch.Tensor | None = None, radius: int = 5,
-              beta: float = 10.0, exp_times: int = 8, impl: str = "banded") -> torch.Tensor:
-    """IRN's ``propagate_to_edge``: walk (B, K, h, w) maps ⊙ (1 − edge) ``2^exp_times`` steps on the
-    boundary affinities of (B, h, w) ``edge`` (cells outside ``valid`` are cut off)."""
-    if valid is not None:
-        x = x * valid[:, None]
-    x = x * (1.0 - edge)[:, None]
-    weights = transition_bands(boundary_bands(edge, radius, valid), beta)
-    walk = walk_sparse if impl == "sparse" else walk_banded
-    return walk(x, weights, walk_offsets(radius), 2 ** exp_times)
-
-
 # ----------------------------------------------------------------------------- 2. training
 def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
@@ -357,24 +236,8 @@ def training_settings(cfg: Config, ids: Sequence[str], labels: dict) -> dict:
 
 
 def read_irn_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TokensegError(f"{path}: cannot read IRN checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("kind") != "irn":
-        raise TokensegError(f"{path}: not an IRN checkpoint")
-    return state
-
-
-def _save(path: Path, net: IRNet, optimizer, step: int, total: int, done: bool, settings: dict) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "kind": "irn", "model": net.state_dict(),
-             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "done": done,
-             "backbone": net.backbone_name, "displacement": net.displacement,
-             "freeze_backbone": net.freeze_backbone, "settings": settings}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    """An IRN checkpoint, read tensors-only through the one weights reader."""
+    return read_state(path, "irn")
 
 
 def load_irn(path: str | Path) -> IRNet:
@@ -424,10 +287,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     torch.manual_seed(ic.seed)
     fresh = state is None  # a resumed run takes its backbone from the checkpoint, not from timm / a file
     net = IRNet(ic.backbone, ic.pretrained and fresh, ic.weights if fresh else "", ic.displacement,
-                ic.freeze_backbone)
-    if state is not None:
-        net.load_state_dict(state["model"])
-    net.to(device)
+                ic.freeze_backbone).to(device)
     groups = [{"params": net.edge_parameters(), "lr": ic.lr, "base_lr": ic.lr}]
     if net.displacement:
         groups.append({"params": net.displacement_parameters(), "lr": 10 * ic.lr, "base_lr": 10 * ic.lr})
@@ -439,10 +299,7 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
                           lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     amp = AmpStep(pc.amp, device, optimizer)
     fixed_shapes(device)  # crops of a few sizes (multiples of 16 up to pseudo.irn.crop): tuned once each
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    step = 0 if state is None else restore(state, net, optimizer, amp.scaler, str(ckpt))
     indices = [ds.index_of(k) for k in ids]
     bs = min(ic.batch_size, len(indices))
     steps_per_epoch = max(len(indices) // bs, 1)
@@ -452,42 +309,30 @@ def train_irn(cfg: Config, ds, ids: Sequence[str], label_dir: str | Path, work_d
     data = CropDataset(ds, indices, label_dir, ic.crop, tuple(ic.scale_range), True, seed=ic.seed, extent=True)
     collate = _BatchPad(ic.crop, ic.train_radius)
     workers = cfg.data.num_workers if ic.num_workers < 0 else ic.num_workers
-    net.train()
-    finished = False  # a checkpoint marked done has been written
-    bar = progress_bar(total=total, initial=step, desc="irn train", unit="step", disable=not progress)
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(ic.seed * 7919 + epoch)
-        order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()[offset * bs:]
+
+    def batches(epoch: int, offset: int) -> DataLoader:
         data.epoch = epoch
-        for x, y in DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                               pin_memory=device.type == "cuda", collate_fn=collate):
-            scale = (1.0 - step / total) ** ic.poly_power
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * scale
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with oom_hint(f"IRN step {step + 1} (a batch of {bs} crops of {ic.crop}²)",
-                          "pseudo.irn.batch_size or pseudo.irn.crop (pseudo.amp=bf16 halves the activations)"):
-                with amp.autocast():
-                    edge, disp = net(x, with_displacement=net.displacement)
-                loss, _ = irn_loss(edge.float(), None if disp is None else disp.float(),
-                                   reduce_labels(y, edge.shape[-2:]), ic.train_radius)
-                amp.step(loss)
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == total:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            due = ic.checkpoint_every and step % ic.checkpoint_every == 0
-            if step >= total or step % steps_per_epoch == 0 or due:
-                _save(ckpt, net, optimizer, step, total, step >= total, settings)
-                finished = step >= total
-            if step_hook is not None:
-                step_hook(step)
-            if step >= total:
-                break
-    bar.close()
-    if not finished:  # resumed from a checkpoint that had reached the end without being marked done
-        _save(ckpt, net, optimizer, step, total, True, settings)
+        order = epoch_order(len(indices), bs, steps_per_epoch, ic.seed, epoch, offset, stride=7919)
+        return DataLoader(data, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                          pin_memory=device.type == "cuda", collate_fn=collate)
+
+    def loss(out, batch, at):
+        edge, disp = out
+        return irn_loss(edge.float(), None if disp is None else disp.float(),
+                        reduce_labels(batch[1], edge.shape[-2:]), ic.train_radius)[0], {}
+
+    task = Task(
+        kind="irn", name="irn train", model=net, optimizer=optimizer, amp=amp,
+        schedule=lambda step, epoch: poly_lr(step, total, 1.0, ic.poly_power), steps_per_epoch=steps_per_epoch,
+        total_steps=total, batches=batches, forward=lambda batch, at: net(batch[0], with_displacement=net.displacement),
+        loss=loss, checkpoint=ckpt, checkpoint_every=ic.checkpoint_every,
+        save_meta=lambda: {"backbone": net.backbone_name, "displacement": net.displacement,
+                           "freeze_backbone": net.freeze_backbone, "settings": settings},
+        oom=(f"IRN step {{step}} (a batch of {bs} crops of {ic.crop}²)",
+             "pseudo.irn.batch_size or pseudo.irn.crop (pseudo.amp=bf16 halves the activations)"),
+        nonfinite_hint="lower pseudo.irn.lr", on_step=None if step_hook is None else lambda s, _: step_hook(s),
+        progress=progress)
+    fit(task, step, finished_step(state))
     return ckpt
 
 
@@ -539,19 +384,6 @@ def seed_grid(seed: SeedMaps, grid: tuple[int, int], ic: IRNConfig) -> tuple[tor
     if len(classes):
         maps = maps / (maps.amax((1, 2), keepdim=True) + 1e-5)
     return maps, classes + 1
-
-
-WALK_CACHE_BYTES = 8 << 20
-
-
-def walk_chunk(batch: int, h: int, w: int, radius: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Images per walk call: all of them on a GPU (fewer kernel launches); on a CPU as many as keep
-    the 69 weight planes within ~8 MiB, since each step streams them (measured on 2 cores: four
-    500×375 images at once ran 1.7× slower per image in float64 than one at a time)."""
-    if device.type != "cpu":
-        return batch
-    per_image = len(walk_offsets(radius)) * h * (w + 2 * (radius - 1)) * torch.empty(0, dtype=dtype).element_size()
-    return max(1, min(batch, WALK_CACHE_BYTES // per_image))
 
 
 @torch.no_grad()

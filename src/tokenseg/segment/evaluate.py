@@ -22,6 +22,7 @@ from ..core.progress import progress_bar
 from .deeplab import build_segmenter
 from ..data.transforms import normalise_array as normalise_image
 from ..core.device import amp_dtype as autocast_dtype
+from ..fit.state import kind_of
 
 
 def read_segmentation_checkpoint(path: str | Path) -> dict:
@@ -35,7 +36,7 @@ def read_segmentation_checkpoint(path: str | Path) -> dict:
 
 
 def is_segmentation_checkpoint(state: dict) -> bool:
-    return state.get("kind") == "segmentation"
+    return kind_of(state) == "segmenter"
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu"):

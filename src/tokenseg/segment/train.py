@@ -8,53 +8,31 @@ remaining batches of the interrupted epoch in the same order.
 """
 from __future__ import annotations
 
-import io
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from ..core.progress import progress_bar as tqdm
 
 from ..config import Config, SegmentConfig
-from ..core.masks import IGNORE_INDEX
-from ..core.errors import TokensegError
-from ..core.files import append_jsonl, write_bytes_atomic, keep_log_until, write_json_atomic
-from ..core.locks import job_lock
 from ..core import optim
+from ..core.device import AmpStep, fixed_shapes, resolve_device
+from ..core.errors import TokensegError
+from ..core.files import append_jsonl, write_json_atomic
+from ..core.locks import job_lock
+from ..core.masks import IGNORE_INDEX
 from ..core.weights import read_weights
 from ..data.crops import CropDataset
-from ..core.device import AmpStep, FiniteWatch, fixed_shapes, oom_hint, resolve_device
-from ..core.resume import interrupt_at_step_boundary
+from ..fit import Task, epoch_order, finished_step, fit, kind_of, poly_lr, restore, save_state, start_log
 from .deeplab import build_segmenter
-
-CHECKPOINT_FORMAT = "tokenseg-segmentation/1"
-LOG_EVERY = 10  # steps between progress-bar loss readings (the only per-step reads of the device)
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    return base * (1.0 - min(step, total) / max(total, 1)) ** power
 
 
 def save_segmentation_checkpoint(path: Path, model, optimizer, scaler, step: int, total: int, cfg: Config,
                                  class_names: list[str], extra: dict | None = None) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": "segmentation",
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "total_steps": total,
-        "config": cfg.to_dict(),
-        "class_names": list(class_names),
-        **(extra or {}),
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes_atomic(path, buf.getvalue(), "segmentation checkpoint")
+    """A segmentation network's checkpoint (:mod:`tokenseg.fit.state`'s format, kind ``segmenter``)."""
+    save_state(path, "segmenter", step, {"model": model, "optimizer": optimizer, "scaler": scaler},
+               total_steps=total, config=cfg.to_dict(), class_names=list(class_names), **(extra or {}))
 
 
 def segment_paths(cfg: Config, masks_dir=None, out_dir=None) -> tuple[Path, Path]:
@@ -74,8 +52,8 @@ def previous_segmentation(ckpt_path: Path, cfg: Config, masks: Path, overwrite: 
     there, or one trained with other settings or masks, is an error naming what differs."""
     if overwrite or not ckpt_path.is_file():
         return None
-    state = _read(ckpt_path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    state = read_weights(ckpt_path)  # tensors-only: a planted pickle cannot run code
+    if kind_of(state) != "segmenter":
         what = state.get("format") if isinstance(state, dict) else None
         raise TokensegError(f"{ckpt_path}: holds {'a ' + what if what else 'another'} checkpoint, not a segmentation "
                             f"network's (a classifier's output_dir?): write the segmentation run to its own "
@@ -140,7 +118,6 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
         optimizer = optim.sgd(groups, cfg.train.fused_optimizer,
                               lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
     amp = AmpStep(sc.amp, device, optimizer)
-    scaler = amp.scaler
     fixed_shapes(device)  # crops of segment.crop_size
 
     out.mkdir(parents=True, exist_ok=True)
@@ -149,89 +126,45 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     state = previous_segmentation(ckpt_path, cfg, masks, overwrite)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        keep_log_until(log_path, step)
+        step = restore(state, model, optimizer, amp.scaler, str(ckpt_path))
         if progress:
             how = "" if resume else " (same settings; --overwrite starts over)"
             print(f"segment: resuming from {ckpt_path} at step {step}/{total}{how}")
-    else:
-        if resume and progress:
-            print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
-        if log_path.exists():
-            log_path.unlink()  # a fresh run's log starts anew
+    elif resume and progress:
+        print(f"segment: no checkpoint at {ckpt_path} yet; starting from scratch")
     cfg.save(out / "config.yaml")
 
     train_set = CropDataset(ds, indices, masks, sc.crop_size, sc.scale_range, sc.flip, sc.seed)
     workers = cfg.data.num_workers if sc.num_workers < 0 else sc.num_workers
     names = list(ds.class_names)
 
-    def checkpoint() -> None:
-        save_segmentation_checkpoint(ckpt_path, model, optimizer, scaler, step, total, cfg, names,
-                                     {"masks": str(masks), "train_split": split})
+    def batches(epoch: int, offset: int) -> DataLoader:
+        train_set.epoch = epoch
+        order = epoch_order(len(indices), bs, steps_per_epoch, sc.seed, epoch, offset)
+        return DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
+                          pin_memory=device.type == "cuda")
 
-    model.train()
-    bar = tqdm(total=total, initial=step, desc="segment train", unit="step", disable=not progress)
-    t0, loss_sum, loss_n = time.time(), 0.0, 0
-    watch = FiniteWatch()
+    def loss(logits, batch, at):
+        y = batch[1]
+        # the mean over labelled pixels without asking the device whether there are any: a crop of 255 only
+        # gives 0 (and no gradient)
+        return F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") \
+            / (y != IGNORE_INDEX).sum().clamp_min(1), {}
 
-    def check_finite() -> None:  # one host sync, at a logging interval, a checkpoint or an interrupt
-        if watch.seen():
-            raise TokensegError(f"segment train: the loss became non-finite by step {step}; lower segment.lr")
-
-    with interrupt_at_step_boundary() as stop:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            g = torch.Generator().manual_seed(sc.seed * 100003 + epoch)
-            order = torch.randperm(len(indices), generator=g)[: steps_per_epoch * bs].tolist()
-            order = order[offset * bs:]
-            train_set.epoch = epoch
-            loader = DataLoader(train_set, batch_size=bs, sampler=order, num_workers=workers, drop_last=True,
-                                pin_memory=device.type == "cuda")
-            for x, y in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = poly_lr(group["base_lr"], step, total, sc.poly_power)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with oom_hint(f"segmentation step {step + 1} (a batch of {bs} crops of {sc.crop_size}²)",
-                              "segment.batch_size or segment.crop_size (segment.amp=bf16 halves the activations)"):
-                    with amp.autocast():
-                        logits = model(x)
-                    # the mean over labelled pixels without asking the device whether there are any: a
-                    # crop of 255 only gives 0 (and no gradient)
-                    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") \
-                        / (y != IGNORE_INDEX).sum().clamp_min(1)
-                    amp.step(loss)
-                step += 1
-                watch.add(loss)
-                loss_sum = loss_sum + loss.detach()
-                loss_n += 1
-                bar.update(1)
-                if step % LOG_EVERY == 0:
-                    check_finite()
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
-                if (sc.checkpoint_every and step % sc.checkpoint_every == 0) or stop.requested:
-                    check_finite()
-                    checkpoint()
-                if stop.requested:  # SIGINT / SIGTERM during this step: checkpointed above
-                    bar.close()
-                    print(f"\nsegment: interrupted; checkpoint saved at step {step}/{total} in {ckpt_path}; the "
-                          f"same command continues from it")
-                    raise KeyboardInterrupt
-                if step >= total:
-                    break
-            check_finite()
-            checkpoint()
-            append_jsonl(log_path, {"epoch": epoch, "step": step, "loss": float(loss_sum) / max(loss_n, 1),
-                                    "time_s": round(time.time() - t0, 2)})
-            loss_sum, loss_n = 0.0, 0
-    bar.close()
-    if not ckpt_path.is_file():
-        checkpoint()
+    task = Task(
+        kind="segmenter", name="segment train", model=model, optimizer=optimizer, amp=amp,
+        schedule=lambda step, epoch: poly_lr(step, total, 1.0, sc.poly_power), steps_per_epoch=steps_per_epoch,
+        total_steps=total, batches=batches, forward=lambda batch, at: model(batch[0]), loss=loss,
+        checkpoint=ckpt_path, checkpoint_every=sc.checkpoint_every,
+        save_meta=lambda: {"config": cfg.to_dict(), "class_names": names, "masks": str(masks), "train_split": split},
+        oom=(f"segmentation step {{step}} (a batch of {bs} crops of {sc.crop_size}²)",
+             "segment.batch_size or segment.crop_size (segment.amp=bf16 halves the activations)"),
+        nonfinite_hint="lower segment.lr", log_path=log_path,
+        after_epoch=lambda end: append_jsonl(log_path, {"epoch": end.epoch, "step": end.step, "loss": end.mean_loss,
+                                                        "time_s": end.seconds}),
+        progress=progress)
+    start_log(task, step)
+    step = fit(task, step, finished_step(state))
     metrics = {"checkpoint": str(ckpt_path), "steps": step, "train_images": len(indices),
                "train_split": split, "masks": str(masks)}
     if sc.eval_at_end and sc.final_eval != "none":
@@ -256,7 +189,3 @@ def _train_segmentation(cfg: Config, masks: Path, out: Path, resume: bool, progr
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
-
-def _read(path: Path) -> dict:
-    """Our segmentation checkpoint, read tensors-only (a planted pickle cannot run code)."""
-    return read_weights(path)
