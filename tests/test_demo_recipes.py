@@ -49,3 +49,84 @@ def test_object_scale_must_be_positive():
 
     with pytest.raises(TokensegError, match="object_scale"):
         load_config("demo", ["data.synthetic.object_scale=0"])
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_demos.py"
+    spec = importlib.util.spec_from_file_location("bench_demos", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_datasets_differ_from_the_demo_and_span_the_asked_ranges():
+    from tokenseg.config import load_config
+
+    bench = _bench()
+    demo = load_config("demo").data.synthetic
+    assert len(bench.DATASETS) >= 3
+    for name, d in bench.DATASETS.items():
+        cfg = SyntheticConfig(**d)
+        assert cfg.seed != demo.seed and 4 <= cfg.num_classes <= 8, name
+    sizes = {SyntheticConfig(**d).image_size for d in bench.DATASETS.values()}
+    scales = {SyntheticConfig(**d).object_scale for d in bench.DATASETS.values()}
+    co = {SyntheticConfig(**d).cooccurrence for d in bench.DATASETS.values()}
+    assert len(sizes) > 1 and len(scales) > 1 and len(co) > 1
+
+
+def test_bench_own_kinds_are_the_demo_commands_own_kinds():
+    """The bench judges each method by the kind `tokenseg demo --method M` prints as its own."""
+    from tokenseg.config import load_config
+    from tokenseg.pipeline import own_kind
+
+    bench = _bench()
+    for recipe, (own, base, kinds) in bench.RECIPES.items():
+        method = load_config(recipe).model.method
+        made = {k: {"miou": 0.0} for k in kinds}
+        if own is not None:
+            assert own_kind(method, made) == own, recipe
+        assert not any(k.endswith("_affinity") for k in kinds)
+        assert base is None or base in kinds
+
+
+def test_bench_smoke_end_to_end(tmp_path):
+    """The bench's --smoke run: two recipes train, make seeds and land in the table with mean ± std."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_demos.py"
+    out = tmp_path / "bench"
+    res = subprocess.run([sys.executable, str(script), "--smoke", "--methods", "demo,demo-pot", "--out", str(out),
+                          "--json", str(tmp_path / "b.json"), "--quiet"], capture_output=True, text=True,
+                         timeout=600, env={**__import__("os").environ, "TOKENSEG_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    table = json.loads((tmp_path / "b.json").read_text())
+    recipes = [r[1] for r in table["rows"]]
+    assert recipes == ["demo", "demo-pot"]
+    pot = table["runs"]["smoke"]["demo-pot"]["variance"]
+    assert pot["seeds"] == ["0", "1"] and set(pot["kinds"]) == {"pot", "cam"}
+    assert "±" in res.stdout and "demo-pot" in res.stdout
+
+
+@pytest.mark.parametrize("method,own", [("cti", "fused"), ("otpl", "otpl"), ("pot", "pot"), ("mmcst", "fused"),
+                                        ("mctformer-plus", "fused")])
+def test_demo_judges_a_method_by_its_own_kind_before_affinity(method, own):
+    """The issue's list: POT `pot`, OTPL `otpl`, CTI's and MMCST's default kind without the refinement."""
+    from tokenseg.pipeline import compare_table, own_kind
+
+    made = {k: {"miou": m, "threshold": 0.3, "fp": 1.0, "fn": 2.0}
+            for k, m in {own: 20.0, "attention": 35.0, "cam": 30.0, "fused": 25.0}.items()}
+    assert own_kind(method, made) == own
+    text = compare_table({"m (own)": made, "m": made}, kinds={"m (own)": own}).splitlines()
+    assert text[2].split()[-4] == f"{made[own]['miou']:.2f}"  # the named kind, not the best
+    assert text[3].split()[-4] == "35.00"  # the best kind
+
+
+def test_own_kind_falls_back_to_the_best_kind_made():
+    from tokenseg.pipeline import own_kind
+
+    assert own_kind("cti", {"attention": {"miou": 3.0}, "patchcam": {"miou": 5.0}}) == "patchcam"
