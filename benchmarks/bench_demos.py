@@ -64,21 +64,39 @@ def overrides(dataset: dict, recipe: str, args) -> list[str]:
     out = [f"data.synthetic.{k}={v}" for k, v in data.items()]
     out.append("maps.kinds=[" + ",".join(RECIPES[recipe][2]) + "]")
     if args.smoke:
-        out += ["train.epochs=1", "train.warmup_epochs=0", "maps.scales=[1.0]", "maps.flip=false",
-                "otpl.start_epoch=0" if recipe == "demo-otpl" else None]
+        out += ["train.epochs=1", "train.batch_size=8", "maps.scales=[1.0]", "maps.flip=false",
+                "train.warmup_epochs=0" if recipe != "demo-pot" else None,  # POT: SGD + poly, no warm-up key
+                "otpl.start_epoch=0" if recipe == "demo-otpl" else None,
+                "cti.start_epoch=0" if recipe == "demo-cti" else None]
     out += args.set or []
     return [o for o in out if o]
 
 
-def run_one(dataset: str, recipe: str, args, root: Path) -> dict:
+def run_one(dataset: str, recipe: str, args, root: Path) -> dict | None:
+    """Train and evaluate one recipe on one dataset over the seeds (unless ``--no-run``); its finished points."""
     from tokenseg.sweep import run_sweep
 
     seeds = [str(s) for s in range(args.seeds)]
     fixed = overrides(datasets(args)[dataset], recipe, args)
-    t0 = time.time()
-    table_ = run_sweep(recipe, {"train.seed": seeds}, fixed, out=root / dataset / recipe, progress=not args.quiet)
-    return {"variance": table_["variance"][0], "rows": table_["rows"], "overrides": fixed,
-            "seconds": round(time.time() - t0, 1)}
+    if not args.no_run:
+        run_sweep(recipe, {"train.seed": seeds}, fixed, out=root / dataset / recipe, progress=not args.quiet)
+    return collect(root, dataset, recipe, seeds)
+
+
+def collect(root: Path, dataset: str, recipe: str, seeds: list[str] | None = None) -> dict | None:
+    """The finished points (``sweep_point.json``) of one recipe on one dataset, as mean ± std over the seeds
+    (:func:`tokenseg.sweep.variance`); None when no point is finished."""
+    from tokenseg.sweep import SEED_KEY, variance
+
+    rows = []
+    for path in sorted((root / dataset / recipe).glob(f"{SEED_KEY}=*/sweep_point.json")):
+        seed = path.parent.name.split("=", 1)[1]
+        if seeds is None or seed in seeds:
+            rows.append({**json.loads(path.read_text(encoding="utf-8")), "point": {SEED_KEY: seed}})
+    if not rows:
+        return None
+    table = {"axes": {SEED_KEY: [r["point"][SEED_KEY] for r in rows]}, "rows": rows}
+    return {"variance": variance(table)[0], "rows": rows}
 
 
 def datasets(args) -> dict[str, dict]:
@@ -103,16 +121,18 @@ def train_seconds(rows: list[dict]) -> float:
     return sum(times) / len(times) if times else float("nan")
 
 
-def summarise(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]], list[str]]:
+def summarise(results: dict[str, dict[str, dict]], root: Path) -> tuple[list[str], list[list[str]], list[str]]:
     """Table rows (dataset, recipe, own, base, MCTformer+ best, ratio, own >= base, train s) and the
     rule checks that fail."""
     headers = ["dataset", "recipe", "own kind", "own mIoU", "base kind", "base mIoU", "MCTformer+ best",
-               "own / best", "own >= base", "train s"]
+               "own / best", "own >= base", "seeds", "train s"]
     rows, failures = [], []
     for ds, by_recipe in results.items():
-        ref = by_recipe.get(REFERENCE)
+        ref = by_recipe.get(REFERENCE) or collect(root, ds, REFERENCE)
         ref_best = ref["variance"]["best"] if ref else None
         for recipe, res in by_recipe.items():
+            if res is None:
+                continue
             own_kind, base_kind, _ = RECIPES[recipe]
             kinds = res["variance"]["kinds"]
             own = res["variance"]["best"] if own_kind is None else kinds.get(own_kind)
@@ -121,7 +141,7 @@ def summarise(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list
             above = "-" if base is None else ("yes" if own["mean"] >= base["mean"] else "no")
             label = own_kind or f"best ({max(kinds, key=lambda k: kinds[k]['mean'])})"
             rows.append([ds, recipe, label, fmt(own), base_kind or "-", fmt(base), fmt(ref_best),
-                         f"{ratio:.2f}", above, f"{train_seconds(res['rows']):.0f}"])
+                         f"{ratio:.2f}", above, str(own["n"] if own else 0), f"{train_seconds(res['rows']):.0f}"])
             if recipe != REFERENCE and ratio == ratio and ratio < RATIO:
                 failures.append(f"{ds}: {recipe} {own_kind} {own['mean']:.2f} < {RATIO} x MCTformer+ "
                                 f"{ref_best['mean']:.2f}")
@@ -145,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny dataset (16 train / 4 val images of 48 px), "
                     "1 epoch, 1 scale: checks the script end to end; the numbers mean nothing")
     ap.add_argument("--quiet", action="store_true", help="no progress output from the runs")
+    ap.add_argument("--no-run", action="store_true", help="train nothing: the table of the points already "
+                    "finished in --out (e.g. by shards still running)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.train_images = args.train_images or 16
@@ -161,11 +183,11 @@ def main(argv=None) -> int:
     print(f"bench_demos on {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}", flush=True)
     results: dict[str, dict[str, dict]] = {}
     for ds in names:
-        for recipe in ([REFERENCE] if REFERENCE not in recipes else []) + recipes:
+        for recipe in recipes:
             print(f"== {ds} / {recipe}", flush=True)
             results.setdefault(ds, {})[recipe] = run_one(ds, recipe, args, root)
-    headers, rows, failures = summarise(results)
-    sizes = (f"{args.train_images or 2000} train / {args.val_images or 300} val images, seeds 0..{args.seeds - 1}"
+    headers, rows, failures = summarise(results, root)
+    sizes = (f"{args.train_images or 2000} train / {args.val_images or 300} val images, seeds up to 0..{args.seeds - 1}"
              + (f", overrides {' '.join(args.set)}" if args.set else ""))
     print(f"\nseed mIoU (%) on val before patch affinity, mean ± std over training seeds ({sizes}):")
     print(table(headers, rows))
