@@ -130,3 +130,27 @@ def test_own_kind_falls_back_to_the_best_kind_made():
     from tokenseg.pipeline import own_kind
 
     assert own_kind("cti", {"attention": {"miou": 3.0}, "patchcam": {"miou": 5.0}}) == "patchcam"
+
+
+def test_demo_method_prints_its_own_seeds_next_to_mctformer_plus(tmp_path, capsys):
+    """`tokenseg demo --method cti` as a user runs it (tiny data and model): its own kind's row, its best
+    kind's row, MCTformer+'s reference row (trained once beside it) and the line on what the demo shows."""
+    import json
+
+    from tokenseg.cli import main
+
+    data = ["data.synthetic={num_classes: 3, image_size: 48, train_images: 32, val_images: 8, seed: 2}",
+            f"data.cache_dir={tmp_path / 'c'}"]
+    tiny = ["model.img_size=48", "model.backbone_kwargs={img_size: 48, patch_size: 8, embed_dim: 32, depth: 2, "
+            "num_heads: 2}", "train.max_steps=2", "train.batch_size=8", "cti.swap_layer=0", "cti.memory_size=4",
+            "cti.train_attn_layers=2", "maps.scales=[1.0]"]
+    out = tmp_path / "demo-cti"
+    assert main(["demo", "--method", "cti", "--seeds-only", "--out", str(out), *data, *tiny, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = {ln.split()[0] + (" (own)" if "(own)" in ln else ""): ln for ln in printed.splitlines()
+            if ln.startswith(("cti", "mctformer-plus"))}
+    assert "fused (attention x PatchCAM)" in rows["cti (own)"]
+    assert "mctformer-plus" in rows and "What this shows" in printed and "What it cannot" in printed
+    res = json.loads((out / "demo_results.json").read_text())
+    assert res["own_kind"] == "fused" and f"{res['seeds']['fused']['miou']:6.2f}" in rows["cti (own)"]
+    assert (tmp_path / "demo" / "checkpoint.pt").is_file()  # the reference, trained once beside it
