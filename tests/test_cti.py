@@ -33,7 +33,8 @@ TINY = ["data.synthetic={num_classes: 3, image_size: 48, train_images: 48, val_i
         "model.img_size=48",
         "model.backbone_kwargs={img_size: 48, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
         "train.batch_size=8", "train.epochs=2", "train.eval_every=0", "cti.swap_layer=0", "cti.memory_size=4",
-        "cti.train_attn_layers=2", "maps.layers=2", "maps.scales=[1.0]", "maps.batch_size=16", "data.num_workers=0"]
+        "cti.train_attn_layers=2", "maps.layers=2", "maps.scales=[1.0]", "maps.batch_size=16", "data.num_workers=0",
+        "cti.start_epoch=0"]  # the terms from the first step (demo-cti: epoch 2, which these short runs never reach)
 
 
 def tiny(tmp_path, *extra, out="run"):

@@ -32,6 +32,7 @@ class SyntheticConfig:
     val_images: int = 300
     seed: int = 0
     cooccurrence: float = 0.8  # probability that a class sits on its "home" background
+    object_scale: float = 1.0  # objects' radius × this (1.0: the images of earlier versions, bit for bit)
 
 
 @dataclass
@@ -366,7 +367,7 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
 RANGES: dict[str, str] = {
     "data.num_workers": ">=0", "data.synthetic.num_classes": ">=1", "data.synthetic.image_size": ">=32",
     "data.synthetic.train_images": ">=1", "data.synthetic.val_images": ">=0", "data.synthetic.seed": ">=0",
-    "data.synthetic.cooccurrence": "[0,1]",
+    "data.synthetic.cooccurrence": "[0,1]", "data.synthetic.object_scale": ">0",
     "model.img_size": ">=1", "model.drop_path": "[0,1)", "model.gwrp_decay": "(0,1]", "model.cls_loss_weight": ">=0",
     "model.patch_loss_weight": ">=0", "model.cct_weight": ">=0", "model.cct_layers": ">=0",
     "train.epochs": ">=1", "train.batch_size": ">=1", "train.lr": ">0", "train.lr_base_batch": ">=1",

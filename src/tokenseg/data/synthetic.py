@@ -2,10 +2,11 @@
 
 Each of the K object classes has its own shape *and* texture (colours are random per object, so
 colour alone says nothing). Images hold 1–3 classes with one or two instances each, drawn in random
-order (later objects occlude earlier ones), over one of K background kinds with distractor clutter.
-Class ``k`` sits on its "home" background kind with probability ``cooccurrence``: a classifier can
-partly solve the task by looking at the background, which is the co-occurrence bias that makes class
-localisation a real problem in WSSS. Everything is deterministic from ``SyntheticConfig.seed``.
+order (later objects occlude earlier ones), over one of K background kinds with distractor clutter;
+``object_scale`` multiplies the objects' radius (1.0: the original sizes). Class ``k`` sits on its
+"home" background kind with probability ``cooccurrence``: a classifier can partly solve the task by
+looking at the background, which is the co-occurrence bias that makes class localisation a real
+problem in WSSS. Everything is deterministic from ``SyntheticConfig.seed``.
 
 The folder has ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs), ``ImageSets/Segmentation/
 {train,val}.txt``, ``labels.json`` (image-level labels) and ``class_names.txt``, and is read back
@@ -39,7 +40,12 @@ GENERATOR_VERSION = 1
 
 
 def _stamp(cfg: SyntheticConfig) -> dict:
-    return {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
+    """The parameters a dataset folder is named after and checked against. ``object_scale`` is left out
+    at its default 1.0, so datasets made before the knob existed keep their folder and stamp."""
+    params = asdict(cfg)
+    if params.get("object_scale") == 1.0:
+        del params["object_scale"]
+    return {"generator_version": GENERATOR_VERSION, **params}
 
 
 def default_root(cfg: SyntheticConfig, cache: Path) -> Path:
@@ -232,7 +238,7 @@ def render_image(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.nda
     objects = [int(c) for c in classes for _ in range(int(rng.integers(1, 3)))]
     rng.shuffle(objects)
     for c in objects:
-        r = rng.uniform(0.11, 0.22) * S
+        r = rng.uniform(0.11, 0.22) * S * cfg.object_scale  # × 1.0 leaves the radius bit for bit
         cy, cx = rng.uniform(0.1 * S, 0.9 * S, 2)
         shape = _shape_mask(c, yy - cy, xx - cx, r, rng.uniform(0, 2 * np.pi))
         tex = _texture(c, yy - cy, xx - cx, period=rng.uniform(0.055, 0.075) * S, phase=rng.uniform(0, 2 * np.pi))
