@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
     print("\n" + ("\n".join(f"below: {f}" for f in failures) if failures else
                   f"every method's own seeds >= {RATIO} x MCTformer+'s best and >= its base's"))
     if args.json:
-        from tokenseg.io import write_json_atomic
+        from tokenseg.core.files import write_json_atomic
 
         write_json_atomic(Path(args.json), {"sizes": sizes, "datasets": {d: datasets(args)[d] for d in names},
                                             "headers": headers, "rows": rows, "failures": failures,

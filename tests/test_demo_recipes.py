@@ -45,7 +45,7 @@ def test_object_scale_changes_the_objects_size():
 
 def test_object_scale_must_be_positive():
     from tokenseg.config import load_config
-    from tokenseg.io import TokensegError
+    from tokenseg.core.errors import TokensegError
 
     with pytest.raises(TokensegError, match="object_scale"):
         load_config("demo", ["data.synthetic.object_scale=0"])

@@ -276,7 +276,7 @@ def own_kind(method: str, results: dict[str, dict]) -> str:
     """The method's own seed kind before patch affinity: its recipe's first default kind without the
     ``_affinity`` refinement (POT ``pot``, OTPL ``otpl``, CTI and MMCST ``fused``), if it was made;
     else the best kind made."""
-    from .methods import get_method
+    from ..methods import get_method
 
     kind = get_method(method).recipe.default_kinds[0].removesuffix("_affinity")
     return kind if kind in results else max(results, key=lambda k: results[k]["miou"])
