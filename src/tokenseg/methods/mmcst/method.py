@@ -1,4 +1,4 @@
-"""MMCST — multi-modal class-specific tokens (CVPR 2023; METHODS.md §9). Model: :mod:`tokenseg.models.mmcst`.
+"""MMCST — multi-modal class-specific tokens (CVPR 2023; METHODS.md §9). Model: :mod:`.model`.
 
 Only the supplement is known; the architecture is §9.2's inferred design [I], every alternative reading a
 switch of the ``mmcst`` section:
