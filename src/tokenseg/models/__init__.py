@@ -4,6 +4,7 @@ class-token ViT of MCTformer and CTI, attention, CLIP. A method's own model live
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from ..core.errors import TokensegError
 from .classtoken import ClassTokenViT, MapOutputs, explicit_attention, gwrp, pool_patch_scores, resize_pos_grid
 
 __all__ = ["ClassTokenViT", "MapOutputs", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
-           "load_backbone_weights", "create_backbone"]
+           "load_backbone_weights", "create_backbone", "vit_backbone"]
 
 
 def create_backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
@@ -62,3 +63,21 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise TokensegError(
             f"{path}: does not match backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+def vit_backbone(cfg: ModelConfig, pretrained: Any = None) -> tuple[nn.Module, tuple[int, int]]:
+    """The timm ViT of ``cfg`` with weights as ``pretrained`` (default ``cfg.pretrained``) says — False,
+    True (timm's download) or a file (:func:`load_backbone_weights`) — the conv stem under
+    ``model.stem=conv``, and the patch grid of the training size ``model.img_size``."""
+    from .classtoken import _patch_size
+
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    backbone = create_backbone(cfg, pretrained=pretrained is True)
+    if isinstance(pretrained, str) and pretrained:
+        load_backbone_weights(backbone, pretrained)
+    patch = _patch_size(backbone)
+    if cfg.stem == "conv":
+        from .stem import ConvStem
+
+        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
+    return backbone, (cfg.img_size // patch, cfg.img_size // patch)

@@ -42,6 +42,13 @@ def _grid_of(m: int, source: str) -> tuple[int, int]:
     return g, g
 
 
+def refuse_unexpected(unexpected: list[str], source: str, layout: str) -> None:
+    """A clear error naming the first keys of a state dict that ``layout`` has no place for."""
+    if unexpected:
+        raise TokensegError(f"{source}: unexpected keys for {layout}: {', '.join(unexpected[:6])}"
+                            + (" ..." if len(unexpected) > 6 else ""))
+
+
 def authors_patch_positions(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     """Our (1, D, gh, gw) ``pos_embed_pat`` as the authors' (1, gh·gw, D), after checking that their
     layout can hold the model at all (a linear patch stem without norm, a square grid)."""

@@ -15,7 +15,7 @@ import torch
 from ...core.errors import TokensegError
 from ...core.weights import load_state_checked
 from ...models.layout import (_BLOCK_KEY, _SHARED_PREFIXES, LayoutInfo, _grid_of, authors_patch_positions,
-                              config_for, resolve_class_names)
+                              config_for, refuse_unexpected, resolve_class_names)
 from ..base import IMAGENET, Converter
 from .model import CTI_KEYS, MEMORY_KEYS, CTIViT, build_cti_model
 
@@ -74,9 +74,7 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info, source: str = "
             out[k] = v
         else:
             unexpected.append(k)
-    if unexpected:
-        raise TokensegError(f"{source}: unexpected keys for CTI: {', '.join(unexpected[:6])}"
-                            + (" ..." if len(unexpected) > 6 else ""))
+    refuse_unexpected(unexpected, source, "CTI")
     pat = sd["pos_embed_pat"]
     if tuple(pat.shape) != (1, gh * gw, D):
         raise TokensegError(f"{source}: pos_embed_pat has shape {tuple(pat.shape)}, expected (1, {gh * gw}, {D})")

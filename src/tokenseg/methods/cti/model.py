@@ -293,20 +293,11 @@ def _gather_batch(entries: torch.Tensor, present: torch.Tensor) -> tuple[torch.T
 # ---------------------------------------------------------------------------------------- building
 def build_cti_model(cfg, num_classes: int) -> CTIViT:
     """The CTI model for ``cfg.model`` (any timm ViT backbone; weights as ``model.pretrained`` says)."""
-    from ...models import create_backbone, load_backbone_weights
-    from ...models.classtoken import _patch_size
+    from ...models import vit_backbone
 
     m = cfg.model
     pretrained = m.pretrained
-    backbone = create_backbone(m, pretrained=pretrained is True)
-    if isinstance(pretrained, str) and pretrained:
-        load_backbone_weights(backbone, pretrained)
-    patch = _patch_size(backbone)
-    if m.stem == "conv":
-        from ...models.stem import ConvStem
-
-        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
-    grid = (m.img_size // patch, m.img_size // patch)
+    backbone, grid = vit_backbone(m)
     distinct = m.token_init == "independent" or (m.token_init == "auto" and not pretrained)
     return CTIViT(backbone, num_classes, grid, memory_size=cfg.cti.memory_size, distinct_init=distinct,
                   final_norm=m.final_norm)

@@ -35,7 +35,7 @@ from ...core.errors import TokensegError
 from ...core.weights import is_tokenseg_checkpoint, load_state_checked, read_weights
 from ...core.weights import unwrap_state_dict as _unwrap
 from ...models.layout import (_BLOCK_KEY, _SHARED_PREFIXES, LayoutInfo, _grid_of, authors_patch_positions,
-                              config_for, resolve_class_names)
+                              config_for, refuse_unexpected, resolve_class_names)
 from ..base import IMAGENET, Converter
 from .model import build_model
 
@@ -123,9 +123,7 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, sou
             out[k] = v
         else:
             unexpected.append(k)
-    if unexpected:
-        raise TokensegError(f"{source}: unexpected keys for {info.layout}: {', '.join(unexpected[:6])}"
-                            + (" ..." if len(unexpected) > 6 else ""))
+    refuse_unexpected(unexpected, source, info.layout)
     out["cls_tokens"] = sd["cls_token"].reshape(1, C, D)
     if info.layout == "mctformer-plus":
         cls_pos, pat_pos = sd["pos_embed_cls"], sd["pos_embed_pat"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...config import ModelConfig
-from ...models import ClassTokenViT, create_backbone, load_backbone_weights
+from ...models import ClassTokenViT, vit_backbone
 
 
 def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = False,
@@ -19,17 +19,7 @@ def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = Fals
         cached = require_timm_download(cfg.backbone, "model.pretrained", "model.pretrained")
         if cached is not None:
             online, pretrained = False, str(cached)
-    backbone = create_backbone(cfg, pretrained=online)
-    if isinstance(pretrained, str) and pretrained:
-        load_backbone_weights(backbone, pretrained)
-    from ...models.classtoken import _patch_size
-
-    patch = _patch_size(backbone)
-    if cfg.stem == "conv":
-        from ...models.stem import ConvStem
-
-        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
-    grid = (cfg.img_size // patch, cfg.img_size // patch)
+    backbone, grid = vit_backbone(cfg, True if online else pretrained)
     return ClassTokenViT(
         backbone, num_classes=num_classes, train_grid=grid,
         patch_head=(variant or cfg.method) != "mctformer-v1", pooling=cfg.pooling, gwrp_decay=cfg.gwrp_decay,

@@ -129,22 +129,14 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
 def build(cfg, num_classes: int) -> nn.Module:
     """DINO/any timm ViT (``model.pretrained``: False | True | a file in the timm/DeiT/DINO layout) with
     MMCST's token groups; CLIP is read once here and only its outputs are kept."""
-    from ...models import create_backbone, load_backbone_weights
-    from ...models.classtoken import _patch_size
+    from ...models import vit_backbone
     from .model import MMCSTViT
 
     m, mc = cfg.model, cfg.mmcst
-    backbone = create_backbone(m, pretrained=m.pretrained is True)
-    if isinstance(m.pretrained, str) and m.pretrained:
-        load_backbone_weights(backbone, m.pretrained)
-    patch = _patch_size(backbone)
-    if m.stem == "conv":
-        from ...models.stem import ConvStem
-
-        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
+    backbone, grid = vit_backbone(m)
     text = text_side(cfg, num_classes, deferred(cfg))
     model = MMCSTViT(
-        backbone, num_classes, (m.img_size // patch, m.img_size // patch), text, text_tokens=mc.text_tokens,
+        backbone, num_classes, grid, text, text_tokens=mc.text_tokens,
         visual_context=mc.visual_context, image_context=mc.image_context, context_mode=mc.context_mode,
         map_groups=mc.map_groups, pooling=m.pooling, gwrp_decay=m.gwrp_decay,
         distinct_init=m.token_init == "independent" or (m.token_init == "auto" and not m.pretrained),
