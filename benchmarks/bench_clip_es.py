@@ -13,7 +13,7 @@ Variants, each in its own process (peak RSS = ``ru_maxrss`` of that process; on 
              unfrozen model computes them), gradients and activations to numpy, Grad-CAM, their two
              min–max passes, and CAA with its M×M×M squaring of the transition matrix, per class.
              fp32 on the CPU, fp16 weights on CUDA (their ``clip.load``);
-``fp32`` / ``bf16`` / ``fp16``  :func:`tokenseg.methods.clip_es.algorithm.clip_es_maps` with ``--batch`` same-size
+``fp32`` / ``bf16`` / ``fp16``  :func:`tokenseg.methods.clip_es.gradcam.clip_es_maps` with ``--batch`` same-size
              images per call (``clip_es.dtype``: bf16/fp16 compute the tower's products in that
              dtype, from weights cast once; residual stream, Grad-CAM and CAA in fp32).
 
@@ -50,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def make_inputs(batch: int, device: torch.device, size: tuple[int, int] = (H_IMG, W_IMG)) -> torch.Tensor:
     from bench_maps import make_image
 
-    from tokenseg.models.clip import clip_input
+    from tokenseg.models.clip_ops import clip_input
 
     return torch.stack([clip_input(make_image(seed, size)) for seed in range(batch)]).to(device)
 
@@ -74,9 +74,9 @@ def _resize(a: np.ndarray, size) -> np.ndarray:  # stands in for cv2.resize (bil
 
 def authors_maps(model, x: torch.Tensor, labels: list[int], fg: torch.Tensor, bg: torch.Tensor,
                  size: tuple[int, int] = (H_IMG, W_IMG)) -> np.ndarray:
-    from tokenseg.methods.clip_es.algorithm import box_mask
-    from tokenseg.models.clip import layer_norm as ln  # their LayerNorm: computed in fp32, cast back
-    from tokenseg.models.clip import resize_clip_pos_embed
+    from tokenseg.methods.clip_es.gradcam import box_mask
+    from tokenseg.models.clip_ops import layer_norm as ln  # their LayerNorm: computed in fp32, cast back
+    from tokenseg.models.clip_ops import resize_clip_pos_embed
 
     visual = model.visual
     blocks = visual.transformer.resblocks
@@ -133,7 +133,7 @@ def authors_maps(model, x: torch.Tensor, labels: list[int], fg: torch.Tensor, bg
 
 # ------------------------------------------------------------------------------ ours
 def ours_maps(model, x: torch.Tensor, fg, bg, dtype: str, size: tuple[int, int] = (H_IMG, W_IMG)) -> torch.Tensor:
-    from tokenseg.methods.clip_es.algorithm import ClipESOptions, clip_es_maps
+    from tokenseg.methods.clip_es.gradcam import ClipESOptions, clip_es_maps
 
     outs = clip_es_maps(model, x, [PRESENT] * x.shape[0], fg, bg, size, ClipESOptions(dtype=dtype))
     return outs[0].maps.float().cpu()
@@ -163,7 +163,8 @@ def make_fn(variant: str, device: torch.device, batch: int, sharpen: float = 3.0
             size: tuple[int, int] = (H_IMG, W_IMG)):
     """The seeds of ``variant`` (``authors`` runs one image; ours ``batch``) on random ViT-B/16 weights;
     returns ``(callable, images per call)``."""
-    from tokenseg.models.clip import cast_visual, random_clip
+    from tokenseg.models.clip import cast_visual
+    from tokenseg.models.clip import random_clip
 
     model = random_clip("ViT-B-16", seed=0).to(device)
     if sharpen != 1.0:

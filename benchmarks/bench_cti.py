@@ -210,7 +210,6 @@ def maps_worker(args, device) -> dict:
     cfg = load_config(name, ["maps.scales=[1.0]", "maps.flip=true", "maps.kinds=[fused_affinity]"])
     torch.manual_seed(0)
     model = get_method(name).build(cfg, C).to(device).eval()
-    model.tokenseg_method = name
     g = torch.Generator().manual_seed(0)
     img = normalise(torch.randint(0, 256, (1, 3, 375, 500), generator=g, dtype=torch.uint8).to(device))
     lab = torch.zeros(1, C, device=device)

@@ -3,12 +3,12 @@ code's approach), for one training batch of 16 images at 512² (VOC: 20 classes,
 
 Variants (forward + backward each, fp32; interleaved over rounds in one process; medians):
 
-``network``  :class:`tokenseg.models.pot.POTNet` (ResNet-50, strides 2,2,2,1, frozen BN as the code):
+``network``  :class:`tokenseg.methods.pot.model.POTNet` (ResNet-50, strides 2,2,2,1, frozen BN as the code):
              forward + backward of the classification loss and the features' sum, 16×3×512×512.
-``stages``   tokenseg's paper pipeline (:func:`~tokenseg.models.pot.paper_stage`: k-means K = 3 on the
+``stages``   tokenseg's paper pipeline (:func:`~tokenseg.methods.pot.model.paper_stage`: k-means K = 3 on the
              confident pixels, similarity-aware OT with the code's Sinkhorn, plan-weighted prototype
              activation) on the network's output shapes (16, 768, 32, 32), all pairs batched, + backward.
-``code``     tokenseg's code pipeline (:func:`~tokenseg.models.pot.code_stage` + :func:`code_fusion`:
+``code``     tokenseg's code pipeline (:func:`~tokenseg.methods.pot.model.code_stage` + :func:`code_fusion`:
              argmax seeds, K = 2 over background + present classes, mean cosine maps) + backward.
 ``loop``     the same paper stages written the released code's way (``get_seed_aff_x4``): a Python loop
              over images and over all C classes (masking the features of each, skipping absent ones),
@@ -129,7 +129,7 @@ def loop_stages(feats, base, present, tau=0.7, K=3, eps=0.1):
 # ------------------------------------------------------------------------------ variants
 def make_variants(device, with_network: bool, b: int = B, side: int = SIDE):
     """The variants (see the module docstring) for ``b`` images at ``side``²: name -> callable."""
-    from tokenseg.models.pot import POTNet, code_fusion, code_stage, paper_stage
+    from tokenseg.methods.pot.model import POTNet, code_fusion, code_stage, paper_stage
 
     B, GRID = b, side // 16  # noqa: N806
     feats0, base, present = batch_data(device, 0, B, GRID)

@@ -20,7 +20,8 @@ from tokenseg.methods.mctformer import compute_losses, uses_cct
 from tokenseg.evaluate import evaluate_seeds
 from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
 from tokenseg.core.errors import TokensegError
-from tokenseg.methods.mctformer.authors import generate_seeds_authors
+from tokenseg.maps import generate_seeds
+from tokenseg.methods.mctformer.authors import AUTHORS_HOOKS
 
 from authors_weights import authors_weights
 
@@ -69,7 +70,7 @@ def test_checkpoint_by_path_reproduces_every_recipe(tag, tmp_path):
         mc = MapsConfig(scales=r["scales"], layers=r["layer_index"], kinds=[kind], mode="authors",
                         layer_reduce=cfg.maps.layer_reduce, fusion=cfg.maps.fusion, save_dtype="float32")
         out = tmp_path / fname
-        generate_seeds_authors(model, ds, out, mc, progress=False, method=cfg.model.method)
+        generate_seeds(model, ds, out, mc, progress=False, method=cfg.model.method, hooks=AUTHORS_HOOKS)
         assert_maps_equal(out / kind, FIX / tag / fname, ds)
 
 

@@ -17,9 +17,12 @@ from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
 
-from tokenseg.methods.clip_es import algorithm as ce  # noqa: E402
+from tokenseg.methods.clip_es import files as cef  # noqa: E402
+from tokenseg.methods.clip_es import gradcam as ceg  # noqa: E402
+from tokenseg.methods.clip_es import prompts as cep  # noqa: E402
 from tokenseg.core.errors import TokensegError  # noqa: E402
 from tokenseg.models import clip as mc  # noqa: E402
+from tokenseg.models import clip_ops as mco  # noqa: E402
 
 from authors_weights import authors_weights  # noqa: E402
 
@@ -52,11 +55,11 @@ def image(i: str) -> Image.Image:
 
 def run(model, text, ids, labels=None, **opts):
     imgs = [image(i) for i in ids]
-    x = torch.stack([mc.clip_input(im) for im in imgs])
+    x = torch.stack([mco.clip_input(im) for im in imgs])
     labels = labels or [LABELS[i] for i in ids]
-    options = ce.ClipESOptions(box_threshold=META["caa"]["box_threshold"], caa_layers=META["caa"]["last_layers"],
+    options = ceg.ClipESOptions(box_threshold=META["caa"]["box_threshold"], caa_layers=META["caa"]["last_layers"],
                                sinkhorn_rounds=META["caa"]["sinkhorn_rounds"], **opts)
-    return ce.clip_es_maps(model, x, labels, *text, [(im.height, im.width) for im in imgs], options,
+    return ceg.clip_es_maps(model, x, labels, *text, [(im.height, im.width) for im in imgs], options,
                            intermediates=True)
 
 
@@ -104,10 +107,10 @@ def test_no_refinement_gives_the_upsampled_gradcam(model, text, ref):
 
 
 def test_multi_hot_labels_and_seed(model, text, ref):
-    x = mc.clip_input(image("img2"))[None]
+    x = mco.clip_input(image("img2"))[None]
     hot = torch.zeros(1, 5)
     hot[0, [0, 3, 4]] = 1
-    out = ce.clip_es_maps(model, x, hot, *text, (90, 120))[0]
+    out = ceg.clip_es_maps(model, x, hot, *text, (90, 120))[0]
     assert out.keys.tolist() == [0, 3, 4]  # ascending; each class's map does not depend on the order
     order = [ref["img2/keys"].tolist().index(c) for c in (0, 3, 4)]
     np.testing.assert_allclose(out.maps.numpy(), ref["img2/attn_highres"][order], atol=TOL, rtol=0)
@@ -186,8 +189,8 @@ def test_written_out_backward_equals_autograd(act, ls):
     fg, bg = torch.randn(6, 24), torch.randn(4, 24)
     x = torch.randn(2, 1 + 12, 64)  # tokens entering the last block, a 3×4 grid
     labels = [[4, 1, 2], [5]]
-    lab, valid = ce._pad_labels(labels, 6, "cpu")
-    cam, attn, probs = ce.softmax_gradcam(model, x, (3, 4), lab, valid, fg, bg)
+    lab, valid = ceg._pad_labels(labels, 6, "cpu")
+    cam, attn, probs = ceg.softmax_gradcam(model, x, (3, 4), lab, valid, fg, bg)
     for b, ls_b in enumerate(labels):
         for j, c in enumerate(ls_b):
             ref = autograd_gradcam(vis, x[b:b + 1], model.logit_scale, torch.cat([fg[ls_b], bg]), j)
@@ -206,12 +209,12 @@ def test_box_mask_hand_computed():
     cam[0, 4, 6] = 0.7  # touches the bar diagonally and the last column: box rows 3–4, cols 3–6
     cam[0, 5, 0] = 0.5  # on the last row: its box is empty after the clip
     cam[0, 2, 5] = 0.3  # below 0.4·max: no box
-    got = ce.box_mask(cam, 0.4)[0]
+    got = ceg.box_mask(cam, 0.4)[0]
     want = torch.zeros(6, 7, dtype=torch.bool)
     want[0:2, 0:2] = True
     want[3:5, 3:6] = True  # exclusive end min(7, 6) = 6: the last column is dropped
     assert torch.equal(got, want)
-    unclipped = ce.box_mask(cam, 0.4, clip_last=False)[0]
+    unclipped = ceg.box_mask(cam, 0.4, clip_last=False)[0]
     want[3:5, 3:7] = True
     want[5, 0] = True
     assert torch.equal(unclipped, want)
@@ -221,9 +224,9 @@ def test_box_threshold_after_uint8_quantisation():
     cam = torch.zeros(1, 4, 4)
     cam[0, 0, 0] = 1.0
     cam[0, 2, 2] = 0.401  # 255·0.401 = 102.3 → 102, not > int(0.4·255) = 102; as a float it is > 0.4
-    assert not ce.box_mask(cam, 0.4, clip_last=False)[0, 2, 2]
-    assert ce.box_mask(cam, 0.4, quantize=False, clip_last=False)[0, 2, 2]
-    assert not ce.box_mask(torch.zeros(2, 3, 3), 0.4).any()  # no contour: their [0, 0, 0, 0] box
+    assert not ceg.box_mask(cam, 0.4, clip_last=False)[0, 2, 2]
+    assert ceg.box_mask(cam, 0.4, quantize=False, clip_last=False)[0, 2, 2]
+    assert not ceg.box_mask(torch.zeros(2, 3, 3), 0.4).any()  # no contour: their [0, 0, 0, 0] box
 
 
 # ---------------------------------------------------------------------------------------- input
@@ -233,16 +236,16 @@ def test_clip_input_is_their_torchvision_transform():
     img = image("img4")  # 70×50 → 80×64
     tv = T.Compose([T.Resize((64, 80), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                     T.Normalize(mc.OPENAI_MEAN, mc.OPENAI_STD)])(img)
-    ours = mc.clip_input(img)
+    ours = mco.clip_input(img)
     assert ours.shape == (3, 64, 80)
     assert torch.equal(ours, tv)
 
 
 def test_position_grid_resize():
     pos = torch.randn(1 + 16, 8)
-    same = mc.resize_clip_pos_embed(pos, (4, 4), fp16=False)
+    same = mco.resize_clip_pos_embed(pos, (4, 4), fp16=False)
     assert torch.equal(same, pos)  # bilinear to the same size is the identity
-    up = mc.resize_clip_pos_embed(pos, (6, 5))
+    up = mco.resize_clip_pos_embed(pos, (6, 5))
     ref = F.interpolate(pos[1:].T.reshape(1, 8, 4, 4), size=(6, 5), mode="bilinear", align_corners=False)
     assert torch.equal(up[1:], ref.reshape(8, 30).T.half().float())
     assert torch.equal(up[0], pos[0].half().float())
@@ -345,7 +348,7 @@ def test_text_features_are_their_zeroshot_classifier(full_ckpt, tmp_path):
     ref, path = full_ckpt
     model = mc.load_clip(path)
     names, templates = ["bird avian", "person with clothes,people,human", "sky"], ["a clean origami {}.", "a {}"]
-    got = mc.text_features(model, names, templates, cache_dir=tmp_path / "cache")
+    got = mco.text_features(model, names, templates, cache_dir=tmp_path / "cache")
     with torch.no_grad():  # per class: embed each prompt, normalise, mean over prompts, normalise
         want = []
         for n in names:
@@ -358,31 +361,31 @@ def test_text_features_are_their_zeroshot_classifier(full_ckpt, tmp_path):
     assert len(files) == 1
     # a second call reads the cache (the text tower is not run again)
     model.text.encode_text = None
-    again = mc.text_features(model, names, templates, cache_dir=tmp_path / "cache")
+    again = mco.text_features(model, names, templates, cache_dir=tmp_path / "cache")
     assert torch.equal(again, got)
     with pytest.raises(TypeError):  # another class list is another key: it needs the tower
-        mc.text_features(model, names[:2], templates, cache_dir=tmp_path / "cache")
+        mco.text_features(model, names[:2], templates, cache_dir=tmp_path / "cache")
 
 
 def test_text_cache_is_keyed_by_the_weights_and_repaired(full_ckpt, tmp_path):
     ref, path = full_ckpt
     cache = tmp_path / "cache"
-    a = mc.text_features(mc.load_clip(path), ["cat"], "a {}", cache)
+    a = mco.text_features(mc.load_clip(path), ["cat"], "a {}", cache)
     f = next((cache / "clip_text").glob("*.npz"))
     f.write_bytes(b"damaged")
-    assert torch.equal(mc.text_features(mc.load_clip(path), ["cat"], "a {}", cache), a)  # recomputed
+    assert torch.equal(mco.text_features(mc.load_clip(path), ["cat"], "a {}", cache), a)  # recomputed
     with torch.no_grad():
         ref.token_embedding.weight.mul_(2)
     torch.save(ref.state_dict(), tmp_path / "other.pt")
-    b = mc.text_features(mc.load_clip(tmp_path / "other.pt"), ["cat"], "a {}", cache)
+    b = mco.text_features(mc.load_clip(tmp_path / "other.pt"), ["cat"], "a {}", cache)
     assert len(list((cache / "clip_text").glob("*.npz"))) == 2 and not torch.allclose(a, b)
     with pytest.raises(TokensegError, match="template"):
-        mc.text_features(mc.load_clip(path), ["cat"], "no placeholder", cache)
+        mco.text_features(mc.load_clip(path), ["cat"], "no placeholder", cache)
 
 
 def test_vision_only_weights_have_no_text_features(model):
     with pytest.raises(TokensegError, match="no text tower"):
-        mc.text_features(model, ["cat"])
+        mco.text_features(model, ["cat"])
 
 
 def test_open_clip_config_for_a_checkpoint(full_ckpt, tmp_path):
@@ -404,57 +407,57 @@ def test_voc_and_coco_prompts_and_background_words(tmp_path):
     from tokenseg.data.coco import COCO_CLASSES
     from tokenseg.data.voc import VOC_CLASSES
 
-    assert ce.dataset_kind(VOC_CLASSES) == "voc" and ce.dataset_kind(COCO_CLASSES) == "coco"
-    voc = ce.prompt_names(VOC_CLASSES, "voc")
+    assert cep.dataset_kind(VOC_CLASSES) == "voc" and cep.dataset_kind(COCO_CLASSES) == "coco"
+    voc = cep.prompt_names(VOC_CLASSES, "voc")
     assert [voc[i] for i in (2, 8, 14, 19)] == ["bird avian", "chair seat", "person with clothes,people,human",
                                                 "tvmonitor screen"]
-    coco = ce.prompt_names(COCO_CLASSES, "coco")
+    coco = cep.prompt_names(COCO_CLASSES, "coco")
     assert [coco[i] for i in (0, 3, 24, 25, 26, 27, 31, 44, 62, 65, 78)] == [
         "person with clothes,people,human", "motorbike", "backpack,bag", "umbrella,parasol", "handbag,purse",
         "necktie", "sknowboard", "dessertspoon", "tvmonitor screen", "remote control", "hairdrier,blowdrier"]
-    assert len(ce.background_words("voc")) == 25 and ce.background_words("voc")[:3] == ["ground", "land", "grass"]
-    assert len(ce.background_words("coco")) == 23 and "keyboard" not in ce.background_words("coco")
-    assert ce.background_words("custom") == ce.background_words("voc")
-    assert ce.BOX_THRESHOLDS == {"voc": 0.4, "coco": 0.7}
+    assert len(cep.background_words("voc")) == 25 and cep.background_words("voc")[:3] == ["ground", "land", "grass"]
+    assert len(cep.background_words("coco")) == 23 and "keyboard" not in cep.background_words("coco")
+    assert cep.background_words("custom") == cep.background_words("voc")
+    assert cep.BOX_THRESHOLDS == {"voc": 0.4, "coco": 0.7}
     words = tmp_path / "bg.txt"
     words.write_text("# mine\nfloor\n\nsky\n")
-    assert ce.background_words("voc", str(words)) == ["floor", "sky"]
-    assert ce.background_words("voc", ["wall"]) == ["wall"]
+    assert cep.background_words("voc", str(words)) == ["floor", "sky"]
+    assert cep.background_words("voc", ["wall"]) == ["wall"]
 
 
 def test_custom_classes_with_a_synonyms_file(tmp_path):
     names = ["cat", "dog", "traffic_cone"]
     syn_json = tmp_path / "syn.json"
     syn_json.write_text(json.dumps({"dog": ["dog", "puppy"], "traffic_cone": "traffic cone"}))
-    syn = ce.load_synonyms(syn_json)
-    assert ce.prompt_names(names, "custom", syn) == ["cat", "dog,puppy", "traffic cone"]
+    syn = cep.load_synonyms(syn_json)
+    assert cep.prompt_names(names, "custom", syn) == ["cat", "dog,puppy", "traffic cone"]
     syn_yaml = tmp_path / "syn.yaml"
     syn_yaml.write_text("cat: kitten\n")
-    assert ce.prompt_names(names, "custom", ce.load_synonyms(syn_yaml)) == ["kitten", "dog", "traffic_cone"]
+    assert cep.prompt_names(names, "custom", cep.load_synonyms(syn_yaml)) == ["kitten", "dog", "traffic_cone"]
     with pytest.raises(TokensegError, match="not among"):
-        ce.prompt_names(names, "custom", {"cow": "cow"})
+        cep.prompt_names(names, "custom", {"cow": "cow"})
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(TokensegError, match="map each class"):
-        ce.load_synonyms(tmp_path / "bad.json")
+        cep.load_synonyms(tmp_path / "bad.json")
 
 
 def test_their_npy_layout_round_trip(tmp_path, model, text, ref):
     out = run(model, text, ["img2"])[0]
     path = tmp_path / "2007_000032.npy"
-    ce.save_clip_es_npy(path, out.keys, out.maps)
+    cef.save_clip_es_npy(path, out.keys, out.maps)
     d = np.load(path, allow_pickle=True).item()  # what their eval_cam.py does
     assert sorted(d) == ["attn_highres", "keys"]
     assert d["keys"].dtype == np.int64 and d["attn_highres"].dtype == np.float16
     assert d["keys"].tolist() == ref["img2/keys"].tolist()
-    seed = ce.load_clip_es_npy(path)  # restricted unpickling
+    seed = cef.load_clip_es_npy(path)  # restricted unpickling
     np.testing.assert_allclose(seed.maps, ref["img2/attn_highres"], atol=1e-3)
     assert seed.classes.tolist() == [3, 4, 0]
     np.save(tmp_path / "evil.npy", {"keys": np.zeros(1), "attn_highres": Path("x")}, allow_pickle=True)
     with pytest.raises(TokensegError, match="not allowed"):
-        ce.load_clip_es_npy(tmp_path / "evil.npy")
+        cef.load_clip_es_npy(tmp_path / "evil.npy")
     np.save(tmp_path / "other.npy", {0: np.zeros((2, 2))}, allow_pickle=True)
     with pytest.raises(TokensegError, match="not a CLIP-ES seed file"):
-        ce.load_clip_es_npy(tmp_path / "other.npy")
+        cef.load_clip_es_npy(tmp_path / "other.npy")
 
 
 def test_dataset_text_side(full_ckpt, tmp_path):
@@ -463,15 +466,15 @@ def test_dataset_text_side(full_ckpt, tmp_path):
 
     _, path = full_ckpt
     model = mc.load_clip(path)
-    voc = ce.clip_es_text(model, VOC_CLASSES, cache_dir=tmp_path)
+    voc = cep.clip_es_text(model, VOC_CLASSES, cache_dir=tmp_path)
     assert voc.kind == "voc" and voc.box_threshold == 0.4 and voc.fg.shape == (20, 32) and voc.bg.shape == (25, 32)
-    np.testing.assert_allclose(voc.fg[14].numpy(), mc.text_features(
-        model, ["person with clothes,people,human"], ce.DEFAULT_TEMPLATE)[0].numpy(), atol=1e-6)
-    coco = ce.clip_es_text(model, COCO_CLASSES, fmt="coco", cache_dir=tmp_path)
+    np.testing.assert_allclose(voc.fg[14].numpy(), mco.text_features(
+        model, ["person with clothes,people,human"], cep.DEFAULT_TEMPLATE)[0].numpy(), atol=1e-6)
+    coco = cep.clip_es_text(model, COCO_CLASSES, fmt="coco", cache_dir=tmp_path)
     assert coco.box_threshold == 0.7 and coco.bg.shape[0] == 23 and coco.prompts[31] == "sknowboard"
     (tmp_path / "syn.json").write_text(json.dumps({"cone": ["traffic cone", "pylon"]}))
     (tmp_path / "bg.txt").write_text("road\nsky\n")
-    mine = ce.clip_es_text(model, ["cone", "car"], synonyms=tmp_path / "syn.json", background=tmp_path / "bg.txt")
+    mine = cep.clip_es_text(model, ["cone", "car"], synonyms=tmp_path / "syn.json", background=tmp_path / "bg.txt")
     assert mine.kind == "custom" and mine.prompts == ["traffic cone,pylon", "car"]
     assert mine.background == ["road", "sky"]
     assert mine.box_threshold == 0.4

@@ -16,9 +16,10 @@ from tokenseg.data import WSSSDataset
 from tokenseg.core.errors import TokensegError
 from tokenseg.core.seeds import load_seed
 from tokenseg.maps import compute_maps, normalise
-from tokenseg.methods.mctformer.authors import (authors_patch_pos, compute_maps_authors, export_seeds_npy, generate_seeds_authors, import_seeds_npy, uses_dino_offset)
-from tokenseg.methods.mctformer.model import build_model
+from tokenseg.maps import generate_seeds
+from tokenseg.methods.mctformer.authors import (authors_patch_pos, compute_maps_authors, export_seeds_npy, AUTHORS_HOOKS, import_seeds_npy, uses_dino_offset)
 from tokenseg.methods.mctformer.convert import export_authors_state, model_from_state
+from tokenseg.methods.mctformer.model import build_model
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -102,8 +103,8 @@ def test_an_image_without_classes_gets_empty_maps_and_a_capped_photo_smaller_vie
 @pytest.mark.parametrize("method", ["mctformer-v2", "mctformer-plus"])
 def test_maps_from_authors_layout_equal_native(method):
     model = tiny(method)
-    loaded, _, _ = model_from_state({"model": export_authors_state(model, method)}, num_heads=2)
-    assert loaded.tokenseg_method == method
+    loaded, loaded_cfg, _ = model_from_state({"model": export_authors_state(model, method)}, num_heads=2)
+    assert loaded_cfg.model.method == method  # the method that makes its maps
     img = random_image(70, 50, seed=1)
     labels = np.array([1, 1, 0, 0], np.float32)
     cfg = MapsConfig(scales=[1.0, 0.75], kinds=["fused_affinity", "attention"], **RECIPE[method])
@@ -133,11 +134,11 @@ def test_generate_seeds_authors_npz_and_npy(tmp_path):
     model = tiny("mctformer-v2")
     ds = make_dataset(tmp_path / "data")
     cfg = MapsConfig(scales=[1.0, 0.5], kinds=["fused_affinity"], **RECIPE["mctformer-v2"])
-    out = generate_seeds_authors(model, ds, tmp_path / "seeds", cfg, progress=False, method="mctformer-v2")
+    out = generate_seeds(model, ds, tmp_path / "seeds", cfg, progress=False, method="mctformer-v2", hooks=AUTHORS_HOOKS)
     meta = json.loads((out / "maps_meta.json").read_text())
     assert meta["mode"] == "authors" and meta["dino_pos_offset"] is True
-    npy = generate_seeds_authors(model, ds, tmp_path / "npy", cfg, progress=False, method="mctformer-v2",
-                                 export_npy=True)
+    npy = generate_seeds(model, ds, tmp_path / "npy", cfg, progress=False, method="mctformer-v2",
+                                 export_npy=True, hooks=AUTHORS_HOOKS)
     for i, image_id in enumerate(ds.ids):
         a = load_seed(out / "fused_affinity" / f"{image_id}.npz")
         b = load_seed(npy / "fused_affinity" / f"{image_id}.npy")  # restricted unpickler, no flag needed
@@ -151,7 +152,7 @@ def test_generate_seeds_authors_npz_and_npy(tmp_path):
         assert math.isclose(float(max(m.max() for m in d.values())), 1.0, abs_tol=1e-3)
     # resume: nothing to do, files untouched
     mtime = os.path.getmtime(npy / "fused_affinity" / "im0.npy")
-    generate_seeds_authors(model, ds, tmp_path / "npy", cfg, progress=False, export_npy=True)
+    generate_seeds(model, ds, tmp_path / "npy", cfg, progress=False, export_npy=True, hooks=AUTHORS_HOOKS)
     assert os.path.getmtime(npy / "fused_affinity" / "im0.npy") == mtime
     # folder conversions both ways
     assert export_seeds_npy(out, tmp_path / "exp") == 3

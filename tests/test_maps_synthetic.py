@@ -8,7 +8,8 @@ import torch
 from tokenseg.config import MapsConfig, SyntheticConfig
 from tokenseg.data.synthetic import ensure_synthetic
 from tokenseg.data.voc import load_voc
-from tokenseg.maps import compute_maps, minmax_per_class
+from tokenseg.maps import compute_maps
+from tokenseg.methods.mapops import minmax_per_class
 from test_model import tiny_model
 
 

@@ -78,9 +78,49 @@ def test_clip_es_code_crf_image_wraps_like_their_uint8_cast():
 
 def test_their_npy_seeds_are_read_by_evaluate(tmp_path):
     """CLIP-ES's {keys, attn_highres} files load as seeds (restricted unpickling)."""
-    from tokenseg.methods.clip_es.algorithm import save_clip_es_npy
+    from tokenseg.methods.clip_es.files import save_clip_es_npy
 
     maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float16)
     save_clip_es_npy(tmp_path / "a.npy", np.array([3, 7]), maps)
     s = load_seed(tmp_path / "a.npy")
     assert list(s.classes) == [3, 7] and np.array_equal(s.maps, maps.astype(np.float32))
+
+
+# ------------------------------------------------------------------ the default path, through the CLI
+def test_cli_default_path_reproduces_the_authors_cams(tmp_path):
+    """`tokenseg maps clip-es` as a user runs it — the preset's defaults, no maps key — on the authors'
+    fixture laid out as a folder dataset, with their weights and their text features placed in the text
+    cache (the fixture has no text tower): the `caa` seeds equal their `attn_highres` to 1e-5."""
+    import shutil
+    from pathlib import Path
+
+    from authors_weights import authors_weights
+    from tokenseg.methods.clip_es.prompts import background_words
+    from tokenseg.models.clip import load_clip
+    from tokenseg.models.clip_ops import text_cache_path
+
+    fx = Path(__file__).parent / "fixtures" / "authors-clip-es"
+    weights = authors_weights("authors-clip-es/visual_state_dict.pth")
+    spec = json.loads((fx / "labels.json").read_text())
+    text = np.load(fx / "text_features.npz")
+    root = tmp_path / "data"
+    shutil.copytree(fx / "images", root / "images")
+    (root / "classes.txt").write_text("\n".join(spec["classes"]) + "\n")
+    (root / "labels.csv").write_text("image,labels\n" + "".join(
+        f"{i},{';'.join(spec['classes'][c] for c in labs)}\n" for i, labs in sorted(spec["labels"].items())))
+    bg_names = [str(w) for w in text["bg_names"]]
+    assert bg_names == background_words("custom")  # the preset's default words for a dataset of one's own
+    model, cache, template = load_clip(weights), tmp_path / "cache", "a clean origami {}."
+    for names, feats in ((spec["classes"], text["fg"]), (bg_names, text["bg"])):
+        path = text_cache_path(model, names, [template], cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, features=feats, names=np.array(json.dumps(names)), templates=np.array(json.dumps([template])))
+    over = ["data.format=folder", f"data.root={root}", "data.num_workers=0", f"data.cache_dir={cache}",
+            f"output_dir={tmp_path / 'run'}", f"model.pretrained={weights}", "maps.split=all"]
+    assert main(["maps", "clip-es", *over, "--quiet"]) == 0
+    ref = dict(np.load(fx / "cams.npz"))
+    for image_id, labs in spec["labels"].items():
+        seed = load_seed(tmp_path / "run" / "seeds" / "all" / "caa" / f"{image_id}.npz")
+        order = [list(ref[f"{image_id}/keys"]).index(c) for c in seed.classes]  # ours ascending, theirs as fed
+        assert sorted(seed.classes.tolist()) == sorted(labs)
+        np.testing.assert_allclose(seed.maps, ref[f"{image_id}/attn_highres"][order], atol=1e-5, rtol=0)

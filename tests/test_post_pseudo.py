@@ -184,7 +184,7 @@ def test_affinitynet_end_to_end(toy, tmp_path):
     # the trained network separates what the labels separate: affinity across a label boundary is
     # lower than within a region
     from tokenseg.refine.affinitynet import load_affinitynet
-    from tokenseg.segment.train import normalise_image
+    from tokenseg.data.transforms import normalise_array as normalise_image
 
     net = load_affinitynet(work / "affinitynet.pt")
     ds = build_dataset(cfg.data, "train")

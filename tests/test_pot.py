@@ -18,8 +18,9 @@ from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
 from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
-from tokenseg.methods.pot import POTConfig, POTView, own_maps, to_released_state
-from tokenseg.models.pot import code_fusion, paper_stage
+from tokenseg.maps import generate_seeds
+from tokenseg.methods.pot import POTConfig, POTView, code_hooks, to_released_state
+from tokenseg.methods.pot.model import code_fusion, paper_stage
 
 TINY = ["data.format=synthetic", "data.train_split=train", "data.val_split=val", "data.num_workers=0",
         "data.synthetic={num_classes: 3, image_size: 48, train_images: 48, val_images: 16, seed: 1}",
@@ -206,7 +207,7 @@ def test_code_seeds_combine_is_cam_and_is_cam1_by_hand(tmp_path):
     ds = WSSSDataset("t", ["a", "b", "c"], ["i0", "i1"], paths, [[0, 2], [1]], None)
     mc = MapsConfig(scales=[1.0, 2.0], flip=True, kinds=["is_cam_sum", "is_cam1", "is_cam"], batch_size=4,
                     save_dtype="float32")
-    own_maps(_Stub(), ds, tmp_path / "out", mc, progress=False, export_npy=True, combine_fn=_fake_combine)
+    generate_seeds(_Stub(), ds, tmp_path / "out", mc, progress=False, export_npy=True, hooks=code_hooks(_fake_combine))
     j = np.arange(8.0)[None].repeat(8, 0)
     e = 1e-5
     # is_cam: scale 1 only: 2(k+1)(j+1), max-normalised -> (j+1)/8; background 2·0.5 -> 1

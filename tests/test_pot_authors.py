@@ -24,7 +24,7 @@ from tokenseg.core.seeds import SeedMaps, save_seed
 from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.base import StepContext
-from tokenseg.methods.pot import flip_of, numpy_init_of
+from tokenseg.methods.pot.config import flip_of, numpy_init_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "authors-pot"
@@ -144,7 +144,7 @@ def test_every_pot_preset_loads_and_code_mode_follows_the_code():
         load_config(preset)
         cfg = load_config(preset, ["pot.mode=code"])
         assert not flip_of(cfg.pot) and numpy_init_of(cfg.pot)  # their VOC training: no flip; their k-means draws
-    from tokenseg.methods.pot import augment_of, clusters_of
+    from tokenseg.methods.pot.config import augment_of, clusters_of
 
     a = load_config("pot", ["pot.mode=code", "pot.clip_seeds=x"]).pot
     b = load_config("pot-clip-es", ["pot.mode=code"]).pot

@@ -17,96 +17,39 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .config import Config, MapsConfig
 from .data import WSSSDataset, build_dataset
 from .data.base import image_hw, size_batches
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales, normalise_images
+from .data.transforms import input_scales
 from .data.guard import refuse_inside_dataset
 from .core.device import is_alloc_error
 from .core.files import BackgroundWriter, safe_output_path
-from .core.seeds import SeedMaps, save_seed, seed_path
+from .core.seeds import npy_seed_path, seed_path
 from .core.errors import TokensegError
 from .core.locks import job_lock
 from .methods import BACKGROUND, MapRecipe, get_method
+from .methods.base import SeedHooks, SeedJob
+from .methods.mapops import (ImageSet, MapBatch, add_views, image_bytes, normalise, normalise_maps, 
+                             rounding_of, save_map_batch, scaled_size, upsample)
 from .core.progress import progress_bar
-from .core.viz import overlay, save_png
 
 WARN_TOKENS = 4096  # explicit attention over more tokens than this needs > 64 MB per view and layer
-
-
-def minmax_per_class(maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """(m - min)/(max - min + 1e-8) per image and class over H×W; absent classes set to 0."""
-    return normalise_maps(maps, "minmax") * present[..., None, None]
-
-
-def normalise_maps(maps: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-map normalisation over the last two dims: ``minmax`` (MCTformer), ``maxnorm`` (CTI:
-    ReLU(x − min − 1e-5)/(max − min + 1e-5) on ReLU(x)), ``max`` (SIPE/POT: x/(max + 1e-5)), ``none``."""
-    if how == "none":
-        return maps
-    flat = maps.flatten(-2)
-    if how == "maxnorm":
-        flat = F.relu(flat)
-    lo = flat.amin(-1, keepdim=True)
-    hi = flat.amax(-1, keepdim=True)
-    if how == "minmax":
-        out = (flat - lo) / (hi - lo + 1e-8)
-    elif how == "maxnorm":
-        out = F.relu(flat - lo - 1e-5) / (hi - lo + 1e-5)
-    elif how == "max":
-        out = flat / (hi + 1e-5)
-    else:
-        raise ValueError(f"unknown normalisation {how!r}")
-    return out.view_as(maps)
-
-
-def scaled_size(h: int, w: int, s: float, patch: int, rounding: str) -> tuple[int, int]:
-    """Input size at scale ``s``. ``round``: nearest multiple of the patch (no pixel dropped); ``floor``:
-    round(h·s) as the authors, leaving the patch convolution to drop the remainder; ``ceil``: the next
-    multiple of the patch (CLIP-ES); ``none``: round(h·s) (CNNs)."""
-    if rounding in ("floor", "none"):
-        return max(int(round(h * s)), patch), max(int(round(w * s)), patch)
-    if rounding == "ceil":
-        return (max(math.ceil(round(h * s, 6) / patch) * patch, patch),
-                max(math.ceil(round(w * s, 6) / patch) * patch, patch))
-    return max(int(round(h * s / patch)) * patch, patch), max(int(round(w * s / patch)) * patch, patch)
-
-
-@dataclass
-class MapBatch:
-    """Maps of a batch of same-size images, one (H, W) map per (image, present class) pair."""
-
-    pairs: torch.Tensor  # (P, 2) long: image index in the batch, class index; sorted
-    maps: dict[str, torch.Tensor]  # kind -> (P, H, W)
-    background: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (B, H, W), channel methods
-
-    def dense(self, kind: str, batch: int, num_classes: int) -> torch.Tensor:
-        """(B, C, H, W) with zeros for absent classes."""
-        m = self.maps[kind]
-        out = m.new_zeros(batch, num_classes, *m.shape[-2:])
-        out[self.pairs[:, 0], self.pairs[:, 1]] = m
-        return out
 
 
 def _as_config(cfg) -> Config:
     return cfg if isinstance(cfg, Config) else Config(maps=cfg)
 
 
-def recipe_of(model) -> MapRecipe:
-    """The recipe of the method that built ``model`` (MCTformer's for a bare :class:`ClassTokenViT`)."""
-    return get_method(getattr(model, "tokenseg_method", None) or "mctformer-plus").recipe
-
-
-def rounding_of(cfg: MapsConfig, recipe: MapRecipe) -> str:
-    return recipe.size_rounding if cfg.size_rounding == "auto" else cfg.size_rounding
+def recipe_of(cfg: Config) -> MapRecipe:
+    """The map recipe of ``model.method`` (the method the config, or a checkpoint's config, names)."""
+    return get_method(cfg.model.method).recipe
 
 
 def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
@@ -116,7 +59,7 @@ def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, ki
     handed to ``combine`` with every view (mirrored with the flipped views, any size: combine pools them)."""
     cfg = _as_config(cfg)
     mc = cfg.maps
-    recipe = recipe or recipe_of(model)
+    recipe = recipe or recipe_of(cfg)
     kinds = list(kinds or mc.kinds)
     B, _, H, W = images.shape
     pairs = torch.nonzero(labels > 0)  # (P, 2), row-major: images in order, classes ascending
@@ -147,23 +90,13 @@ def compute_map_batch(model, images: torch.Tensor, labels: torch.Tensor, cfg, ki
             m = out[kind].float()
             views = (b_idx, b_idx + B) if mc.flip else (b_idx,)
             sel = torch.cat([m[v, k_idx] for v in views])  # (P or 2P, h, w)
-            acc[kind] += _add_views(_upsample(sel, (H, W)), P, mc.flip)
+            acc[kind] += add_views(upsample(sel, (H, W)), P, mc.flip)
             if channel:
                 b = out[kind + BACKGROUND].float()[:, 0]
-                bg[kind] += _add_views(_upsample(b, (H, W)), B, mc.flip)
+                bg[kind] += add_views(upsample(b, (H, W)), B, mc.flip)
     maps = {k: normalise_maps(v, recipe.normalise) for k, v in acc.items()}
     bgs = {k: normalise_maps(v, recipe.normalise) for k, v in bg.items()}
     return MapBatch(pairs, maps, bgs)
-
-
-def _upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def _add_views(m: torch.Tensor, n: int, flip: bool) -> torch.Tensor:
-    return m[:n] + m[n:].flip(-1) if flip else m
 
 
 def compute_maps(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=None,
@@ -173,82 +106,81 @@ def compute_maps(model, images: torch.Tensor, labels: torch.Tensor, cfg, kinds=N
     return {k: mb.dense(k, images.shape[0], labels.shape[1]) for k in mb.maps}
 
 
-# ------------------------------------------------------------------------------ data feeding
-class _ImageSet(Dataset):
-    """(uint8 CHW image, multi-hot labels, index[, the recipe's per-image extras]) for the loader."""
-
-    def __init__(self, ds: WSSSDataset, extras=None) -> None:
-        self.ds, self.extras = ds, extras
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        arr = np.asarray(self.ds.load_image(i), dtype=np.uint8)
-        item = (torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.from_numpy(self.ds.multi_hot(i)), i)
-        return item if self.extras is None else (*item, torch.from_numpy(np.asarray(self.extras(i), np.float32)))
-
-
-def image_bytes(size: tuple[int, int], pairs: int, cfg: MapsConfig, patch: int, prefix: int) -> int:
-    """An estimate of one image's peak map memory: its accumulators and upsampled views, and the
-    explicit-attention buffers (head mean, affinity, scratch) of its largest view."""
-    H, W = size
-    views = 2 if cfg.flip else 1
-    maps = len(cfg.kinds) * (pairs + 1) * H * W * 4 * (1 + views)
-    s = max(input_scales(cfg, size))
-    n = prefix + math.ceil(H * s / patch) * math.ceil(W * s / patch)
-    return maps + views * 3 * n * n * 4
-
-
-def normalise(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    return normalise_images(images_uint8, mean, std)
-
-
 def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
-                   meta: dict | None = None, recipe: MapRecipe | None = None) -> Path:
-    """Write ``out_dir/<kind>/<image_id>.npz`` for every image of ``ds`` (this rank's share when
-    sharded); images whose files all exist are skipped, so an interrupted run resumes."""
+                   meta: dict | None = None, recipe: MapRecipe | None = None, hooks: SeedHooks | None = None,
+                   method: str = "", export_npy: bool = False) -> Path:
+    """The one seed loop: write ``out_dir/<kind>/<image_id>.npz`` for every image of ``ds`` (this rank's
+    share when sharded); images whose files all exist are skipped, so an interrupted run resumes.
+
+    ``hooks`` compute and write the maps of one batch: a method's own inference (the authors' exact one,
+    CLIP-ES); by default :func:`batched_hooks` of ``recipe`` (the scale/flip pipeline). This loop owns
+    everything else: the images still to do, their batches, the loader, the progress bar, and the
+    background writer that writes batch k while the device computes batch k + 1."""
+    method = method or (cfg.model.method if isinstance(cfg, Config) else "")
     cfg = _as_config(cfg)
-    mc = cfg.maps
-    recipe = recipe or recipe_of(model)
-    out_dir = Path(out_dir)
+    recipe = recipe or recipe_of(cfg)
+    hooks = hooks or batched_hooks(recipe)
     device = torch.device(device)
-    model = model.to(device).eval()
-    kinds = list(mc.kinds)
+    job = SeedJob(model.to(device).eval(), ds, Path(out_dir), cfg, list(cfg.maps.kinds), device,
+                  method, dict(meta or {}), export_npy, rank)
+    path_of = npy_seed_path if (export_npy and hooks.npy) else seed_path
     todo = [i for i in range(rank, len(ds), world)
-            if not all(seed_path(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    patch = recipe.size_multiple or getattr(model, "patch_size", 16)
-    prefix = getattr(model, "num_prefix", 0)
-    budget = int(mc.memory_mb * 2 ** 20)
-
-    def cost(i: int, size: tuple[int, int]) -> int:
-        return image_bytes(size, len(ds.labels[i]), mc, patch, prefix)
-
-    batches = size_batches(ds, todo, mc.batch_size, budget, cost)
-    _warn_tokens(ds, todo, mc, patch)
-    extras = recipe.map_extras(cfg, ds) if recipe.map_extras is not None else None
-    loader = DataLoader(_ImageSet(ds, extras), batch_sampler=batches, num_workers=num_workers,
+            if not all(path_of(job.out_dir / k, ds.ids[i]).is_file() for k in job.kinds)]
+    job.state = hooks.prepare(job) if hooks.prepare else None
+    batches = hooks.batches(job, todo) if hooks.batches else size_batches(ds, todo, cfg.maps.batch_size)
+    data = hooks.dataset(job) if hooks.dataset else ImageSet(ds)
+    loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=hooks.collate,
                         pin_memory=device.type == "cuda")
-    bar = progress_bar(total=len(todo), desc="maps", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=hooks.desc, unit="img", disable=not progress)
     with BackgroundWriter() as writer:  # the device computes batch k + 1 while batch k is written
-        for raw, labels, idx, *ext in loader:
-            images = normalise(raw.to(device, non_blocking=True), recipe.mean, recipe.std)
+        for idx, batch in zip(batches, loader):
             try:
-                mb = compute_map_batch(model, images, labels.to(device, non_blocking=True), cfg, kinds, recipe,
-                                       ext[0].to(device, non_blocking=True) if ext else None)
+                result = hooks.compute(job, batch)
             except (RuntimeError, MemoryError) as exc:
                 if not is_alloc_error(exc):
                     raise
-                names = ", ".join(ds.ids[i] for i in idx.tolist()[:4])
+                names = ", ".join(ds.ids[i] for i in idx[:4])
                 raise TokensegError(
-                    f"out of memory on image(s) {names} ({raw.shape[-1]}×{raw.shape[-2]} px): set maps.max_side "
-                    f"(e.g. maps.max_side=800) or lower maps.memory_mb / maps.batch_size; finished images are "
-                    f"kept and a re-run resumes") from exc
-            writer.submit(_save_host, to_host(mb), raw, idx.tolist(), ds, out_dir, mc)
+                    f"out of memory on image(s) {names}: set maps.max_side (e.g. maps.max_side=800) or lower "
+                    f"maps.memory_mb / maps.batch_size; finished images are kept and a re-run resumes") from exc
+            writer.submit(hooks.write, job, result, list(idx))
             bar.update(len(idx))
     bar.close()
-    return out_dir
+    return job.out_dir
+
+
+def batched_hooks(recipe: MapRecipe) -> SeedHooks:
+    """The scale/flip pipeline as hooks of the seed loop: batches of equal-size images within
+    ``maps.batch_size`` and ``maps.memory_mb``, :func:`compute_map_batch`, the copy to the host started on
+    the device, the seed files written from the host."""
+
+    def patch_of(job: SeedJob) -> int:
+        return recipe.size_multiple or getattr(job.model, "patch_size", 16)
+
+    def batches(job: SeedJob, todo: list[int]) -> list[list[int]]:
+        mc, ds = job.cfg.maps, job.ds
+        patch, prefix = patch_of(job), getattr(job.model, "num_prefix", 0)
+        _warn_tokens(ds, todo, mc, patch)
+        return size_batches(ds, todo, mc.batch_size, int(mc.memory_mb * 2 ** 20),
+                            lambda i, size: image_bytes(size, len(ds.labels[i]), mc, patch, prefix))
+
+    def dataset(job: SeedJob):
+        return ImageSet(job.ds, recipe.map_extras(job.cfg, job.ds) if recipe.map_extras is not None else None)
+
+    def compute(job: SeedJob, batch) -> tuple:
+        raw, labels, _, *ext = batch
+        dev = job.device
+        images = normalise(raw.to(dev, non_blocking=True), recipe.mean, recipe.std)
+        mb = compute_map_batch(job.model, images, labels.to(dev, non_blocking=True), job.cfg, job.kinds, recipe,
+                               ext[0].to(dev, non_blocking=True) if ext else None)
+        return to_host(mb), raw
+
+    def write(job: SeedJob, result: tuple, idx: list[int]) -> None:
+        host, raw = result
+        save_map_batch(host.wait(), raw, idx, job.ds, job.out_dir, job.cfg.maps)
+
+    return SeedHooks(compute=compute, write=write, batches=batches, dataset=dataset)
 
 
 @dataclass
@@ -276,28 +208,6 @@ def to_host(mb: MapBatch) -> HostBatch:
         ready = torch.cuda.Event()
         ready.record()
     return HostBatch(host, ready)
-
-
-def _save_host(hb: HostBatch, *rest) -> None:
-    _save_batch(hb.wait(), *rest)
-
-
-def _save_batch(mb: MapBatch, raw: torch.Tensor, idx: list[int], ds: WSSSDataset, out_dir: Path, mc: MapsConfig):
-    pairs = mb.pairs.cpu().numpy()
-    for kind, m in mb.maps.items():
-        m = m.cpu().numpy()
-        bgk = mb.background[kind].cpu().numpy() if kind in mb.background else None
-        for b, i in enumerate(idx):
-            rows = np.flatnonzero(pairs[:, 0] == b)
-            classes = pairs[rows, 1].astype(np.int64)
-            maps = m[rows]
-            if mc.overlays:  # written first: a seed file's existence means its image is done
-                rgb = raw[b].permute(1, 2, 0).numpy()
-                top = maps.max(0) if len(classes) else np.zeros(rgb.shape[:2], np.float32)
-                save_png(out_dir / f"{kind}_overlays" / f"{ds.ids[i]}.png", overlay(rgb, top))
-            seed = SeedMaps(classes, maps, {"kind": kind, "image_id": ds.ids[i]},
-                            None if bgk is None else bgk[b])
-            save_seed(seed_path(out_dir / kind, ds.ids[i]), seed, mc.save_dtype)
 
 
 def _warn_tokens(ds: WSSSDataset, todo: list[int], mc: MapsConfig, patch: int) -> None:
@@ -392,7 +302,6 @@ def run_maps(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
     else:
         ckpt, ckpt_cfg, names = "", cfg, list(ds.class_names)
         model = method.build(cfg, ds.num_classes)
-    model.tokenseg_method = method.name
     recipe = method.recipe
     recipe.check_kinds(cfg.maps.kinds, f"{ckpt or method.name}: a {method.name} model")
     cfg = replace(cfg, maps=replace(cfg.maps, mode=resolve_mode(cfg.maps, recipe, method.name)))
@@ -444,10 +353,7 @@ def _generate(cfg, method, model, ds, out, ckpt, split, dinfo, device, progress,
     barrier(dinfo)
     common = dict(device=device, rank=dinfo.rank, world=dinfo.world, num_workers=cfg.data.num_workers,
                   progress=progress and dinfo.is_main)
-    if cfg.maps.mode == "authors":
-        recipe.authors(model, ds, out, cfg.maps, **common, meta=meta, method=method.name, export_npy=export_npy)
-    elif recipe.generate is not None:
-        recipe.generate(model, ds, out, cfg, **common)
-    else:
-        generate_seeds(model, ds, out, cfg, **common, recipe=recipe)
+    hooks = recipe.authors if cfg.maps.mode == "authors" else recipe.hooks
+    generate_seeds(model, ds, out, cfg, **common, meta=meta, recipe=recipe, hooks=hooks, method=method.name,
+                   export_npy=export_npy)
     barrier(dinfo)

@@ -131,7 +131,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_labels(args) -> int:
-    from ..data.labels import import_cls_labels_npy, read_class_names, write_labels_file
+    from ..data.labels import read_class_names
+    from ..data.label_files import import_cls_labels_npy, write_labels_file
 
     if args.import_npy:
         names = None

@@ -118,6 +118,11 @@ def load_seed(path: str | os.PathLike, allow_pickle: bool = False) -> SeedMaps:
         raise TokensegError(f"{path}: cannot read seed file ({exc})") from exc
 
 
+def npy_seed_path(folder: str | os.PathLike, image_id: str) -> Path:
+    """Where the authors' ``.npy`` seed dict of ``image_id`` goes (``--export-npy``)."""
+    return safe_output_path(folder, f"{image_id}.npy")
+
+
 def seed_path(folder: str | os.PathLike, image_id: str) -> Path:
     """``<folder>/<image_id>.npz``, confined to ``folder`` (see :func:`safe_output_path`)."""
     return safe_output_path(folder, f"{image_id}.npz")

@@ -12,7 +12,8 @@ from .build import build_dataset, cache_root, class_names_for
 from .check import check_dataset, format_report
 from .coco import load_coco
 from .folder import load_folder
-from .labels import import_cls_labels_npy, read_class_names, read_labels_table, write_labels_file
+from .labels import read_class_names, read_labels_table
+from .label_files import import_cls_labels_npy, write_labels_file
 from .openimages import OpenImagesDataset, load_openimages
 from .voc import load_voc
 

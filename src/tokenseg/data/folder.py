@@ -35,7 +35,8 @@ from typing import Sequence
 
 from ..core.errors import TokensegError
 from .base import IMAGE_EXTENSIONS, WSSSDataset
-from .labels import LabelTable, labels_from_mask, read_class_names, read_labels_table, resolve_labels
+from .labels import LabelTable, read_class_names, read_labels_table, resolve_labels
+from .label_files import labels_from_mask
 from .scan import MAX_LISTED, Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 LABEL_SOURCES = ("auto", "file", "masks")

@@ -25,7 +25,8 @@ from typing import Sequence
 
 from ..core.errors import TokensegError
 from .base import VOC_CLASSES, WSSSDataset
-from .labels import labels_from_masks, labels_from_xml, read_labels_table, resolve_labels
+from .labels import read_labels_table, resolve_labels
+from .label_files import labels_from_masks, labels_from_xml
 from .scan import Problems, UnusableSplit, drop_bad_images, scan_cache_file
 
 LABEL_SOURCES = ("auto", "file", "xml", "masks")

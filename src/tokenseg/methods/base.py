@@ -49,17 +49,17 @@ class MapRecipe:
     size_rounding: str = "round"  # default for maps.size_rounding=auto: round | floor | ceil | none
     size_multiple: int = 0  # 0: the model's patch size
     needs_grad: bool = False  # Grad-CAM methods (CLIP-ES) differentiate inside combine
-    # maps.mode=authors: the authors' own inference, image by image (MCTformer: tokenseg.methods.mctformer.authors)
-    authors: Callable[..., Any] | None = None
+    # maps.mode=authors: the authors' own inference as hooks of the seed loop (MCTformer, POT's code mode)
+    authors: "SeedHooks | None" = None
     # map_extras(cfg, ds) -> None or i -> (N, H, W) float maps of image i, given to combine(..., extras=)
     # with every view (OTPL's CLIP-ES variant: the image's CLIP-ES seeds for its per-image prototypes)
     map_extras: Callable[..., Any] | None = None
     # what maps.mode=auto (the default) runs: "authors" where that inference is the exact one (MCTformer),
     # "tokenseg" where the batched pipeline already follows the authors' code (CTI, CLIP-ES) or none exists
     default_mode: str = "tokenseg"
-    # a method's own seed loop instead of the scale/flip pipeline, same contract as maps.generate_seeds
-    # (CLIP-ES: PIL resizing, one Grad-CAM pass per batch, CAA)
-    generate: Callable[..., Any] | None = None
+    # the method's own inference in the seed loop instead of the scale/flip pipeline (CLIP-ES: PIL resizing,
+    # one Grad-CAM pass per batch, CAA); None: tokenseg.maps.compute_map_batch with this recipe
+    hooks: "SeedHooks | None" = None
     # how reports and galleries name each kind ("fused + patch affinity"); a kind without one shows as is
     titles: dict[str, str] = field(default_factory=dict, hash=False)
 
@@ -73,6 +73,48 @@ class MapRecipe:
         if bad:
             raise TokensegError(f"{source + ': ' if source else ''}map kind(s) {', '.join(bad)} are not made by "
                                 f"this method; it makes {', '.join(self.kinds)} (e.g. maps.kinds=[{self.default_kinds[0]}])")
+
+
+@dataclass
+class SeedJob:
+    """One run of the seed loop, as the hooks see it: what to map, where to, with which settings.
+    ``state`` is what ``prepare`` returned (text features, CLIP seeds, ...)."""
+
+    model: nn.Module
+    ds: Any  # a WSSSDataset
+    out_dir: Any  # Path
+    cfg: Any  # Config (maps, the method's section)
+    kinds: list[str]
+    device: torch.device
+    method: str = ""
+    meta: dict = field(default_factory=dict)
+    export_npy: bool = False  # also / instead the authors' .npy dicts (authors' inference only)
+    rank: int = 0
+    state: Any = None
+
+
+@dataclass(frozen=True)
+class SeedHooks:
+    """A method's own inference inside the one seed loop (:func:`tokenseg.maps.generate_seeds`), which
+    owns resuming, sharding, batching, the loader, the progress bar and the background writer.
+
+    compute(job, batch) -> result: the maps of one loader batch (required)
+    write(job, result, idx): write the result's seed files (runs on the writer thread)
+    prepare(job) -> state: once before the loop (e.g. text features, precomputed CLIP seeds)
+    batches(job, todo) -> [[index, ...], ...]: default, images of equal size up to ``maps.batch_size``
+    dataset(job) -> a torch Dataset of loader items; default, (uint8 CHW image, multi-hot labels, index)
+    collate: the loader's collate_fn (None: torch's default)
+    npy: with ``export_npy`` the seed files are ``<id>.npy`` (their format), else ``<id>.npz``
+    """
+
+    compute: Callable[[SeedJob, Any], Any]
+    write: Callable[[SeedJob, Any, list], None]
+    prepare: Callable[[SeedJob], Any] | None = None
+    batches: Callable[[SeedJob, list], list] | None = None
+    dataset: Callable[[SeedJob], Any] | None = None
+    collate: Callable | None = None
+    npy: bool = False
+    desc: str = "maps"
 
 
 BACKGROUND = "@background"  # suffix of a recipe's explicit background map
@@ -178,5 +220,5 @@ class Method:
         return self.loss is not None
 
 
-__all__ = ["Method", "MapRecipe", "StepContext", "Converter", "BACKGROUND", "IMAGENET", "image_only", "default_views", "default_forward",
-           "default_param_groups"]
+__all__ = ["Method", "MapRecipe", "StepContext", "SeedJob", "SeedHooks", "Converter", "BACKGROUND", "IMAGENET",
+           "image_only", "default_views", "default_forward", "default_param_groups"]

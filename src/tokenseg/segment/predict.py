@@ -193,7 +193,7 @@ class _ClassifierPredictor:
         loaded = load_model_from_checkpoint(checkpoint)
         self.model, self.cfg = loaded[0].to(device).eval(), loaded[1]
         self.names = list(loaded[2]) if len(loaded) > 2 else []
-        self.method = get_method(getattr(self.model, "tokenseg_method", None) or self.cfg.model.method)
+        self.method = get_method(self.cfg.model.method)
         self.device = device
         self.compute_map_batch, self.normalise = compute_map_batch, normalise
         mc = self.cfg.maps

@@ -2,9 +2,9 @@
 
 softmax-GradCAM of each present class over [its classes ∪ background words] ("a clean origami {}.",
 the authors' synonyms), refined by the class-aware attention affinity (CAA) and gated by boxes — the
-computation lives in :mod:`tokenseg.methods.clip_es.algorithm` (equal to the authors' code to 1e-5), the towers in
+computation lives in :mod:`tokenseg.methods.clip_es.gradcam` (equal to the authors' code to 1e-5), the towers in
 :mod:`tokenseg.models.clip`. This module makes it a method: its config section, the model (the CLIP
-weights of ``model.pretrained``), and its seed loop (PIL resizing of each image to the next multiple of
+weights of ``model.pretrained``), and its hooks in the one seed loop (PIL resizing of each image to the next multiple of
 16, images of one size batched, all present classes' Grad-CAMs from one pass). There is nothing to
 train: ``tokenseg maps clip-es ...`` and ``tokenseg run clip-es ...`` need no checkpoint.
 
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ...data.transforms import CLIP_MEAN, CLIP_STD
-from ...core.files import BackgroundWriter
 from ...core.seeds import SeedMaps, save_seed, seed_path
 from ...core.errors import TokensegError
-from ...core.progress import progress_bar
 from .. import MapRecipe, Method, register
+from ..base import SeedHooks, SeedJob
 
 
 @dataclass
@@ -69,7 +67,6 @@ def build(cfg, num_classes: int):
     else:
         model = load_clip(cfg.model.pretrained, cfg.model.backbone or None, quick_gelu=cfg.clip_es.quick_gelu,
                           cache_dir=cache_root(cfg.data) / "clip")
-    model.tokenseg_method = "clip-es"
     return model
 
 
@@ -96,61 +93,69 @@ class _ClipInputs(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from ...models.clip import clip_input
+        from ...models.clip_ops import clip_input
 
         img = self.ds.load_image(i)
         return clip_input(img, self.patch, CLIP_MEAN, CLIP_STD), torch.tensor([img.height, img.width]), i
 
 
-def generate(model, ds, out_dir, cfg, device="cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
-             progress: bool = True) -> Path:
-    """CLIP-ES seeds for every image of ``ds`` (this rank's share), resumable, as ``maps.generate_seeds``."""
-    from .algorithm import ClipESOptions, clip_es_maps, clip_es_text, save_clip_es_npy
+def _prepare(job: SeedJob) -> tuple:
+    """The class and background text features (cached), and the options of the Grad-CAM pass."""
     from ...data import cache_root
-    from ...data.base import size_batches
+    from .gradcam import ClipESOptions
+    from .prompts import clip_es_text
 
-    c, mc = cfg.clip_es, cfg.maps
-    device = torch.device(device)
-    out_dir = Path(out_dir)
-    model = model.to(device).eval()
+    c, cfg = job.cfg.clip_es, job.cfg
     background = c.background_file or (list(c.background_words) if c.background_words else None)
-    text = clip_es_text(model, ds.class_names, cfg.data.format, c.template, c.synonyms_file or None, background,
-                        cache_root(cfg.data))
-    dtype = c.dtype if c.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    text = clip_es_text(job.model, job.ds.class_names, cfg.data.format, c.template, c.synonyms_file or None,
+                        background, cache_root(cfg.data))
+    dtype = c.dtype if c.dtype != "auto" else ("fp16" if job.device.type == "cuda" else "fp32")
     opts = ClipESOptions(box_threshold=c.box_threshold or text.box_threshold, caa_layers=c.caa_layers,
                          sinkhorn_rounds=c.sinkhorn_rounds, refine=c.refine, pos_embed_fp16=c.pos_embed_fp16,
                          box_quantize=c.box_quantize, box_clip_last=c.box_clip_last, class_chunk=c.class_chunk,
                          dtype=dtype)
-    kinds = list(mc.kinds)
-    todo = [i for i in range(rank, len(ds), world)
-            if not all(seed_path(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    batch = c.batch_size or (16 if device.type == "cuda" else 1)
-    loader = DataLoader(_ClipInputs(ds, model.patch_size), batch_sampler=size_batches(ds, todo, batch),
-                        num_workers=num_workers)
-    def write(outs, sizes, idx: list[int]) -> None:
-        for i, o in zip(idx, outs):
-            keys = o.keys.cpu().numpy().astype(np.int64)
-            meta = {"method": "clip-es", "image_id": ds.ids[i], "prompts": [text.prompts[k] for k in keys]}
-            if c.export_npy:
-                save_clip_es_npy(out_dir / "npy" / f"{ds.ids[i]}.npy", keys, o.maps.float().cpu().numpy())
-            for kind in kinds:
-                m = o.highres if kind == "gradcam" else o.maps
-                if m is None:  # an image without classes
-                    m = torch.zeros(0, *tuple(sizes[idx.index(i)].tolist()))
-                save_seed(seed_path(out_dir / kind, ds.ids[i]),
-                          SeedMaps(keys, m.float().cpu().numpy(), {**meta, "kind": kind}), mc.save_dtype)
+    return text, opts
 
-    bar = progress_bar(total=len(todo), desc="maps (clip-es)", unit="img", disable=not progress)
-    with BackgroundWriter() as writer:  # the next batch is computed while this one is written
-        for images, sizes, idx in loader:
-            idx = idx.tolist()
-            labels = [sorted(ds.labels[i]) for i in idx]
-            outs = clip_es_maps(model, images.to(device), labels, text.fg, text.bg,
-                                [tuple(s) for s in sizes.tolist()], opts, intermediates="gradcam" in kinds)
-            writer.submit(write, outs, sizes, idx)
-            bar.update(len(idx))
-    bar.close()
-    return out_dir
+
+def _batches(job: SeedJob, todo: list[int]) -> list[list[int]]:
+    from ...data.base import size_batches
+
+    return size_batches(job.ds, todo, job.cfg.clip_es.batch_size or (16 if job.device.type == "cuda" else 1))
+
+
+def _compute(job: SeedJob, batch) -> tuple:
+    from .gradcam import clip_es_maps
+
+    images, sizes, idx = batch
+    text, opts = job.state
+    labels = [sorted(job.ds.labels[i]) for i in idx.tolist()]
+    outs = clip_es_maps(job.model, images.to(job.device), labels, text.fg, text.bg, [tuple(s) for s in sizes.tolist()],
+                        opts, intermediates="gradcam" in job.kinds)
+    return outs, sizes
+
+
+def _write(job: SeedJob, result: tuple, idx: list[int]) -> None:
+    from .files import save_clip_es_npy
+
+    outs, sizes = result
+    text, ds, c = job.state[0], job.ds, job.cfg.clip_es
+    for b, (i, o) in enumerate(zip(idx, outs)):
+        keys = o.keys.cpu().numpy().astype(np.int64)
+        meta = {"method": "clip-es", "image_id": ds.ids[i], "prompts": [text.prompts[k] for k in keys]}
+        if c.export_npy:
+            save_clip_es_npy(job.out_dir / "npy" / f"{ds.ids[i]}.npy", keys, o.maps.float().cpu().numpy())
+        for kind in job.kinds:
+            m = o.highres if kind == "gradcam" else o.maps
+            if m is None:  # an image without classes
+                m = torch.zeros(0, *tuple(sizes[b].tolist()))
+            save_seed(seed_path(job.out_dir / kind, ds.ids[i]),
+                      SeedMaps(keys, m.float().cpu().numpy(), {**meta, "kind": kind}), job.cfg.maps.save_dtype)
+
+
+# CLIP-ES's inference in the one seed loop: PIL resizing, one Grad-CAM pass per batch of equal-size
+# images (clip_es.batch_size), CAA; the next batch is computed while this one is written
+HOOKS = SeedHooks(compute=_compute, write=_write, prepare=_prepare, batches=_batches,
+                  dataset=lambda job: _ClipInputs(job.ds, job.model.patch_size), desc="maps (clip-es)")
 
 
 def _combine(*args, **kwargs):
@@ -162,4 +167,4 @@ register(Method(
     name="clip-es", summary="training-free CLIP seeds: softmax-GradCAM + class-aware attention affinity (CVPR 2023)",
     build=build, validate=validate, section="clip_es", section_config=ClipESConfig,
     recipe=MapRecipe(kinds=("caa", "gradcam"), default_kinds=("caa",), combine=_combine, background="power",
-                     normalise="none", mean=CLIP_MEAN, std=CLIP_STD, size_rounding="ceil", generate=generate)))
+                     normalise="none", mean=CLIP_MEAN, std=CLIP_STD, size_rounding="ceil", hooks=HOOKS)))

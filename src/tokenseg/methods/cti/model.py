@@ -88,7 +88,6 @@ class CTIViT(ClassTokenViT):
         self.register_buffer("pos_embed", backbone.pos_embed.detach().clone())
         self.register_buffer("memory_bank", torch.zeros(C, memory_size, D))
         self.register_buffer("memory_count", torch.zeros(C, dtype=torch.long))
-        self.tokenseg_method = "cti"  # the map recipe of tools that get a bare model (predict)
 
     # ------------------------------------------------------------------ tokens
     @property

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ...core.losses import contrastive_class_token_loss, multilabel_soft_margin
 from .. import MapRecipe, Method, register
+from .authors import AUTHORS_HOOKS
 from .convert import CONVERTER
 from .model import build_model
 
@@ -105,12 +106,6 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
     return maps
 
 
-def _authors(*args, **kwargs):
-    from .authors import generate_seeds_authors
-
-    return generate_seeds_authors(*args, **kwargs)
-
-
 def load_foreign(state, source: str, overrides=(), num_heads: int | None = None, path=None):
     """The authors' MCTformer-V1/V2/+ checkpoints (and ImageNet DeiT/DINO weights as initialisation)."""
     from .convert import claims, model_from_state, unwrap_state_dict
@@ -128,8 +123,8 @@ def load_foreign(state, source: str, overrides=(), num_heads: int | None = None,
 # maps.mode=auto runs the authors' inference: the batched pipeline deviates from it (nearest rounding,
 # torch resizing of the normalised tensor, no +0.1 position-embedding offset for V1/V2; README)
 V1_RECIPE = MapRecipe(kinds=ATTENTION_KINDS, default_kinds=("attention_affinity",), combine=combine,
-                      authors=_authors, default_mode="authors", titles=KIND_TITLES)
-RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=_authors,
+                      authors=AUTHORS_HOOKS, default_mode="authors", titles=KIND_TITLES)
+RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=AUTHORS_HOOKS,
                    default_mode="authors", titles=KIND_TITLES)
 
 for _name, _recipe, _summary in (

@@ -37,17 +37,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from ...core.progress import progress_bar as tqdm
 
 from ...config import MapsConfig
 from ...data import WSSSDataset
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_scales
-from ...core.files import BackgroundWriter, atomic_write, safe_output_path, write_json_atomic
-from ...core.seeds import SeedMaps, load_seed, save_seed, seed_path
+from ...core.files import atomic_write, write_json_atomic
+from ...core.seeds import SeedMaps, load_seed, npy_seed_path, save_seed, seed_path
 from ...core.errors import TokensegError
 from ...models import ClassTokenViT, MapOutputs, explicit_attention
 from ...core.viz import overlay, save_png
+from ..base import SeedHooks, SeedJob
 
 AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 
@@ -56,7 +57,6 @@ AFFINITY_KINDS = ("attention_affinity", "fused_affinity")
 def uses_dino_offset(method: str | None, cfg: MapsConfig, model: torch.nn.Module | None = None) -> bool:
     """V1/V2 interpolate position embeddings with DINO's +0.1 offset, MCTformer+ does not. Without a
     method name, the layer reduction tells: V1/V2 sum over layers, MCTformer+ averages."""
-    method = method or getattr(model, "tokenseg_method", None)
     if method:
         return method in ("mctformer-v1", "mctformer-v2")
     return cfg.layer_reduce == "sum"
@@ -190,10 +190,6 @@ def compute_maps_authors(model: ClassTokenViT, image: Image.Image, labels, cfg: 
 
 
 # ------------------------------------------------------------------------------------ seed files
-def npy_seed_path(folder: str | Path, image_id: str) -> Path:
-    return safe_output_path(folder, f"{image_id}.npy")
-
-
 def save_seed_npy(path: str | Path, classes, maps: np.ndarray) -> None:
     """The authors' seed format: ``np.save`` of ``{class_index: H×W float32}`` (a pickled dict)."""
     d = {int(c): np.asarray(m, dtype=np.float32) for c, m in zip(classes, maps)}
@@ -227,8 +223,8 @@ def import_seeds_npy(src: str | Path, dst: str | Path, allow_pickle: bool = Fals
     return len(files)
 
 
-def _identity(x):
-    return x
+def _first(items: list):
+    return items[0]
 
 
 class _PILSet(Dataset):
@@ -242,53 +238,49 @@ class _PILSet(Dataset):
         return self.ds.load_image(i), self.ds.multi_hot(i), i
 
 
-def generate_seeds_authors(model: ClassTokenViT, ds: WSSSDataset, out_dir: str | Path, cfg: MapsConfig,
-                           device: torch.device | str = "cpu", rank: int = 0, world: int = 1, num_workers: int = 0,
-                           progress: bool = True, meta: dict | None = None, *, method: str | None = None,
-                           export_npy: bool = False) -> Path:
-    """``maps.mode=authors``: same contract as :func:`tokenseg.maps.generate_seeds` (``out_dir/<kind>/
-    <image_id>.npz``, resumable, rank-sharded), the authors' inference; ``export_npy`` writes their
-    ``.npy`` dicts (float32) instead. ``method`` (``model.method``) picks the position-embedding
-    interpolation (V1/V2: +0.1 offset); without it ``maps.layer_reduce=sum`` means V1/V2.
-
-    fp32, one image at a time (its view and mirror image batched), floored to the patch;
-    ``maps.batch_size`` does not apply and :func:`tokenseg.maps.resolve_mode` refuses bf16 and other
-    roundings; ``maps.max_side`` shrinks the scales of a larger photo only."""
-    out_dir = Path(out_dir)
-    device = torch.device(device)
-    model = model.to(device).eval()
-    kinds = list(cfg.kinds)
-    path_of = npy_seed_path if export_npy else seed_path
-    dino = uses_dino_offset(method, cfg, model)
-    todo = [i for i in range(rank, len(ds), world)
-            if not all(path_of(out_dir / k, ds.ids[i]).is_file() for k in kinds)]
-    if rank == 0:  # added to what run_maps recorded (the settings a resumed run must share)
-        path = out_dir / "maps_meta.json"
+def _prepare(job: SeedJob) -> bool:
+    """Whether positions interpolate with DINO's offset (V1/V2), recorded beside the seeds."""
+    mc = job.cfg.maps
+    dino = uses_dino_offset(job.method, mc)
+    if job.rank == 0:  # added to what run_maps recorded (the settings a resumed run must share)
+        path = job.out_dir / "maps_meta.json"
         info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        info.update({"maps": dict(vars(cfg)), **(meta or {}), "mode": "authors", "dino_pos_offset": dino,
-                     "format": "npy" if export_npy else "npz"})
+        info.update({"maps": dict(vars(mc)), **job.meta, "mode": "authors", "dino_pos_offset": dino,
+                     "format": "npy" if job.export_npy else "npz"})
         write_json_atomic(path, info)
-    loader = DataLoader(_PILSet(ds), batch_size=None, sampler=todo, num_workers=num_workers,
-                        collate_fn=_identity)
-    def write(maps: dict, classes: np.ndarray, image_id: str, image: Image.Image) -> None:
-        for kind, m in maps.items():
-            if cfg.overlays:  # written first: a seed file's existence means its image is done
-                top = m.max(0) if len(classes) else np.zeros(m.shape[1:], np.float32)
-                save_png(out_dir / f"{kind}_overlays" / f"{image_id}.png", overlay(np.asarray(image), top))
-            if export_npy:
-                save_seed_npy(npy_seed_path(out_dir / kind, image_id), classes, m)
-            else:
-                save_seed(seed_path(out_dir / kind, image_id),
-                          SeedMaps(classes, m, {"kind": kind, "image_id": image_id, "mode": "authors"}),
-                          cfg.save_dtype)
-
-    with BackgroundWriter() as writer:  # the next image is computed while this one is written
-        for image, labels, i in tqdm(loader, total=len(todo), desc="maps (authors)", unit="img",
-                                     disable=not progress):
-            maps = compute_maps_authors(model, image, labels, cfg, kinds, dino_offset=dino, device=device)
-            writer.submit(write, maps, np.flatnonzero(np.asarray(labels) > 0).astype(np.int64), ds.ids[i], image)
-    return out_dir
+    return dino
 
 
-__all__ = ["authors_forward", "authors_patch_pos", "compute_maps_authors", "generate_seeds_authors",
+def _compute(job: SeedJob, item) -> tuple:
+    image, labels, i = item
+    maps = compute_maps_authors(job.model, image, labels, job.cfg.maps, job.kinds, dino_offset=job.state,
+                                device=job.device)
+    return maps, np.flatnonzero(np.asarray(labels) > 0).astype(np.int64), image
+
+
+def _write(job: SeedJob, result: tuple, idx: list[int]) -> None:
+    maps, classes, image = result
+    mc, image_id = job.cfg.maps, job.ds.ids[idx[0]]
+    for kind, m in maps.items():
+        if mc.overlays:  # written first: a seed file's existence means its image is done
+            top = m.max(0) if len(classes) else np.zeros(m.shape[1:], np.float32)
+            save_png(job.out_dir / f"{kind}_overlays" / f"{image_id}.png", overlay(np.asarray(image), top))
+        if job.export_npy:
+            save_seed_npy(npy_seed_path(job.out_dir / kind, image_id), classes, m)
+        else:
+            save_seed(seed_path(job.out_dir / kind, image_id),
+                      SeedMaps(classes, m, {"kind": kind, "image_id": image_id, "mode": "authors"}), mc.save_dtype)
+
+
+# maps.mode=authors (MCTformer's default): their generate_attention_maps_ms inside the one seed loop — fp32,
+# one image at a time (its view and mirror image batched), floored to the patch; maps.batch_size does not
+# apply and tokenseg.maps.resolve_mode refuses bf16 and other roundings; maps.max_side shrinks the scales of a
+# larger photo only. ``export_npy`` writes their .npy dicts (float32) instead of .npz. The job's method picks
+# the position-embedding interpolation (V1/V2: +0.1 offset).
+AUTHORS_HOOKS = SeedHooks(compute=_compute, write=_write, prepare=_prepare,
+                          batches=lambda job, todo: [[i] for i in todo], dataset=lambda job: _PILSet(job.ds),
+                          collate=_first, npy=True, desc="maps (authors)")
+
+
+__all__ = ["authors_forward", "authors_patch_pos", "compute_maps_authors", "AUTHORS_HOOKS",
            "export_seeds_npy", "import_seeds_npy", "save_seed_npy", "uses_dino_offset", "scaled_pil", "pil_to_input"]

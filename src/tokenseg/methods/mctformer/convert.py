@@ -209,7 +209,6 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
             cfg.model.backbone_kwargs["img_size"] = info.grid[0] * info.patch_size
         cfg.model.pretrained = str(path)
         model = build_model(cfg.model, len(names))  # class token repeated C times (METHODS.md §2)
-        model.tokenseg_method = method
         model.class_names_source = "given" if class_names not in (None, "") else "default"
         return model.eval(), cfg, names
     C = info.num_classes
@@ -227,7 +226,6 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
     except TokensegError as exc:
         raise TokensegError(f"{exc} [layout {info.layout}, depth {info.depth}, dim {info.embed_dim}, "
                             f"{C} classes]") from None
-    model.tokenseg_method = method  # maps.mode=authors: V1/V2 interpolate position embeddings with +0.1
     # the authors' files carry no class names: a dataset with C classes may supply its own
     model.class_names_source = "given" if class_names not in (None, "") else "default"
     model.eval()

@@ -120,7 +120,7 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
 
         names = list(build_dataset(cfg.data, cfg.data.train_split).class_names)
     if cfg.mmcst.prompt_names == "clip-es":
-        from ..clip_es.algorithm import dataset_kind, prompt_names as clip_es_names
+        from ..clip_es.prompts import dataset_kind, prompt_names as clip_es_names
 
         names = clip_es_names(names, dataset_kind(names, cfg.data.format))
     return names
@@ -141,7 +141,6 @@ def build(cfg, num_classes: int) -> nn.Module:
         map_groups=mc.map_groups, pooling=m.pooling, gwrp_decay=m.gwrp_decay,
         distinct_init=m.token_init == "independent" or (m.token_init == "auto" and not m.pretrained),
         final_norm=m.final_norm, decay_pos_embed=decays_pos_embed(cfg))
-    model.tokenseg_method = "mmcst"
     return model
 
 

@@ -276,7 +276,8 @@ def load_text_side(mc, prompts_for, num_classes: int, cache_dir, rebuilding: boo
     ``prompts_for()`` -> the C prompts (called only when CLIP runs). ``rebuilding`` (a checkpoint, or the
     first training step, fills them in): no CLIP file is read; the embeddings are zeros and the image
     tower is built empty from ``mmcst.clip_arch``."""
-    from ...models.clip import OPENAI_MEAN, OPENAI_STD, load_clip, text_features
+    from ...models.clip import OPENAI_MEAN, OPENAI_STD, load_clip
+    from ...models.clip_ops import text_features
 
     need_visual = mc.image_context == "clip"
     source = str(mc.clip)

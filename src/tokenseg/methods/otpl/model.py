@@ -38,7 +38,6 @@ class OTPLModel(nn.Module):
         self.patch_size = base.patch_size
         self.settings = settings
         self._base_forward = base_forward
-        self.tokenseg_method = "otpl"  # the map pipeline's recipe_of(model), also after a checkpoint load
 
     def __getattr__(self, name: str):
         try:
@@ -199,7 +198,6 @@ class OTPLEncoderModel(nn.Module):
         self.patch_size = encoder.patch_size
         self.num_prefix = 0
         self.settings = settings
-        self.tokenseg_method = "otpl-clip-es"
         D = encoder.embed_dim
         self.register_buffer("memory", torch.zeros(num_classes + 1, D))
         self.register_buffer("memory_filled", torch.zeros(num_classes + 1, dtype=torch.bool))

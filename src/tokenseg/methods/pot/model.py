@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.errors import TokensegError
-from ..core.ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
+from ...core.errors import TokensegError
+from ...core.ot import kmeans, kmeans_pytorch_init, sinkhorn, sinkhorn_code
 
 __all__ = ["POTNet", "PaperStage", "paper_stage", "code_stage", "code_fusion", "max_norm", "class_slots",
            "grid_size", "CODE_CLUSTERS"]
@@ -67,7 +67,7 @@ class POTNet(nn.Module):
         super().__init__()
         import timm
 
-        from .backbone import create_timm
+        from ...models.backbone import create_timm
 
         if output_stride not in (8, 16):
             raise TokensegError(f"pot.output_stride must be 16 or 8, got {output_stride}")
