@@ -64,7 +64,7 @@ def make_image(seed: int = 0, size: tuple[int, int] = (H_IMG, W_IMG)) -> Image.I
 
 def build(device: torch.device, sharpen: float):
     from tokenseg.config import ModelConfig
-    from tokenseg.models import build_model
+    from tokenseg.methods.mctformer.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(method="mctformer-plus", backbone="deit_small_patch16_224", img_size=448,

@@ -168,7 +168,7 @@ def test_pretrained_weights_offline_error_and_local_file(tmp_path, monkeypatch):
     import timm
 
     from tokenseg.config import ModelConfig
-    from tokenseg.models import build_model
+    from tokenseg.methods.mctformer.model import build_model
 
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
     cfg = ModelConfig(backbone="vit_tiny_patch16_224", backbone_kwargs=kwargs, img_size=32, pretrained=True)

@@ -1,4 +1,4 @@
-"""Checkpoint compatibility with the authors' MCTformer layouts (tokenseg.models.convert)."""
+"""Checkpoint compatibility with the authors' MCTformer layouts (tokenseg.methods.mctformer.convert)."""
 import argparse
 
 import numpy as np
@@ -14,8 +14,8 @@ from tokenseg.engine import load_model_from_checkpoint, read_checkpoint
 from tokenseg.core.errors import TokensegError
 from tokenseg.core.seeds import load_seed
 from tokenseg.core.masks import save_palette_png
-from tokenseg.models import build_model
-from tokenseg.models.convert import (detect_layout, export_authors_state, load_authors_checkpoint,
+from tokenseg.methods.mctformer.model import build_model
+from tokenseg.methods.mctformer.convert import (detect_layout, export_authors_state, load_authors_checkpoint,
                                      model_from_state, unwrap_state_dict)
 
 KW = {"img_size": 64, "embed_dim": 64, "depth": 3, "num_heads": 2}

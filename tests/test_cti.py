@@ -19,8 +19,8 @@ from tokenseg.core.errors import TokensegError
 from tokenseg.core.seeds import load_seed
 from tokenseg.methods import StepContext, get_method
 from tokenseg.methods.cti import compute_losses, plan_for
-from tokenseg.models.convert import model_from_state
-from tokenseg.models.cti import append_memory
+from tokenseg.methods.cti.convert import model_from_state
+from tokenseg.methods.cti.model import append_memory
 
 from floors import background_only_miou
 

@@ -18,8 +18,8 @@ from tokenseg.core.seeds import load_seed
 from tokenseg.maps import compute_maps, normalise
 from tokenseg.maps import generate_seeds
 from tokenseg.methods.mctformer.authors import (authors_patch_pos, compute_maps_authors, export_seeds_npy, AUTHORS_HOOKS, import_seeds_npy, uses_dino_offset)
-from tokenseg.models import build_model
-from tokenseg.models.convert import export_authors_state, model_from_state
+from tokenseg.methods.mctformer.convert import export_authors_state, model_from_state
+from tokenseg.methods.mctformer.model import build_model
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

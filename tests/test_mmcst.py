@@ -307,7 +307,7 @@ def test_bad_settings_name_their_key(tmp_path):
         _cfg(tmp_path, ["mmcst.clip="])
     with pytest.raises(TokensegError, match="mmcst.prompt"):
         _cfg(tmp_path, ["mmcst.prompt=a photo"])
-    from tokenseg.models.mmcst import load_text_side
+    from tokenseg.methods.mmcst.model import load_text_side
 
     clip_file = _tiny_clip_file(tmp_path)
     cfg = _cfg(tmp_path, [f"mmcst.clip={clip_file}", "mmcst.clip_arch=tokenseg-test-tiny"])

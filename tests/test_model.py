@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from tokenseg.config import ModelConfig
 from tokenseg.core.losses import contrastive_class_token_loss
-from tokenseg.models import build_model, gwrp, resize_pos_grid
+from tokenseg.methods.mctformer.model import build_model
+from tokenseg.models import gwrp, resize_pos_grid
 from tokenseg.models import attention as classtoken  # the attention helpers moved out of classtoken.py
 
 

@@ -17,8 +17,8 @@ from tokenseg.core.seeds import SeedMaps, load_seed, save_seed, seed_path
 from tokenseg.core.errors import TokensegError
 from tokenseg.methods import get_method
 from tokenseg.methods.otpl import OTPLConfig, SeedCropView, fuse, otpl_terms
-from tokenseg.models.otpl import (Assignment, ProxyConv, assign, classifier_cam, make_proxies, positives,
-                                  proxy_patch_contrastive)
+from tokenseg.methods.otpl.proxies import (Assignment, ProxyConv, assign, classifier_cam, make_proxies, positives,
+                                          proxy_patch_contrastive)
 
 from floors import background_only_miou
 
@@ -126,7 +126,7 @@ def test_fewer_patches_than_k_leave_the_extra_slots_unused():
 def test_background_token_layout_of_a_cti_style_base():
     """A base with C + 1 prefix tokens (background first, CTI's layout) and a (C + 1)-channel CAM: the
     background prototype is its token, the classes are tokens 1..C."""
-    from tokenseg.models.otpl import OTPLModel
+    from tokenseg.methods.otpl.model import OTPLModel
 
     C, M, D = 3, 16, 8
 
@@ -411,7 +411,7 @@ def test_clip_variant_maps_use_the_training_prototypes_of_the_image_seeds(tiny_o
     """At map time the proxy CAM of an image with seeds is the one its training forward makes from them
     (Eq. 13), not the memory's: the same proxies, so the same map."""
     from tokenseg.maps import compute_map_batch
-    from tokenseg.models.otpl import proxy_cam
+    from tokenseg.methods.otpl.proxies import proxy_cam
 
     cfg = load_config("tiny", tiny_overrides + CLIP_MODEL + ["maps.scales=[1.0]", "maps.flip=false"])
     method = get_method("otpl-clip-es")

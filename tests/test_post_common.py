@@ -108,7 +108,7 @@ def tiny_classifier_checkpoint(path: Path, root: Path, tmp: Path, *overrides: st
     """A randomly initialised tiny MCTformer+ checkpoint in the engine's format (``overrides``: config keys)."""
     import torch
 
-    from tokenseg.models import build_model
+    from tokenseg.methods.mctformer.model import build_model
 
     cfg = toy_config(root, tmp, "model.backbone=vit_tiny_patch16_224", "model.img_size=64",
                      "model.method=mctformer-plus", "maps.scales=[1.0]", "maps.flip=false", "maps.layers=2",

@@ -7,7 +7,7 @@ from tokenseg.data.transforms import build_train_transform
 from tokenseg.engine import lr_at_epoch
 from tokenseg.methods.base import default_param_groups
 from tokenseg.methods.mctformer import decays_pos_embed
-from tokenseg.models import build_model
+from tokenseg.methods.mctformer.model import build_model
 
 
 def test_per_epoch_schedule_equals_timm_cosine_stepped_after_each_epoch():

@@ -1,7 +1,8 @@
 """Typed configs with the papers' defaults, YAML presets and ``key=value`` overrides.
 
 A config is a tree of dataclasses. ``load_config(name_or_path, overrides)`` starts from the
-dataclass defaults, applies a preset (a YAML file shipped in ``tokenseg/configs`` or a user file,
+dataclass defaults, applies a preset (a YAML file shipped in ``tokenseg/configs`` or beside its method in
+``tokenseg/methods/<name>/presets``, or a user file,
 which may itself name a ``preset:`` to start from), then the overrides. Unknown keys are errors that
 name the key and suggest the closest valid one.
 """
@@ -18,7 +19,8 @@ import yaml
 from .core.errors import TokensegError
 from .core.files import write_text_atomic
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent / "configs"  # the generic presets (tiny, demo, photos)
+METHOD_PRESETS = "methods/*/presets"  # a method's presets beside it, found by path (config imports no method)
 INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")  # eval.wsol_interp: how WSOL scores are resized
 
 
@@ -190,8 +192,18 @@ class Config:
         write_text_atomic(path, self.to_yaml())
 
 
+def preset_files() -> dict[str, Path]:
+    """Every shipped preset by name: ``configs/*.yaml`` and ``methods/<name>/presets/*.yaml``."""
+    files: dict[str, Path] = {}
+    for path in [*PRESET_DIR.glob("*.yaml"), *sorted(PRESET_DIR.parent.glob(f"{METHOD_PRESETS}/*.yaml"))]:
+        if path.stem in files:
+            raise TokensegError(f"preset {path.stem!r} is shipped twice: {files[path.stem]} and {path}")
+        files[path.stem] = path
+    return files
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(preset_files())
 
 
 def _section_class(name: str) -> type | None:
@@ -267,8 +279,8 @@ def _resolve_preset(name_or_path: str) -> Path:
         if not p.is_file():
             raise TokensegError(f"{p}: config file not found" if not p.exists() else f"{p}: not a file")
         return p
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.exists():
+    preset = preset_files().get(name_or_path)
+    if preset is None:
         raise TokensegError(
             f"unknown preset {name_or_path!r}; presets: {', '.join(available_presets())} (or a YAML path)")
     return preset
@@ -286,7 +298,7 @@ def _apply_file(cfg: Config, path: Path, depth: int = 0, user_keys: set | None =
     except TokensegError as exc:
         raise TokensegError(f"{path}: {exc}") from None
     if user_keys is not None:
-        if path.parent.resolve() == PRESET_DIR.resolve():
+        if path.resolve() in {p.resolve() for p in preset_files().values()}:
             cfg.__dict__["_preset_splits"] = _split_snapshot(cfg)
         else:
             user_keys |= _flat_keys(data)

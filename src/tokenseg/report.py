@@ -32,7 +32,7 @@ from .core.masks import read_mask
 from .core.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .core.metrics import confusion_matrix, scores_from_confusion
 from .core.seeds import seed_folders
-from .pipeline import KIND_TITLES
+from .pipeline import kind_title
 from .core.plot import COLOURS, nice_ticks
 from .core.progress import progress_bar
 from .core.scores import find_seed_file, seed_scores
@@ -243,7 +243,7 @@ def curve_svg(runs: list[RunInfo]) -> str:
                    for p in res.get("per_threshold", [])]
             pts = [(float(x), float(y)) for x, y in pts if x is not None]
             if pts:
-                name = KIND_TITLES.get(kind, kind) + (f" [{run.name}]" if len(runs) > 1 else "")
+                name = kind_title(kind) + (f" [{run.name}]" if len(runs) > 1 else "")
                 series.append((name, pts, k, r, res))
     if not series:
         return '<p class="note">No threshold curve: these seeds use their own background channel.</p>'
@@ -299,7 +299,7 @@ def class_iou_svg(runs: list[RunInfo]) -> str:
         ly = H - 8 - 18 * (len(runs) - 1 - r)
         parts.append(f'<rect x="{left}" y="{ly - 10}" width="12" height="10" fill="{_colour(r)}"/>'
                      f'<text x="{left + 18}" y="{ly}">{html.escape(run.name)}: '
-                     f'{html.escape(KIND_TITLES.get(best_kind(run), best_kind(run)))} (IoU %)</text>')
+                     f'{html.escape(kind_title(best_kind(run)))} (IoU %)</text>')
     return f'<svg class="chart" id="class-chart" width="{W}" height="{H}" viewBox="0 0 {W} {H}">{"".join(parts)}</svg>'
 
 
@@ -333,7 +333,7 @@ def config_rows(run: RunInfo, n_images: int) -> list[tuple[str, str]]:
 
 
 def seed_rows(run: RunInfo) -> list[list[str]]:
-    return [[KIND_TITLES.get(k, k), f"{r['miou']:.2f}", _setting(r), f"{r['fp']:.1f}", f"{r['fn']:.1f}"]
+    return [[kind_title(k), f"{r['miou']:.2f}", _setting(r), f"{r['fp']:.1f}", f"{r['fn']:.1f}"]
             for k, r in run.results.items()]
 
 
@@ -433,7 +433,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, split: str | N
             entries.append(_image_tiles(i, ds, runs, folder))
     data = {"tiles": f"tiles/{sig}", "page": PAGE_SIZE, "classes": list(ds.class_names),
             "palette": palette_legend(list(ds.class_names)),
-            "titles": {k: KIND_TITLES.get(k, k) for r in runs for k in r.kinds},
+            "titles": {k: kind_title(k) for r in runs for k in r.kinds},
             "runs": [{"name": r.name, "kinds": list(r.kinds), "best": best_kind(r),
                       "setting": {k: _setting(v) for k, v in r.results.items()}} for r in runs],
             "images": entries}

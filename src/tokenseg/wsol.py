@@ -374,7 +374,7 @@ def wsol_step(cfg, seeds: str | Path | None = None, split: str | None = None, re
     with ``curve_png``, one PR chart with a line per kind. Returns ``{kind: result}``."""
     from .data import build_dataset
     from .evaluate import save_result
-    from .pipeline import KIND_TITLES, seeds_dir
+    from .pipeline import kind_title, seeds_dir
 
     if resize is None:
         resize = int(cfg.eval.wsol_size)
@@ -394,7 +394,7 @@ def wsol_step(cfg, seeds: str | Path | None = None, split: str | None = None, re
         save_result(root / "wsol.json" if folder == root else folder.parent / f"wsol_{kind}.json", res)
         results[kind] = res
         if verbose:
-            print(format_wsol(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))
+            print(format_wsol(f"{kind_title(kind)} [{split}]", res))
     if curve_png:
         save_pr_curve(curve_png, results if len(results) > 1 else next(iter(results.values())))
     return results

@@ -37,9 +37,10 @@ def register(sub) -> None:
     p.add_argument("--to", choices=["tokenseg", "authors", "safetensors"], default=None,
                    help="target layout (default: the other side of SRC); safetensors: our weights, config and "
                         "class names in a file that needs no unpickling (loads by path like a checkpoint)")
-    p.add_argument("--method", choices=["mctformer-v1", "mctformer-v2", "mctformer-plus", "cti"], default=None,
-                   help="method of the authors' checkpoint (default: detected from the keys; an ImageNet "
-                        "checkpoint defaults to mctformer-plus); with --to authors the layout to write")
+    p.add_argument("--method", default=None,
+                   help="method of the authors' checkpoint: a method that converts its authors' files "
+                        "(mctformer-v1, mctformer-v2, mctformer-plus, cti; default: detected from the keys; an "
+                        "ImageNet checkpoint defaults to mctformer-plus); with --to authors the layout to write")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (checked against SRC)")
     p.add_argument("--class-names", default=None,
                    help="voc, coco, or a class names file (default: VOC for 20 classes, COCO for 80)")
@@ -75,10 +76,105 @@ def cmd_convert(args) -> int:
         n = export_safetensors(src, args.dst, allow_pickle=args.allow_pickle)
         print(f"{src} -> {args.dst} (safetensors, {n} tensors)")
         return 0
-    from ..models.convert import convert_checkpoint
-
     res = convert_checkpoint(src, args.dst, to=args.to, method=args.method, num_classes=args.num_classes,
                              class_names=args.class_names, num_heads=args.num_heads, allow_pickle=args.allow_pickle)
     extra = "".join(f", {k} {res[k]}" for k in ("backbone", "img_size") if k in res)
     print(f"{src} ({res['from']}) -> {res['output']} ({res['to']}, {res['classes']} classes{extra})")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def converters() -> dict[str, object]:
+    """Each method that converts its authors' checkpoints -> its :class:`~tokenseg.methods.Converter`."""
+    from ..methods import available_methods, get_method
+
+    return {name: get_method(name).convert for name in available_methods() if get_method(name).convert}
+
+
+def converter_of(method: str, converting: dict):
+    from ..core.errors import TokensegError
+
+    if method not in converting:
+        raise TokensegError(f"--method {method}: not a method whose authors' checkpoints convert; use one of "
+                            f"{', '.join(converting)}")
+    return converting[method]
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, method: str | None = None,
+                       num_classes: int | None = None, class_names: str | list[str] | None = None,
+                       num_heads: int | None = None, allow_pickle: bool = False) -> dict:
+    """Authors' (or ImageNet) weights -> a tokenseg checkpoint, or a tokenseg checkpoint -> the authors'
+    layout. ``to``: ``tokenseg`` | ``authors`` (default: the other side of what ``src`` is). Every method
+    with a :class:`~tokenseg.methods.Converter` is asked whether the file is one of its layouts; returns a
+    summary."""
+    from ..checkpoint import config_from_checkpoint, save_checkpoint
+    from ..core.errors import TokensegError
+    from ..core.weights import is_tokenseg_checkpoint, read_weights, unwrap_state_dict
+    from ..methods import IMAGENET
+
+    src, dst = Path(src), Path(dst)
+    obj = read_weights(src, allow_pickle)
+    ours = is_tokenseg_checkpoint(obj)
+    to = to or ("authors" if ours else "tokenseg")
+    if to not in ("tokenseg", "authors"):
+        raise TokensegError(f"--to must be tokenseg or authors, got {to!r}")
+    converting = converters()
+    if ours:
+        if to == "tokenseg":
+            raise TokensegError(f"{src}: is already a tokenseg checkpoint")
+        return _export(src, dst, obj, config_from_checkpoint(obj), method, num_classes, converting)
+    sd = unwrap_state_dict(obj, str(src), strip=("module.", "backbone."))
+    claims = {}  # converter -> the layout it sees (one converter may serve several methods)
+    for conv in converting.values():
+        if conv not in claims and (layout := conv.claims(sd)):
+            claims[conv] = layout
+    own = {c: layout for c, layout in claims.items() if layout != IMAGENET}
+    if to == "authors":
+        if own:
+            raise TokensegError(f"{src}: is already in the authors' layout ({next(iter(own.values()))})")
+        raise TokensegError(f"{src}: not a checkpoint of ours nor of the authors' code")
+    if method:
+        conv = converter_of(method, converting)
+        other = [(c, layout) for c, layout in own.items() if c is not conv]
+        if other and conv not in own:
+            c, layout = other[0]
+            raise TokensegError(f"{src}: is a {c.title} checkpoint ({layout}), not {method} (whose files have "
+                                f"{conv.marks}); use --method {layout}")
+    elif claims:
+        conv = next(iter(own or claims))
+    else:
+        raise TokensegError(f"{src}: not a layout of the authors' code that a method converts (methods: "
+                            f"{', '.join(converting)}; first keys: {', '.join(list(sd)[:5])})")
+    model, cfg, names = conv.load(obj, str(src), method, num_classes, class_names, num_heads, src)
+    save_checkpoint(dst, model, None, None, 0, cfg, names, model.class_names_source)
+    return {"from": claims.get(conv, IMAGENET), "to": f"tokenseg {cfg.model.method}", "classes": len(names),
+            "backbone": cfg.model.backbone, "img_size": cfg.model.img_size, "output": str(dst)}
+
+
+def _export(src: Path, dst: Path, obj: dict, cfg, method: str | None, num_classes: int | None,
+            converting: dict) -> dict:
+    """Our checkpoint -> the authors' file of ``method`` (default: the checkpoint's own)."""
+    import io
+
+    import torch
+
+    from ..core.errors import TokensegError
+    from ..core.files import write_bytes_atomic
+
+    names = list(obj.get("class_names") or [])
+    method = method or cfg.model.method
+    if num_classes is not None and num_classes != len(names):
+        raise TokensegError(f"{src}: has {len(names)} classes, not {num_classes}")
+    if cfg.model.stem != "patch":
+        raise TokensegError(f"{src}: model.stem={cfg.model.stem}: the authors' layout has only the linear "
+                            "patch embedding")
+    conv = converter_of(method, converting)
+    if converting.get(cfg.model.method) is not conv:
+        raise TokensegError(f"{src}: a {cfg.model.method} checkpoint cannot be written in the {method} layout")
+    sd = conv.export(obj["model"], method)
+    buf = io.BytesIO()
+    torch.save({"model": sd} if conv.wrap else sd, buf)
+    write_bytes_atomic(dst, buf.getvalue())
+    return {"from": "tokenseg", "to": f"authors {method}", "classes": len(names), "keys": len(sd),
+            "output": str(dst)}
+

@@ -60,6 +60,11 @@ class MapRecipe:
     # the method's own inference in the seed loop instead of the scale/flip pipeline (CLIP-ES: PIL resizing,
     # one Grad-CAM pass per batch, CAA); None: tokenseg.maps.compute_map_batch with this recipe
     hooks: "SeedHooks | None" = None
+    # how reports and galleries name each kind ("fused + patch affinity"); a kind without one shows as is
+    titles: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def title(self, kind: str) -> str:
+        return self.titles.get(kind, kind)
 
     def check_kinds(self, kinds, source: str = "") -> None:
         from ..core.errors import TokensegError
@@ -113,6 +118,27 @@ class SeedHooks:
 
 
 BACKGROUND = "@background"  # suffix of a recipe's explicit background map
+IMAGENET = "imagenet"  # the layout a Converter claims for a plain ImageNet ViT it can start from
+
+
+@dataclass(frozen=True)
+class Converter:
+    """The authors' checkpoint layouts of one method family, both ways (``tokenseg convert``).
+
+    claims(state_dict) -> the layout name when the (unwrapped) state dict is one of this family's own
+        layouts, ``IMAGENET`` for a plain ImageNet ViT it can start from, else None (a cheap key test)
+    load(obj, source, method, num_classes, class_names, num_heads, path) -> (model, cfg, class names):
+        our model from such a file (``method`` None: the one the file implies); a clear error when the
+        file does not fit ``method``
+    export(state_dict, method) -> our weights in the authors' layout of ``method``
+    """
+
+    title: str  # how messages name the family: "MCTformer", "CTI"
+    marks: str  # what its files have, for messages: "bg_token, tokenizer"
+    claims: Callable[[dict], str | None]
+    load: Callable[..., Any]
+    export: Callable[[dict, str], dict]
+    wrap: bool = False  # their code saves {'model': state_dict} (MCTformer) rather than the bare dict (CTI)
 
 
 def image_only(transform: Callable) -> Callable:
@@ -167,6 +193,7 @@ class Method:
     optimizer: ``adamw-cosine`` (AdamW, warm-up + cosine) or ``sgd-poly`` (SGD, poly decay)
     load_foreign(state, source, cfg_overrides, num_heads) -> (model, cfg, names) | None: the authors'
         checkpoint layouts this method reads (None when ``state`` is not one of them)
+    convert: a :class:`Converter`, when ``tokenseg convert`` turns the authors' files into ours and back
     """
 
     name: str
@@ -184,6 +211,7 @@ class Method:
     optimizer: str = "adamw-cosine"
     dynamic_graph: bool = False  # DDP find_unused_parameters: the graph changes between steps
     load_foreign: Callable[..., Any] | None = None
+    convert: Converter | None = None
     validate: Callable[[Any], None] | None = None
     uses_sections: tuple[str, ...] = field(default_factory=tuple)  # other sections it reads (OTPL on CTI)
 
@@ -192,5 +220,5 @@ class Method:
         return self.loss is not None
 
 
-__all__ = ["Method", "MapRecipe", "StepContext", "SeedJob", "SeedHooks", "BACKGROUND", "image_only", "default_views", "default_forward",
-           "default_param_groups"]
+__all__ = ["Method", "MapRecipe", "StepContext", "SeedJob", "SeedHooks", "Converter", "BACKGROUND", "IMAGENET",
+           "image_only", "default_views", "default_forward", "default_param_groups"]

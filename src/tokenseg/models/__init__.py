@@ -1,7 +1,10 @@
-"""Model construction from a :class:`~tokenseg.config.ModelConfig`."""
+"""The shared model pieces: timm backbones (:func:`load_backbone_weights` reads an ImageNet ViT file), the
+class-token ViT of MCTformer and CTI, attention, CLIP. A method's own model lives in its package
+(``tokenseg.methods.<name>``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -10,11 +13,12 @@ from ..config import ModelConfig
 from ..core.errors import TokensegError
 from .classtoken import ClassTokenViT, MapOutputs, explicit_attention, gwrp, pool_patch_scores, resize_pos_grid
 
-__all__ = ["ClassTokenViT", "MapOutputs", "build_model", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
-           "load_backbone_weights"]
+__all__ = ["ClassTokenViT", "MapOutputs", "explicit_attention", "gwrp", "pool_patch_scores", "resize_pos_grid",
+           "load_backbone_weights", "create_backbone", "vit_backbone"]
 
 
-def _create_backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+def create_backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    """The timm ViT ``cfg.backbone`` without classifier (``model.drop_path``, ``backbone_kwargs``)."""
     import timm
 
     kwargs = dict(cfg.backbone_kwargs)
@@ -61,31 +65,19 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-def build_model(cfg: ModelConfig, num_classes: int, decay_pos_embed: bool = False) -> ClassTokenViT:
-    """Create the class-token ViT for ``cfg.method`` on the timm backbone ``cfg.backbone``.
-
-    ``cfg.pretrained``: False (random init), True (timm weights, needs network), or a local file."""
-    pretrained = cfg.pretrained
-    online = pretrained is True
-    if online:  # offline: fail at once naming the file, or use the cached copy
-        from ..core.hub import require_timm_download
-
-        cached = require_timm_download(cfg.backbone, "model.pretrained", "model.pretrained")
-        if cached is not None:
-            online, pretrained = False, str(cached)
-    backbone = _create_backbone(cfg, pretrained=online)
-    if isinstance(pretrained, str) and pretrained:
-        load_backbone_weights(backbone, pretrained)
+def vit_backbone(cfg: ModelConfig, pretrained: Any = None) -> tuple[nn.Module, tuple[int, int]]:
+    """The timm ViT of ``cfg`` with weights as ``pretrained`` (default ``cfg.pretrained``) says — False,
+    True (timm's download) or a file (:func:`load_backbone_weights`) — the conv stem under
+    ``model.stem=conv``, and the patch grid of the training size ``model.img_size``."""
     from .classtoken import _patch_size
 
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    backbone = create_backbone(cfg, pretrained=pretrained is True)
+    if isinstance(pretrained, str) and pretrained:
+        load_backbone_weights(backbone, pretrained)
     patch = _patch_size(backbone)
     if cfg.stem == "conv":
         from .stem import ConvStem
 
         backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
-    grid = (cfg.img_size // patch, cfg.img_size // patch)
-    return ClassTokenViT(
-        backbone, num_classes=num_classes, train_grid=grid,
-        patch_head=cfg.method != "mctformer-v1", pooling=cfg.pooling, gwrp_decay=cfg.gwrp_decay,
-        distinct_init=cfg.token_init == "independent" or (cfg.token_init == "auto" and not pretrained),
-        final_norm=cfg.final_norm, decay_pos_embed=decay_pos_embed)
+    return backbone, (cfg.img_size // patch, cfg.img_size // patch)

@@ -1,5 +1,6 @@
 """The authors' ViT checkpoints (MCTformer, CTI): what a state dict says about its model, and a config
-that rebuilds it. Shared by :mod:`tokenseg.models.convert` (MCTformer) and :mod:`tokenseg.models.cti`."""
+that rebuilds it. Shared by :mod:`tokenseg.methods.mctformer.convert` and :mod:`tokenseg.methods.cti.convert`
+(and POT's file reader)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch
 
 from ..config import Config, apply_overrides, load_config, validate
 from ..core.errors import TokensegError
+from ..core.registry import get_method
 
 # (embed dim, depth, patch) -> (timm name, heads) for the standard DeiT backbones the authors use
 _STANDARD = {(192, 12, 16): ("deit_tiny_patch16_224", 3), (384, 12, 16): ("deit_small_patch16_224", 6),
@@ -38,6 +40,13 @@ def _grid_of(m: int, source: str) -> tuple[int, int]:
     if g * g != m:
         raise TokensegError(f"{source}: {m} patch position embeddings do not form a square grid")
     return g, g
+
+
+def refuse_unexpected(unexpected: list[str], source: str, layout: str) -> None:
+    """A clear error naming the first keys of a state dict that ``layout`` has no place for."""
+    if unexpected:
+        raise TokensegError(f"{source}: unexpected keys for {layout}: {', '.join(unexpected[:6])}"
+                            + (" ..." if len(unexpected) > 6 else ""))
 
 
 def authors_patch_positions(sd: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,8 +117,8 @@ def config_for(info: LayoutInfo, method: str, num_heads: int | None = None, over
     m.stem = "patch"
     if info.layout != "imagenet":
         m.img_size = info.grid[0] * info.patch_size
-    if method == "mctformer-v1":
-        cfg.maps.kinds = [k for k in cfg.maps.kinds if k.startswith("attention")] or ["attention_affinity"]
+    recipe = get_method(method).recipe  # the preset's map kinds that this method makes (V1: attention only)
+    cfg.maps.kinds = [k for k in cfg.maps.kinds if k in recipe.kinds] or list(recipe.default_kinds)
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg

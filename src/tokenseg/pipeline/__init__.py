@@ -13,13 +13,18 @@ from ..core.seeds import load_seed, seed_folders
 from ..core.scores import seed_scores
 from ..core.viz import colour_mask, gallery, overlay
 
-KIND_TITLES = {
-    "attention": "class-token attention",
-    "attention_affinity": "attention + patch affinity",
-    "patchcam": "PatchCAM",
-    "fused": "fused (attention x PatchCAM)",
-    "fused_affinity": "fused + patch affinity",
-}
+
+def kind_title(kind: str, method: str | None = None) -> str:
+    """How reports name a map kind: the title ``method``'s recipe gives it, else any method's, else the
+    kind itself (each :class:`~tokenseg.methods.MapRecipe` declares its kinds' titles)."""
+    from ..methods import available_methods, get_method
+
+    known = available_methods()
+    for name in ([method] if method in known else []) + known:
+        title = get_method(name).recipe.titles.get(kind)
+        if title:
+            return title
+    return kind
 
 
 def seeds_dir(cfg: Config, split: str) -> Path:
@@ -81,7 +86,7 @@ def evaluate_step(cfg: Config, seeds: str | Path | None = None, split: str | Non
             save_result(side, res)
         results[kind] = res
         if verbose:  # every class's IoU; the compact table is results_table
-            print(format_result(f"{KIND_TITLES.get(kind, kind)} [{split}]", res))
+            print(format_result(f"{kind_title(kind, cfg.model.method)} [{split}]", res))
     return results
 
 
@@ -122,7 +127,7 @@ def results_table(results: dict[str, dict], baseline: float | None = None) -> st
     for kind, res in results.items():
         t = ("-" if res.get("threshold") is None else f"{res['threshold']:.2f}") if res.get("alpha") is None \
             else f"a={res['alpha']:g}"
-        lines.append(f"{KIND_TITLES.get(kind, kind):<32} {res['miou']:6.2f} {t:>5} {res['fp']:6.1f} {res['fn']:6.1f}")
+        lines.append(f"{kind_title(kind):<32} {res['miou']:6.2f} {t:>5} {res['fp']:6.1f} {res['fn']:6.1f}")
     if baseline is not None:
         lines.append(f"{'(background everywhere)':<32} {baseline:6.2f}")
     rules = {res["miou_rule"] for res in results.values() if res.get("miou_rule")}
@@ -170,11 +175,11 @@ def write_gallery(cfg: Config, ds: WSSSDataset, results: dict[str, dict], path: 
     r = results[best]
     rule = (f"background t = {r['threshold']:.2f}" if r.get("threshold") is not None else
             f"background (1 - max)^{r['alpha']:g}" if r.get("alpha") is not None else "background channel")
-    titles = (["input", "ground truth"] + [KIND_TITLES.get(k, k) for k in kinds]
-              + [f"argmax {KIND_TITLES.get(best, best)}, {rule}"])
+    titles = (["input", "ground truth"] + [kind_title(k, cfg.model.method) for k in kinds]
+              + [f"argmax {kind_title(best, cfg.model.method)}, {rule}"])
     notes = [f"Heat maps show one class per row: the class with the most ground-truth pixels in that image "
              f"(without a mask, its first image-level label), named under each map. The last column is the "
-             f"argmax over [background score, class maps] of the best kind ({KIND_TITLES.get(best, best)}), "
+             f"argmax over [background score, class maps] of the best kind ({kind_title(best, cfg.model.method)}), "
              f"with the {rule} that scored best on split {cfg.eval.split!r}."]
     gallery(rows, titles, path, captions=captions, legend=class_legend(shown, ds.class_names),
             colorbar="heat maps (per-class normalised):", notes=notes)
@@ -291,7 +296,7 @@ def compare_table(by_method: dict[str, dict[str, dict]], kinds: dict[str, str] |
         r = results[kind]
         bg = (f"{r['threshold']:.2f}" if r.get("threshold") is not None else
               f"a={r['alpha']:g}" if r.get("alpha") is not None else r.get("background", "-"))
-        lines.append(f"{name:<18} {KIND_TITLES.get(kind, kind):<30} {r['miou']:6.2f} {bg:>6} {r['fp']:6.1f} "
+        lines.append(f"{name:<18} {kind_title(kind, name):<30} {r['miou']:6.2f} {bg:>6} {r['fp']:6.1f} "
                      f"{r['fn']:6.1f}")
     return "\n".join(lines)
 
@@ -313,7 +318,7 @@ def _demo_chain(cfg: Config, ckpt: Path, val_results: dict[str, dict], progress:
     if chosen.get("alpha") is not None:
         cfg.pseudo.alpha = float(chosen["alpha"])
     res = run_post_chain(cfg, seeds_dir(cfg, train_split) / best, Path(cfg.output_dir), progress=progress)
-    rows = [("seeds (" + KIND_TITLES.get(best, best) + ")", train_split, seeds_train["miou"]),
+    rows = [("seeds (" + kind_title(best, cfg.model.method) + ")", train_split, seeds_train["miou"]),
             ("pseudo masks", train_split, res["mask_miou"]),
             ("segmentation network", cfg.data.val_split, res["seg_miou"])]
     print("\nFrom seeds to a segmentation model (mIoU, %):")

@@ -7,10 +7,13 @@
 * MCTformer+: GWRP pooling (0.996), the contrastive class-token loss (CCT) on every layer, fused =
   sqrt(attention ⊙ PatchCAM), mean over K = 12 layers; position embeddings decayed (§16.3).
 
-No final LayerNorm anywhere (§16.1). The authors' checkpoints load through :mod:`tokenseg.models.convert`;
-``maps.mode=authors`` runs their inference exactly (:mod:`tokenseg.methods.mctformer.authors`).
+No final LayerNorm anywhere (§16.1). The model: :mod:`.model`; the authors' checkpoints: :mod:`.convert`;
+``maps.mode=authors`` runs their inference exactly (:mod:`.authors`); presets in ``presets/``. Each variant's
+functions are bound to its name, so a method built on one (OTPL) passes the config as it is.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -18,30 +21,39 @@ import torch.nn as nn
 from ...core.losses import contrastive_class_token_loss, multilabel_soft_margin
 from .. import MapRecipe, Method, register
 from .authors import AUTHORS_HOOKS
+from .convert import CONVERTER
+from .model import build_model
 
 ATTENTION_KINDS = ("attention", "attention_affinity")
 ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")
+KIND_TITLES = {
+    "attention": "class-token attention",
+    "attention_affinity": "attention + patch affinity",
+    "patchcam": "PatchCAM",
+    "fused": "fused (attention x PatchCAM)",
+    "fused_affinity": "fused + patch affinity",
+}
 
 
-def build(cfg, num_classes: int) -> nn.Module:
-    from ...models import build_model
+def build(cfg, num_classes: int, variant: str | None = None) -> nn.Module:
+    """The model of ``variant`` (default ``model.method``)."""
+    variant = variant or cfg.model.method
+    return build_model(cfg.model, num_classes, decay_pos_embed=decays_pos_embed(cfg, variant), variant=variant)
 
-    return build_model(cfg.model, num_classes, decay_pos_embed=decays_pos_embed(cfg))
 
-
-def decays_pos_embed(cfg) -> bool:
+def decays_pos_embed(cfg, variant: str | None = None) -> bool:
     """The authors' weight-decay skip list is timm's {'pos_embed', 'cls_token'}: MCTformer+'s
     ``pos_embed_cls``/``pos_embed_pat`` are therefore decayed, V1/V2's ``pos_embed`` is not (§16.3)."""
     value = str(cfg.train.decay_pos_embed).lower()
-    return cfg.model.method == "mctformer-plus" if value == "auto" else value == "true"
+    return (variant or cfg.model.method) == "mctformer-plus" if value == "auto" else value == "true"
 
 
-def uses_cct(cfg) -> bool:
-    return cfg.model.method == "mctformer-plus" and cfg.model.cct_weight > 0
+def uses_cct(cfg, variant: str | None = None) -> bool:
+    return (variant or cfg.model.method) == "mctformer-plus" and cfg.model.cct_weight > 0
 
 
-def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
-    return model(batch["image"], return_layer_tokens=uses_cct(cfg))
+def forward(model: nn.Module, batch: dict, ctx, cfg, variant: str | None = None) -> dict:
+    return model(batch["image"], return_layer_tokens=uses_cct(cfg, variant))
 
 
 def compute_losses(model_out: dict, targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
@@ -96,29 +108,29 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 
 def load_foreign(state, source: str, overrides=(), num_heads: int | None = None, path=None):
     """The authors' MCTformer-V1/V2/+ checkpoints (and ImageNet DeiT/DINO weights as initialisation)."""
-    from ...models.convert import detect_layout, model_from_state, unwrap_state_dict
+    from .convert import claims, model_from_state, unwrap_state_dict
 
     try:
         sd = unwrap_state_dict(state, source)
     except Exception:
         return None
-    if "bg_token" in sd or "tokenizer.0.weight" in sd or not any(k in sd for k in ("cls_token", "cls_tokens")):
-        return None  # CTI's layout, or not a class-token ViT at all
-    if detect_layout(sd, source).layout == "tokenseg":
-        return None
+    if claims(sd) is None:
+        return None  # another family's layout, or not a class-token ViT at all
     return model_from_state(state, source, overrides=overrides, path=path, num_heads=num_heads)
+
 
 
 # maps.mode=auto runs the authors' inference: the batched pipeline deviates from it (nearest rounding,
 # torch resizing of the normalised tensor, no +0.1 position-embedding offset for V1/V2; README)
 V1_RECIPE = MapRecipe(kinds=ATTENTION_KINDS, default_kinds=("attention_affinity",), combine=combine,
-                      authors=AUTHORS_HOOKS, default_mode="authors")
+                      authors=AUTHORS_HOOKS, default_mode="authors", titles=KIND_TITLES)
 RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, authors=AUTHORS_HOOKS,
-                   default_mode="authors")
+                   default_mode="authors", titles=KIND_TITLES)
 
 for _name, _recipe, _summary in (
         ("mctformer-v1", V1_RECIPE, "C class tokens; class-to-patch attention seeds (CVPR 2022)"),
         ("mctformer-v2", RECIPE, "+ PatchCAM head, attention ⊙ PatchCAM seeds (CVPR 2022)"),
         ("mctformer-plus", RECIPE, "+ GWRP pooling and contrastive class tokens (TPAMI 2024)")):
-    register(Method(name=_name, summary=_summary, build=build, recipe=_recipe, loss=loss, forward=forward,
-                    class_scores=class_scores, load_foreign=load_foreign))
+    register(Method(name=_name, summary=_summary, build=partial(build, variant=_name), recipe=_recipe, loss=loss,
+                    forward=partial(forward, variant=_name), class_scores=class_scores, load_foreign=load_foreign,
+                    convert=CONVERTER))

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.errors import TokensegError
-from .attention import run_blocks
-from .classtoken import ClassTokenViT, MapOutputs, pool_patch_scores
+from ...core.errors import TokensegError
+from ...models.attention import run_blocks
+from ...models.classtoken import ClassTokenViT, MapOutputs, pool_patch_scores
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -229,7 +229,7 @@ def random_clip_tower(spec: dict, embed_dim: int, seed: int = 0):
     """A small random open_clip CLIP (text and image towers) as a :class:`tokenseg.models.clip.ClipModel`,
     built from a config dict without files or network (tests, the demo). Deterministic from ``seed``
     without touching the global RNG, so a checkpoint rebuild makes the same tower."""
-    from .clip import ClipModel, require_open_clip
+    from ...models.clip import ClipModel, require_open_clip
 
     oc = require_open_clip()
     s = {**RANDOM_TOWER, **spec}
@@ -255,7 +255,7 @@ def _looks_like_file(text: str) -> bool:
 
 def _empty_visual(arch: str, quick_gelu: bool) -> nn.Module:
     """The architecture of ``arch``'s image tower with random weights (to be filled from a checkpoint)."""
-    from .clip import require_open_clip
+    from ...models.clip import require_open_clip
 
     oc = require_open_clip()
     root = logging.getLogger()
@@ -276,8 +276,8 @@ def load_text_side(mc, prompts_for, num_classes: int, cache_dir, rebuilding: boo
     ``prompts_for()`` -> the C prompts (called only when CLIP runs). ``rebuilding`` (a checkpoint, or the
     first training step, fills them in): no CLIP file is read; the embeddings are zeros and the image
     tower is built empty from ``mmcst.clip_arch``."""
-    from .clip import OPENAI_MEAN, OPENAI_STD, load_clip
-    from .clip_ops import text_features
+    from ...models.clip import OPENAI_MEAN, OPENAI_STD, load_clip
+    from ...models.clip_ops import text_features
 
     need_visual = mc.image_context == "clip"
     source = str(mc.clip)

@@ -1,6 +1,6 @@
 """CTI — Class Tokens Infusion (CVPR 2024), exact to the authors' code (METHODS.md §8, errata §16.11–16.15).
 
-* Model (:mod:`tokenseg.models.cti`): C + 1 tokens (0 = background) from a tokenizer MLP on one
+* Model (:mod:`.model`; their checkpoints: :mod:`.convert`): C + 1 tokens (0 = background) from a tokenizer MLP on one
   foreground token, a (C+1)-way PatchCAM, the cross-image token memory as model state.
 * Training (their ``model_CTI.update()``): two independent views per image (view 2 adds RandAugment);
   four multilabel soft-margin terms; the BG-CAM loss on the training-time maps (class-to-patch attention
@@ -22,10 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..core.errors import TokensegError
-from ..core.losses import multilabel_soft_margin
-from . import BACKGROUND, MapRecipe, Method, image_only, register
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ...core.errors import TokensegError
+from ...core.losses import multilabel_soft_margin
+from .. import BACKGROUND, MapRecipe, Method, image_only, register
+from ..mctformer import KIND_TITLES
+from .convert import CONVERTER, load_foreign
+from .model import CTIPlan, build_cti_model
 
 ALL_KINDS = ("attention", "attention_affinity", "patchcam", "fused", "fused_affinity")
 
@@ -59,8 +62,6 @@ def weights_of(cfg) -> tuple[float, float, float]:
 
 def plan_for(cfg, epoch: int):
     """Which passes and terms a step of ``epoch`` runs (their ``W[i] > 0 and epo > warmup_epoch``)."""
-    from ..models.cti import CTIPlan
-
     c = cfg.cti
     w_bg, w_intra, w_cross = weights_of(cfg)
     on = epoch >= c.start_epoch
@@ -75,8 +76,6 @@ def affinity_from(cfg) -> int:
 
 # ---------------------------------------------------------------------------------------- model
 def build(cfg, num_classes: int) -> nn.Module:
-    from ..models.cti import build_cti_model
-
     c = cfg.cti
     if c.expect_classes and num_classes != c.expect_classes:
         data = cfg.data.root or cfg.data.format
@@ -214,7 +213,7 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 
 
 RECIPE = MapRecipe(kinds=ALL_KINDS, default_kinds=("fused_affinity",), combine=combine, normalise="maxnorm",
-                   background="channel", size_rounding="floor")
+                   background="channel", size_rounding="floor", titles=KIND_TITLES)
 
 
 # ---------------------------------------------------------------------------------------- checks, files
@@ -240,24 +239,10 @@ def validate(cfg) -> None:
                             f"use the `cti` preset, or data.format=coco for COCO")
 
 
-def load_foreign(state, source: str, overrides=(), num_heads: int | None = None, path=None):
-    """Their released layout (a bare ``MCTformerV2_CTI`` state dict); None for any other file."""
-    from ..models.convert import unwrap_state_dict
-    from ..models.cti import is_authors_state, model_from_authors_state
-
-    try:
-        sd = unwrap_state_dict(state, source)
-    except Exception:
-        return None
-    if not is_authors_state(sd):
-        return None
-    return model_from_authors_state(sd, source, num_heads=num_heads, overrides=overrides)
-
-
 register(Method(
     name="cti", summary="C+1 tokens (background token), intra/cross-image class-token infusion (CVPR 2024)",
     build=build, recipe=RECIPE, loss=loss, forward=forward, class_scores=class_scores, views=views,
-    section="cti", section_config=CTIConfig, validate=validate, load_foreign=load_foreign,
+    section="cti", section_config=CTIConfig, validate=validate, load_foreign=load_foreign, convert=CONVERTER,
     # every parameter gets a gradient on every step (the four MLSM terms reach all of them), also while
     # the COCO schedule has the other terms off: DDP needs no unused-parameter search (tested)
     dynamic_graph=False))

@@ -1,4 +1,4 @@
-"""Checkpoint compatibility with the authors' MCTformer code (METHODS.md §2).
+"""MCTformer's checkpoints: the authors' files to ours and back (METHODS.md §2).
 
 Layouts this module reads (``detect_layout``):
 
@@ -11,12 +11,9 @@ Layouts this module reads (``detect_layout``):
     (M = 784, a 28×28 grid, for the 448 px training size).
 ``imagenet``
     a DeiT / DINO / timm ViT checkpoint with one class token: used as backbone initialisation as the
-    authors do (:func:`tokenseg.models.build_model` with ``model.pretrained=PATH``: the class token and
-    its position embedding are repeated C times, the patch grid is resized, the head re-initialised).
-``cti``
-    CTI's ``MCTformerV2_CTI`` (a bare state dict): one foreground ``cls_token`` (1, 1, D), ``bg_token``,
-    the tokenizer MLP ``tokenizer.{0,2}.*``, ``pos_embed_cls`` (1, C+1, D), ``pos_embed_pat`` (1, M, D),
-    the (C+1)-way ``head``, the unused ``pos_embed``; mapped by :mod:`tokenseg.models.cti`.
+    authors do (:func:`tokenseg.methods.mctformer.model.build_model` with ``model.pretrained=PATH``: the
+    class token and its position embedding are repeated C times, the patch grid is resized, the head
+    re-initialised).
 ``tokenseg``
     our own checkpoint (``{'model', 'config', 'class_names', ...}``).
 
@@ -34,14 +31,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import config_from_checkpoint, save_checkpoint
-from ..core.weights import unwrap_state_dict as _unwrap
-from ..core.weights import is_tokenseg_checkpoint, load_state_checked, read_weights
-from ..core.errors import TokensegError
-from .layout import (_BLOCK_KEY, _SHARED_PREFIXES, LayoutInfo, _grid_of, authors_patch_positions, config_for,
-                     resolve_class_names)
+from ...core.errors import TokensegError
+from ...core.weights import is_tokenseg_checkpoint, load_state_checked, read_weights
+from ...core.weights import unwrap_state_dict as _unwrap
+from ...models.layout import (_BLOCK_KEY, _SHARED_PREFIXES, LayoutInfo, _grid_of, authors_patch_positions,
+                              config_for, refuse_unexpected, resolve_class_names)
+from ..base import IMAGENET, Converter
+from .model import build_model
 
-METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus", "cti")
+METHOD_NAMES = ("mctformer-v1", "mctformer-v2", "mctformer-plus")
 _METHOD_ALIASES = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus", "+": "mctformer-plus",
                    "mctformer+": "mctformer-plus"}
 
@@ -63,10 +61,6 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 
 def detect_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> LayoutInfo:
     """Which of the layouts above ``sd`` is, with the model dimensions it implies."""
-    from .cti import authors_layout, is_authors_state
-
-    if is_authors_state(sd):
-        return authors_layout(sd, source)
     if "cls_tokens" in sd and "pos_embed_pat" in sd:
         layout = "tokenseg"
         cls = sd["cls_tokens"]
@@ -84,7 +78,7 @@ def detect_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> La
             if "dist_token" in sd:
                 raise TokensegError(f"{source}: distilled DeiT checkpoints (dist_token) are not supported")
             if C == 1 and (head is None or head.ndim == 2):
-                layout = "imagenet"
+                layout = IMAGENET
             else:
                 layout = "mctformer-v2" if head is not None and head.ndim == 4 else "mctformer-v1"
             grid = _grid_of(sd["pos_embed"].shape[1] - C, source)
@@ -129,9 +123,7 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, sou
             out[k] = v
         else:
             unexpected.append(k)
-    if unexpected:
-        raise TokensegError(f"{source}: unexpected keys for {info.layout}: {', '.join(unexpected[:6])}"
-                            + (" ..." if len(unexpected) > 6 else ""))
+    refuse_unexpected(unexpected, source, info.layout)
     out["cls_tokens"] = sd["cls_token"].reshape(1, C, D)
     if info.layout == "mctformer-plus":
         cls_pos, pat_pos = sd["pos_embed_cls"], sd["pos_embed_pat"]
@@ -149,17 +141,10 @@ def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info: LayoutInfo, sou
 
 
 def tokenseg_to_authors_state(sd: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-    """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``; CTI:
-    :func:`tokenseg.models.cti.tokenseg_to_authors_state`)."""
+    """:class:`ClassTokenViT` keys -> the authors' layout of ``method`` (V1/V2: one ``pos_embed``)."""
     method = canonical_method(method)
-    is_cti = "bg_token" in sd and "tokenizer.0.weight" in sd
-    if method == "cti" or is_cti:
-        if method != "cti" or not is_cti:
-            raise TokensegError(f"a {'CTI' if is_cti else 'MCTformer'} model cannot be written in the {method} "
-                                f"layout")
-        from .cti import tokenseg_to_authors_state as cti_export
-
-        return cti_export(sd)
+    if "cls_tokens" not in sd:
+        raise TokensegError(f"not an MCTformer model (no cls_tokens): it cannot be written in the {method} layout")
     pat = authors_patch_positions(sd)
     cls = sd["cls_tokens"]
     out: dict[str, torch.Tensor] = {"cls_token": cls.clone()}
@@ -187,7 +172,7 @@ def export_authors_state(model: torch.nn.Module, method: str) -> dict[str, torch
 # ---------------------------------------------------------------------------------------- building
 def _check_method(info: LayoutInfo, method: str | None, source: str) -> str:
     method = canonical_method(method)
-    if info.layout == "imagenet":
+    if info.layout == IMAGENET:
         return method or "mctformer-plus"
     if method is None:
         return info.layout
@@ -207,17 +192,12 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
 
     Returns ``(model, cfg, class_names)``. ``num_classes`` / ``class_names`` are checked against the
     checkpoint (and required for an ImageNet checkpoint, which has one class token)."""
-    from . import build_model
-
     sd = unwrap_state_dict(obj, source)
-    if canonical_method(method) == "cti" or ("bg_token" in sd and "tokenizer.0.weight" in sd):
-        return _cti_from_state(sd, source, canonical_method(method), num_classes, class_names, num_heads,
-                               overrides, path)
     info = detect_layout(sd, source)
     if info.layout == "tokenseg":
         raise TokensegError(f"{source}: already a tokenseg state dict; load it with load_model_from_checkpoint")
     method = _check_method(info, method, source)
-    if info.layout == "imagenet":
+    if info.layout == IMAGENET:
         if num_classes is None and class_names in (None, ""):
             raise TokensegError(f"{source}: an ImageNet backbone checkpoint (one class token): give the number "
                                 "of classes (--num-classes) or --class-names to initialise C class tokens from it")
@@ -252,39 +232,10 @@ def model_from_state(obj: Any, source: str = "checkpoint", method: str | None = 
     return model, cfg, names
 
 
-def _cti_from_state(sd, source, method, num_classes, class_names, num_heads, overrides, path):
-    """CTI's layout (their file), or an ImageNet ViT as CTI's initialisation; any other layout asked to
-    be CTI is an error that says what the file is."""
-    from .cti import build_cti_model, is_authors_state, model_from_authors_state
-
-    if is_authors_state(sd):
-        if method not in (None, "cti"):
-            raise TokensegError(f"{source}: is a CTI checkpoint (bg_token, tokenizer), not {method}; use --method cti")
-        model, cfg, names = model_from_authors_state(sd, source, num_classes, class_names, num_heads, overrides)
-        return model, cfg, names
-    info = detect_layout(sd, source)
-    if info.layout != "imagenet":
-        raise TokensegError(f"{source}: not a CTI checkpoint: it has no background token (bg_token) nor tokenizer; "
-                            f"it is {info.layout} (load it as {info.layout})")
-    if num_classes is None and class_names in (None, ""):
-        raise TokensegError(f"{source}: an ImageNet backbone checkpoint (one class token): give the number "
-                            "of classes (--num-classes) or --class-names to initialise CTI from it")
-    if path is None:
-        raise TokensegError(f"{source}: an ImageNet checkpoint needs its file path")
-    names = resolve_class_names(class_names, num_classes)
-    cfg = config_for(info, "cti", num_heads, overrides)
-    if cfg.model.backbone_kwargs:
-        cfg.model.backbone_kwargs["img_size"] = info.grid[0] * info.patch_size
-    cfg.model.pretrained = str(path)
-    model = build_cti_model(cfg, len(names))  # their finetune path: cls_token, pos C+1 times, bg_token 0
-    model.class_names_source = "given" if class_names not in (None, "") else "default"
-    return model.eval(), cfg, names
-
-
 def load_authors_checkpoint(path: str | Path, method: str | None = None, *, num_classes: int | None = None,
                             class_names: str | list[str] | None = None, num_heads: int | None = None,
                             allow_pickle: bool = False, overrides=()):
-    """Load the authors' MCTformer-V1/V2/+ or CTI weights (or an ImageNet ViT as initialisation) from ``path``.
+    """Load the authors' MCTformer-V1/V2/+ weights (or an ImageNet ViT as initialisation) from ``path``.
 
     The layout is detected (``method`` forces one; it must fit the weights). Returns ``(model, cfg)``;
     the class names are the returned model's ``class_names`` attribute (VOC for 20 classes, COCO for 80,
@@ -296,54 +247,30 @@ def load_authors_checkpoint(path: str | Path, method: str | None = None, *, num_
     return model, cfg
 
 
-# ---------------------------------------------------------------------------------------- files
-def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, method: str | None = None,
-                       num_classes: int | None = None, class_names: str | list[str] | None = None,
-                       num_heads: int | None = None, allow_pickle: bool = False) -> dict:
-    """``tokenseg convert``: authors' (or ImageNet) weights -> a tokenseg checkpoint, or a tokenseg
-    checkpoint -> the authors' layout (``{'model': state_dict}``). ``to``: ``tokenseg`` | ``authors``
-    (default: the other side of what ``src`` is). Returns a summary."""
-    from ..core.files import write_bytes_atomic
+# ---------------------------------------------------------------------------------------- tokenseg convert
+# every key of the V1/V2/+ and ImageNet ViT layouts; a file with others is some other family's
+_OWN_KEYS = {"cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat", "dist_token"}
+_OWN_PREFIXES = ("blocks.", "patch_embed.", "norm.", "head.", "head_dist.", "fc_norm.")
 
-    src, dst = Path(src), Path(dst)
-    obj = read_weights(src, allow_pickle)
-    ours = is_tokenseg_checkpoint(obj)
-    to = to or ("authors" if ours else "tokenseg")
-    if to not in ("tokenseg", "authors"):
-        raise TokensegError(f"--to must be tokenseg or authors, got {to!r}")
-    if ours:
-        cfg = config_from_checkpoint(obj)
-        names = list(obj.get("class_names") or [])
-        method = canonical_method(method) or cfg.model.method
-        if to == "tokenseg":
-            raise TokensegError(f"{src}: is already a tokenseg checkpoint")
-        if num_classes is not None and num_classes != len(names):
-            raise TokensegError(f"{src}: has {len(names)} classes, not {num_classes}")
-        if cfg.model.stem != "patch":
-            raise TokensegError(f"{src}: model.stem={cfg.model.stem}: the authors' layout has only the linear "
-                                "patch embedding")
-        if (method == "cti") != (cfg.model.method == "cti"):
-            raise TokensegError(f"{src}: a {cfg.model.method} checkpoint cannot be written in the {method} layout")
-        sd = tokenseg_to_authors_state(obj["model"], method)
-        import io as _io
 
-        buf = _io.BytesIO()
-        # their CTI code saves and loads a bare state dict; MCTformer's wraps it in {'model': ...}
-        torch.save(sd if method == "cti" else {"model": sd}, buf)
-        write_bytes_atomic(dst, buf.getvalue())
-        return {"from": "tokenseg", "to": f"authors {method}", "classes": len(names), "keys": len(sd),
-                "output": str(dst)}
-    if to == "authors":
-        sd = unwrap_state_dict(obj, str(src))
-        info = detect_layout(sd, str(src))
-        raise TokensegError(f"{src}: is already in the authors' layout ({info.layout})")
-    model, cfg, names = model_from_state(obj, str(src), method, num_classes, class_names, num_heads, path=src)
-    save_checkpoint(dst, model, None, None, 0, cfg, names, model.class_names_source)
-    info = detect_layout(unwrap_state_dict(obj, str(src)), str(src))
-    return {"from": info.layout, "to": f"tokenseg {cfg.model.method}", "classes": len(names),
-            "backbone": cfg.model.backbone, "img_size": cfg.model.img_size, "output": str(dst)}
+def claims(sd: dict[str, torch.Tensor]) -> str | None:
+    """The layout of ``sd`` when it is one of the authors' MCTformer layouts (or an ImageNet ViT)."""
+    if "cls_token" not in sd or any(k not in _OWN_KEYS and not k.startswith(_OWN_PREFIXES) for k in sd):
+        return None
+    try:
+        return detect_layout(sd).layout
+    except TokensegError:
+        return "mctformer"  # theirs, but malformed: loading it says what is wrong
+
+
+def _load(obj, source, method, num_classes, class_names, num_heads, path):
+    return model_from_state(obj, source, method, num_classes, class_names, num_heads, path=path)
+
+
+CONVERTER = Converter(title="MCTformer", marks="C class tokens in cls_token (1, C, D)", claims=claims,
+                      load=_load, export=tokenseg_to_authors_state, wrap=True)
 
 
 __all__ = ["LayoutInfo", "detect_layout", "unwrap_state_dict", "read_weights", "authors_to_tokenseg_state",
            "tokenseg_to_authors_state", "export_authors_state", "model_from_state", "load_authors_checkpoint",
-           "convert_checkpoint", "resolve_class_names", "config_for", "canonical_method", "is_tokenseg_checkpoint"]
+           "resolve_class_names", "config_for", "canonical_method", "is_tokenseg_checkpoint", "claims", "CONVERTER"]

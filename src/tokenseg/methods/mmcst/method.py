@@ -1,4 +1,4 @@
-"""MMCST — multi-modal class-specific tokens (CVPR 2023; METHODS.md §9). Model: :mod:`tokenseg.models.mmcst`.
+"""MMCST — multi-modal class-specific tokens (CVPR 2023; METHODS.md §9). Model: :mod:`.model`.
 
 Only the supplement is known; the architecture is §9.2's inferred design [I], every alternative reading a
 switch of the ``mmcst`` section:
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..core.errors import TokensegError
-from ..core.losses import multilabel_soft_margin
-from . import MapRecipe, Method, register
-from .mctformer import ALL_KINDS, combine, decays_pos_embed
+from ...core.errors import TokensegError
+from ...core.losses import multilabel_soft_margin
+from .. import MapRecipe, Method, register
+from ..mctformer import ALL_KINDS, combine, decays_pos_embed
 
 
 def _random_tower_default() -> dict:
-    from ..models.mmcst import RANDOM_TOWER
+    from .model import RANDOM_TOWER
 
     return {**RANDOM_TOWER, "seed": 0}
 
@@ -81,7 +81,7 @@ def validate(cfg) -> None:
     if mc.image_context == "clip" and str(mc.clip) != "random" and not mc.clip_arch:
         raise TokensegError("mmcst.clip_arch: image_context=clip needs the open_clip config of the CLIP file "
                             "(e.g. ViT-B-16) so that a checkpoint can rebuild the image tower")
-    from ..models.mmcst import RANDOM_TOWER
+    from .model import RANDOM_TOWER
 
     unknown = sorted(set(mc.random_tower) - set(RANDOM_TOWER) - {"seed"})
     if unknown:
@@ -94,7 +94,7 @@ def deferred(cfg) -> bool:
     ``checkpoint.rebuilding()`` says so explicitly where it exists): then neither the CLIP file nor the
     dataset (for the class names) is needed, and a training run fills them in at its first step
     (:func:`forward`). The small random tower is always built at once."""
-    from .. import checkpoint
+    from ... import checkpoint
 
     flag = getattr(checkpoint, "rebuilding", None)
     if callable(flag) and flag():
@@ -103,8 +103,8 @@ def deferred(cfg) -> bool:
 
 
 def text_side(cfg, num_classes: int, placeholders: bool):
-    from ..data import cache_root
-    from ..models.mmcst import load_text_side
+    from ...data import cache_root
+    from .model import load_text_side
 
     with torch.random.fork_rng(devices=[]):  # the CLIP side must not shift the model's initialisation
         return load_text_side(cfg.mmcst, lambda: prompt_names(cfg, num_classes), num_classes, cache_root(cfg.data),
@@ -116,11 +116,11 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
     CLIP-ES's VOC/COCO synonyms when ``mmcst.prompt_names=clip-es`` [I]."""
     names = [str(n) for n in cfg.mmcst.class_names]
     if not names:
-        from ..data import build_dataset
+        from ...data import build_dataset
 
         names = list(build_dataset(cfg.data, cfg.data.train_split).class_names)
     if cfg.mmcst.prompt_names == "clip-es":
-        from .clip_es.prompts import dataset_kind, prompt_names as clip_es_names
+        from ..clip_es.prompts import dataset_kind, prompt_names as clip_es_names
 
         names = clip_es_names(names, dataset_kind(names, cfg.data.format))
     return names
@@ -129,22 +129,14 @@ def prompt_names(cfg, num_classes: int) -> list[str]:
 def build(cfg, num_classes: int) -> nn.Module:
     """DINO/any timm ViT (``model.pretrained``: False | True | a file in the timm/DeiT/DINO layout) with
     MMCST's token groups; CLIP is read once here and only its outputs are kept."""
-    from ..models import _create_backbone, load_backbone_weights
-    from ..models.classtoken import _patch_size
-    from ..models.mmcst import MMCSTViT
+    from ...models import vit_backbone
+    from .model import MMCSTViT
 
     m, mc = cfg.model, cfg.mmcst
-    backbone = _create_backbone(m, pretrained=m.pretrained is True)
-    if isinstance(m.pretrained, str) and m.pretrained:
-        load_backbone_weights(backbone, m.pretrained)
-    patch = _patch_size(backbone)
-    if m.stem == "conv":
-        from ..models.stem import ConvStem
-
-        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
+    backbone, grid = vit_backbone(m)
     text = text_side(cfg, num_classes, deferred(cfg))
     model = MMCSTViT(
-        backbone, num_classes, (m.img_size // patch, m.img_size // patch), text, text_tokens=mc.text_tokens,
+        backbone, num_classes, grid, text, text_tokens=mc.text_tokens,
         visual_context=mc.visual_context, image_context=mc.image_context, context_mode=mc.context_mode,
         map_groups=mc.map_groups, pooling=m.pooling, gwrp_decay=m.gwrp_decay,
         distinct_init=m.token_init == "independent" or (m.token_init == "auto" and not m.pretrained),
@@ -154,7 +146,7 @@ def build(cfg, num_classes: int) -> nn.Module:
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
     """The training forward; a model built with placeholders (:func:`deferred`) first gets CLIP's outputs."""
-    from ..core.weights import unwrap
+    from ...core.weights import unwrap
 
     net = unwrap(model)
     if net._text_pending:

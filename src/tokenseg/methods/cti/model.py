@@ -21,8 +21,7 @@ What it adds to :class:`~tokenseg.models.classtoken.ClassTokenViT` (as the autho
 * ``pos_embed`` (1, 1+M, D): the unused ViT position embedding their files carry, kept as a buffer so
   that their checkpoints convert both ways bit for bit.
 
-Their checkpoint layout (a bare state dict) converts with :func:`authors_to_tokenseg_state` /
-:func:`tokenseg_to_authors_state`; :func:`model_from_authors_state` builds the model from one.
+Their checkpoint layout (a bare state dict) converts in :mod:`tokenseg.methods.cti.convert`.
 """
 from __future__ import annotations
 
@@ -34,9 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.errors import TokensegError
-from .attention import run_blocks
-from .classtoken import ClassTokenViT, MapOutputs
+from ...core.errors import TokensegError
+from ...models.attention import run_blocks
+from ...models.classtoken import ClassTokenViT, MapOutputs
 
 # the keys only CTI's layout has (their ``MCTformerV2_CTI``)
 CTI_KEYS = ("bg_token", "tokenizer.0.weight", "tokenizer.0.bias", "tokenizer.2.weight", "tokenizer.2.bias")
@@ -46,7 +45,7 @@ MEMORY_LN_EPS = 1e-5  # their F.layer_norm(token, [D]) with PyTorch's default ep
 
 @dataclass(frozen=True)
 class CTIPlan:
-    """What one training forward computes; :func:`tokenseg.methods.cti.plan_for` derives it from the
+    """What one training forward computes; :func:`tokenseg.methods.cti.method.plan_for` derives it from the
     config and the epoch (losses switched off skip their passes, as their ``update()``)."""
 
     bg: bool = True  # view 1's training-time attention (the BG-CAM loss)
@@ -293,138 +292,14 @@ def _gather_batch(entries: torch.Tensor, present: torch.Tensor) -> tuple[torch.T
 # ---------------------------------------------------------------------------------------- building
 def build_cti_model(cfg, num_classes: int) -> CTIViT:
     """The CTI model for ``cfg.model`` (any timm ViT backbone; weights as ``model.pretrained`` says)."""
-    from . import _create_backbone, load_backbone_weights
-    from .classtoken import _patch_size
+    from ...models import vit_backbone
 
     m = cfg.model
     pretrained = m.pretrained
-    backbone = _create_backbone(m, pretrained=pretrained is True)
-    if isinstance(pretrained, str) and pretrained:
-        load_backbone_weights(backbone, pretrained)
-    patch = _patch_size(backbone)
-    if m.stem == "conv":
-        from .stem import ConvStem
-
-        backbone.patch_embed.proj = ConvStem(patch, backbone.embed_dim)
-    grid = (m.img_size // patch, m.img_size // patch)
+    backbone, grid = vit_backbone(m)
     distinct = m.token_init == "independent" or (m.token_init == "auto" and not pretrained)
     return CTIViT(backbone, num_classes, grid, memory_size=cfg.cti.memory_size, distinct_init=distinct,
                   final_norm=m.final_norm)
 
 
-# ---------------------------------------------------------------------------------------- their layout
-def is_authors_state(sd: dict) -> bool:
-    """Their ``MCTformerV2_CTI`` state dict (background token and tokenizer present)."""
-    return "bg_token" in sd and "tokenizer.0.weight" in sd
-
-
-def authors_layout(sd: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """:class:`~tokenseg.models.convert.LayoutInfo` of their state dict, every CTI key checked."""
-    from .layout import _BLOCK_KEY, LayoutInfo, _grid_of
-
-    need = ("cls_token", "pos_embed_cls", "pos_embed_pat", "head.weight", "head.bias", "patch_embed.proj.weight",
-            *CTI_KEYS)
-    missing = [k for k in need if k not in sd]
-    if missing:
-        what = "" if "bg_token" in sd else " (no background token: an MCTformer checkpoint?)"
-        raise TokensegError(f"{source}: not a CTI checkpoint{what}: missing {', '.join(missing[:6])}")
-    cls, pos_cls, head = sd["cls_token"], sd["pos_embed_cls"], sd["head.weight"]
-    D = int(cls.shape[-1])
-    if tuple(cls.shape) != (1, 1, D) or tuple(sd["bg_token"].shape) != (1, 1, D):
-        raise TokensegError(f"{source}: cls_token {tuple(cls.shape)} / bg_token {tuple(sd['bg_token'].shape)}: "
-                            f"CTI has one (1, 1, D) foreground and one background token")
-    C = int(pos_cls.shape[1]) - 1
-    if C < 1 or tuple(pos_cls.shape) != (1, C + 1, D):
-        raise TokensegError(f"{source}: pos_embed_cls has shape {tuple(pos_cls.shape)}, expected (1, C+1, {D})")
-    if head.ndim != 4 or head.shape[0] != C + 1:
-        raise TokensegError(f"{source}: head.weight has shape {tuple(head.shape)}, expected ({C + 1}, {D}, 3, 3) "
-                            f"for C + 1 = {C + 1} tokens (pos_embed_cls)")
-    t0, t2 = sd["tokenizer.0.weight"], sd["tokenizer.2.weight"]
-    if tuple(t0.shape) != (5 * D, D) or tuple(t2.shape) != ((C + 1) * D, 5 * D):
-        raise TokensegError(f"{source}: tokenizer weights {tuple(t0.shape)}, {tuple(t2.shape)}; expected "
-                            f"({5 * D}, {D}) and ({(C + 1) * D}, {5 * D}) (D -> 5D -> D·(C+1))")
-    grid = _grid_of(sd["pos_embed_pat"].shape[1], source)
-    depth = 1 + max((int(mm.group(1)) for k in sd if (mm := _BLOCK_KEY.match(k))), default=-1)
-    if depth == 0:
-        raise TokensegError(f"{source}: no transformer blocks (blocks.0.attn.qkv.weight) found")
-    fc1 = sd.get("blocks.0.mlp.fc1.weight")
-    return LayoutInfo(layout="cti", num_classes=C, embed_dim=D, depth=depth,
-                      patch_size=int(sd["patch_embed.proj.weight"].shape[-1]), grid=grid,
-                      mlp_ratio=float(fc1.shape[0]) / D if fc1 is not None else 4.0,
-                      qkv_bias="blocks.0.attn.qkv.bias" in sd, has_head=True)
-
-
-def authors_to_tokenseg_state(sd: dict[str, torch.Tensor], info, source: str = "checkpoint"
-                              ) -> dict[str, torch.Tensor]:
-    """Their keys -> :class:`CTIViT`'s (only ``pos_embed_pat`` changes shape: (1, M, D) -> (1, D, h, w));
-    the memory is not in their files (it starts empty)."""
-    from .layout import _BLOCK_KEY, _SHARED_PREFIXES
-
-    gh, gw = info.grid
-    D = info.embed_dim
-    own = {"cls_token", "bg_token", "pos_embed", "pos_embed_cls", "pos_embed_pat"}
-    out, unexpected = {}, []
-    for k, v in sd.items():
-        if k in own or k.startswith(("tokenizer.", "head.")) or _BLOCK_KEY.match(k) or k.startswith(_SHARED_PREFIXES):
-            out[k] = v
-        else:
-            unexpected.append(k)
-    if unexpected:
-        raise TokensegError(f"{source}: unexpected keys for CTI: {', '.join(unexpected[:6])}"
-                            + (" ..." if len(unexpected) > 6 else ""))
-    pat = sd["pos_embed_pat"]
-    if tuple(pat.shape) != (1, gh * gw, D):
-        raise TokensegError(f"{source}: pos_embed_pat has shape {tuple(pat.shape)}, expected (1, {gh * gw}, {D})")
-    out["pos_embed_pat"] = pat.reshape(1, gh, gw, D).permute(0, 3, 1, 2).contiguous()
-    return out
-
-
-def tokenseg_to_authors_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:class:`CTIViT`'s state dict -> their bare state dict, in their key order (``torch.save`` of it is
-    what their ``save_model`` writes and their ``load_state_dict(strict=True)`` reads). The memory bank
-    (training state their files do not hold) is left out."""
-    if "bg_token" not in sd or "tokenizer.0.weight" not in sd:
-        raise TokensegError("not a CTI model (no bg_token / tokenizer): export it with its own method")
-    from .layout import authors_patch_positions
-
-    out = {"cls_token": sd["cls_token"].clone(), "pos_embed": sd["pos_embed"].clone(),
-           "bg_token": sd["bg_token"].clone(), "pos_embed_cls": sd["pos_embed_cls"].clone(),
-           "pos_embed_pat": authors_patch_positions(sd)}
-    for k, v in sd.items():
-        if k not in out and k not in MEMORY_KEYS:
-            out[k] = v.clone()
-    return out
-
-
-def model_from_authors_state(sd: dict[str, torch.Tensor], source: str = "checkpoint",
-                             num_classes: int | None = None, class_names=None, num_heads: int | None = None,
-                             overrides=()) -> tuple[CTIViT, Any, list[str]]:
-    """Build the CTI model from their state dict: ``(model, cfg, class_names)`` (the ``cti`` preset
-    with the backbone the weights imply; names VOC for 20 classes, COCO for 80, unless given)."""
-    from ..core.weights import load_state_checked
-    from .layout import config_for, resolve_class_names
-
-    info = authors_layout(sd, source)
-    C = info.num_classes
-    if num_classes is not None and num_classes != C:
-        raise TokensegError(f"{source}: the checkpoint has {C} foreground tokens (+ background), but "
-                            f"{num_classes} classes were asked for")
-    names = resolve_class_names(class_names, C)
-    cfg = config_for(info, "cti", num_heads, overrides)
-    model = build_cti_model(cfg, C)
-    ours = authors_to_tokenseg_state(sd, info, source)
-    own = model.state_dict()
-    if "pos_embed" not in ours:  # a file without their unused embedding: keep ours
-        ours["pos_embed"] = own["pos_embed"]
-    for k in MEMORY_KEYS:
-        ours[k] = own[k]  # their files hold no memory: it starts empty
-    try:
-        load_state_checked(model, ours, source)
-    except TokensegError as exc:
-        raise TokensegError(f"{exc} [layout cti, depth {info.depth}, dim {info.embed_dim}, {C} classes]") from None
-    model.class_names_source = "given" if class_names not in (None, "") else "default"
-    return model.eval(), cfg, names
-
-
-__all__ = ["CTIViT", "CTIPlan", "CTIMapOutputs", "append_memory", "build_cti_model", "is_authors_state",
-           "authors_layout", "authors_to_tokenseg_state", "tokenseg_to_authors_state", "model_from_authors_state"]
+__all__ = ["CTIViT", "CTIPlan", "CTIMapOutputs", "CTI_KEYS", "MEMORY_KEYS", "append_memory", "build_cti_model"]
