@@ -368,6 +368,10 @@ def _ddp_worker(rank: int, world: int, backend: str, port: int, out: str) -> Non
         F.binary_cross_entropy_with_logits(single(x), y).backward()
         diff = max(float((a - p.grad).abs().max()) for a, p in zip(grads, single.parameters()))
         Path(out).write_text(json.dumps({"max_grad_diff": diff, "s": median(times), "world": world}))
+    # every rank done before the group goes, DDP's reducer released first: a rank that tears gloo down while
+    # another still talks to it aborts now and then ("terminate called without an active exception")
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 
