@@ -64,7 +64,7 @@ NO_WEIGHTS_WARNING = (
 
 # ----------------------------------------------------------------------------- config
 def validate_irn(cfg: Config) -> None:
-    """Checks of ``pseudo.irn.*`` (config.py validates only that ``pseudo.refine=irn`` exists)."""
+    """Checks of ``pseudo.irn.*`` (tokenseg.config validates only that ``pseudo.refine=irn`` exists)."""
     ic = cfg.pseudo.irn
 
     def fail(key: str, problem: str) -> None:
