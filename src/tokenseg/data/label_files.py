@@ -13,14 +13,6 @@ from ..core.masks import IGNORE_INDEX, read_mask
 from ..core.errors import TokensegError
 from ..core.files import write_json_atomic
 from .base import COCO_CLASSES, VOC_CLASSES
-
-LABELS_FORMAT = "tokenseg-labels"
-LABELS_VERSION = 1
-BACKGROUND_NAMES = ("background", "__background__", "_background_", "bg")
-IMAGE_COLUMNS = ("image", "image_id", "id", "file", "filename", "file_name", "path", "name")
-LABEL_COLUMNS = ("labels", "label", "classes", "class", "tags")
-SPLIT_COLUMNS = ("split", "subset", "set")
-LABEL_SEPARATORS = (";", "|")
 from .labels import LABELS_FORMAT, LABELS_VERSION
 
 
