@@ -93,7 +93,7 @@ def register(sub) -> None:
                                     "train, seeds, evaluation table, gallery, pseudo masks, segmentation, and a "
                                     "report to open in a browser (<out>/report/index.html)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-<method>)")
-    p.add_argument("--method", default="mctformer-plus",
+    p.add_argument("--method", default=None,
                    help="the method to demo (its demo-<method> preset), printed next to MCTformer+ "
                         f"(methods: {', '.join(available_methods())})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo preset")

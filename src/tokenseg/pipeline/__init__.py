@@ -200,20 +200,25 @@ def run(cfg: Config, progress: bool = True) -> dict[str, dict]:
     return evaluate_step(cfg, progress=progress)
 
 
-def demo_preset(method: str) -> str:
-    """The demo preset of ``method``: ``demo`` for MCTformer+, ``demo-<method>`` otherwise."""
+REFERENCE_DEMO = "demo"  # the reference demo preset: every other method's demo is printed next to it
+
+
+def demo_preset(method: str | None) -> str:
+    """The demo preset of ``method``: the reference demo for its own method (or no method), else
+    ``demo-<method>``."""
     from ..config import available_presets
     from ..core.errors import TokensegError
 
-    preset = "demo" if method == "mctformer-plus" else f"demo-{method}"
+    reference = load_config(REFERENCE_DEMO).model.method
+    preset = REFERENCE_DEMO if method in (None, reference) else f"demo-{method}"
     if preset not in available_presets():
         demos = sorted(p.removeprefix("demo-") for p in available_presets() if p.startswith("demo-"))
-        raise TokensegError(f"no demo for method {method!r}; demos: mctformer-plus, {', '.join(demos)}")
+        raise TokensegError(f"no demo for method {method!r}; demos: {reference}, {', '.join(demos)}")
     return preset
 
 
 def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = True, gallery_images: int = 8,
-         chain: bool = True, method: str = "mctformer-plus") -> dict:
+         chain: bool = True, method: str | None = None) -> dict:
     """``tokenseg demo [--method M]``: synthetic data → the method from scratch → seeds → Tab. 7-style
     table + gallery; with ``chain``, then train seeds → pseudo masks → a small segmentation net (Tab. 1/3
     in miniature). For another method than MCTformer+, its table is printed next to MCTformer+'s on the
@@ -236,14 +241,15 @@ def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = Tr
     summary = {"method": cfg.model.method, "seeds": results, "background_only_miou": baseline,
                "seeds_seconds": seeds_seconds, "checkpoint": str(ckpt or ""), "gallery": str(gpath)}
     print(f"gallery: {gpath}  (seeds table after {seeds_seconds} s)")
-    if method != "mctformer-plus":
-        summary["reference"] = _demo_reference(out.parent / "demo", overrides_for_data(overrides), progress)
+    if preset != REFERENCE_DEMO:
+        summary["reference"] = _demo_reference(out.parent / REFERENCE_DEMO, overrides_for_data(overrides), progress)
+        reference = load_config(REFERENCE_DEMO).model.method
         own = own_kind(cfg.model.method, results)
         summary["own_kind"] = own
-        print(f"\nNext to MCTformer+ on the same split ({cfg.model.method}: its own seeds, {own}, before patch "
-              f"affinity, then its best kind; MCTformer+: its best kind):")
+        print(f"\nNext to {reference} on the same split ({cfg.model.method}: its own seeds, {own}, before patch "
+              f"affinity, then its best kind; {reference}: its best kind):")
         print(compare_table({f"{cfg.model.method} (own)": results, cfg.model.method: results,
-                             "mctformer-plus": summary["reference"]}, kinds={f"{cfg.model.method} (own)": own}))
+                             reference: summary["reference"]}, kinds={f"{cfg.model.method} (own)": own}))
         print(DEMO_SCOPE)
     if chain:
         summary["chain"] = _demo_chain(cfg, ckpt, results, progress)
