@@ -19,5 +19,5 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Method", "MapRecipe", "StepContext", "Converter", "BACKGROUND", "IMAGENET", "register", "get_method", "available_methods",
-           "section_config", "image_only", "default_views", "default_param_groups"]
+__all__ = ["Method", "MapRecipe", "StepContext", "Converter", "BACKGROUND", "IMAGENET", "register", "get_method",
+           "available_methods", "section_config", "image_only", "default_views", "default_param_groups"]

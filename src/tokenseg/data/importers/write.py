@@ -24,7 +24,8 @@ from ...core.masks import save_palette_png
 from ..scan import MAX_LISTED
 from ..guard import refuse_inside_dataset
 from .coco_json import read_coco
-from .common import IMPORT_FORMATS, Item, LINK_MODES, MARKER, MARKER_VERSION, Source, _EXIF_TRANSPOSE, _class_file, _image_size
+from .common import (IMPORT_FORMATS, LINK_MODES, MARKER, MARKER_VERSION, _EXIF_TRANSPOSE, Item, Source, _class_file,
+                     _image_size)
 from .labelme import read_labelme
 from .yolo import read_yolo
 
