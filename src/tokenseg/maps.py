@@ -141,9 +141,11 @@ def generate_seeds(model, ds: WSSSDataset, out_dir: str | Path, cfg, device: tor
                 if not is_alloc_error(exc):
                     raise
                 names = ", ".join(ds.ids[i] for i in idx[:4])
+                h, w = image_hw(ds.image_paths[idx[0]])
                 raise TokensegError(
-                    f"out of memory on image(s) {names}: set maps.max_side (e.g. maps.max_side=800) or lower "
-                    f"maps.memory_mb / maps.batch_size; finished images are kept and a re-run resumes") from exc
+                    f"out of memory on image(s) {names} ({w}×{h} px): set maps.max_side (e.g. maps.max_side=800) "
+                    f"or lower maps.memory_mb / maps.batch_size; finished images are kept and a re-run resumes"
+                    ) from exc
             writer.submit(hooks.write, job, result, list(idx))
             bar.update(len(idx))
     bar.close()
