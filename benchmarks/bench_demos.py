@@ -141,7 +141,10 @@ def summarise(results: dict[str, dict[str, dict]], root: Path) -> tuple[list[str
             label = own_kind or f"best ({max(kinds, key=lambda k: kinds[k]['mean'])})"
             rows.append([ds, recipe, label, fmt(own), base_kind or "-", fmt(base), fmt(ref_best),
                          f"{ratio:.2f}", above, str(own["n"] if own else 0), f"{train_seconds(res['rows']):.0f}"])
-            if recipe != REFERENCE and ratio == ratio and ratio < RATIO:
+            if recipe != REFERENCE and ratio != ratio:  # no MCTformer+ run (or no own seeds) to judge by
+                failures.append(f"{ds}: {recipe}: not judged, no MCTformer+ run on this dataset in {root} "
+                                f"(add --methods {REFERENCE},...)" if own else f"{ds}: {recipe}: no own seeds")
+            elif recipe != REFERENCE and ratio < RATIO:
                 failures.append(f"{ds}: {recipe} {own_kind} {own['mean']:.2f} < {RATIO} x MCTformer+ "
                                 f"{ref_best['mean']:.2f}")
             if above == "no":

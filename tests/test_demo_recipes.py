@@ -154,3 +154,14 @@ def test_demo_method_prints_its_own_seeds_next_to_mctformer_plus(tmp_path, capsy
     res = json.loads((out / "demo_results.json").read_text())
     assert res["own_kind"] == "fused" and f"{res['seeds']['fused']['miou']:6.2f}" in rows["cti (own)"]
     assert (tmp_path / "demo" / "checkpoint.pt").is_file()  # the reference, trained once beside it
+
+
+def test_bench_without_mctformer_plus_says_not_judged_not_passed(tmp_path):
+    """A run of one recipe alone (no MCTformer+ on that dataset) cannot pass the 0.8× rule: it says so."""
+    bench = _bench()
+    stats = {"mean": 12.6, "std": 0.1, "n": 3}
+    results = {"k6-s1": {"demo-cti": {"variance": {"kinds": {"fused": stats}, "best": stats}, "rows": []}}}
+    _, rows, failures = bench.summarise(results, tmp_path)
+    assert rows[0][7] == "nan"
+    assert failures == [f"k6-s1: demo-cti: not judged, no MCTformer+ run on this dataset in {tmp_path} "
+                        f"(add --methods demo,...)"]
