@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..core.errors import TokensegError
 from .base import WSSSDataset
-from .scan import EXIF_ORIENTATION, Problems, drop_bad_images, scan_cache_file
+from .scan import Problems, drop_bad_images, exif_orientation, scan_cache_file
 
 SPLITS = ("train", "val", "test")
 METADATA_FILES = ("image_ids.txt", "class_labels.txt", "localization.txt")
@@ -207,10 +207,7 @@ def _image_geometry(path: Path) -> tuple[int, int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-            try:
-                orient = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            except Exception:
-                orient = 1
+            orient = exif_orientation(img)
     except FileNotFoundError:
         raise TokensegError(f"{path}: image file not found") from None
     except Exception as exc:

@@ -18,6 +18,14 @@ from ..core.files import write_json_atomic
 
 SCAN_VERSION = 2  # 2: "alpha" (transparency) in the per-image info
 EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(img) -> int:
+    """The EXIF orientation tag (1–8) of an open PIL image; 1 when it has none or it cannot be read."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:
+        return 1
 MAX_LISTED = 20  # problems shown in one error message ("... and N more" after that)
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _COLLECTING = contextvars.ContextVar("tokenseg_data_collecting", default=False)
@@ -100,10 +108,7 @@ def scan_image(path: str | Path, decode: bool = True) -> dict:
         with Image.open(path) as img:
             info["mode"] = img.mode
             w, h = img.size
-            try:
-                orient = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            except Exception:
-                orient = 1
+            orient = exif_orientation(img)
             info["orientation"] = orient
             if orient in (5, 6, 7, 8):
                 w, h = h, w

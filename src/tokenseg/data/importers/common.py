@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from ...core.errors import TokensegError
 from ..base import IMAGE_EXTENSIONS
-from ..scan import EXIF_ORIENTATION
+from ..scan import exif_orientation
 from ..labels import read_class_names
 
 
@@ -106,9 +106,6 @@ def _image_size(item: Item) -> tuple[tuple[int, int], tuple[int, int], int]:
     src = io.BytesIO(item.image_bytes) if item.image_bytes is not None else item.image
     with Image.open(src) as img:
         w, h = img.size
-        try:
-            orient = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
-        except Exception:
-            orient = 1
+        orient = exif_orientation(img)
     up = (h, w) if orient in (5, 6, 7, 8) else (w, h)
     return up, (w, h), orient

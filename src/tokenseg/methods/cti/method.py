@@ -27,6 +27,8 @@ from ...core.errors import TokensegError
 from ...core.losses import multilabel_soft_margin
 from .. import BACKGROUND, MapRecipe, Method, image_only, register
 from ..mctformer import KIND_TITLES
+# val mAP and `predict`: the mean of class-token and PatchCAM scores, as MCTformer's [I: their code has no val mAP]
+from ..mctformer import class_scores
 from .convert import CONVERTER, load_foreign
 from .model import CTIPlan, build_cti_model
 
@@ -140,12 +142,6 @@ def loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
     terms = compute_losses(out, batch["labels"], cfg)
     terms.pop("total")
     return terms
-
-
-def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The mean of class-token and PatchCAM scores (val mAP, ``predict``) [I: their code has no val mAP]."""
-    out = model(x)
-    return (out["cls_logits"] + out["patch_logits"]) / 2
 
 
 # ---------------------------------------------------------------------------------------- data
