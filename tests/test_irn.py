@@ -28,7 +28,7 @@ from tokenseg.core.seeds import SeedMaps, load_seed, save_seed
 from tokenseg.core.errors import TokensegError
 from tokenseg.core.masks import read_mask, voc_palette  # noqa: E402
 from tokenseg.refine import irn, irn_walk  # noqa: E402
-from tokenseg.refine.irn_net import IRNet, direction_path, irn_loss, search_directions  # noqa: E402
+from tokenseg.refine.irn_net import IRNet, direction_path, irn_loss, path_max, search_directions  # noqa: E402
 
 # a tiny network and crop: the suite stays fast
 TINY = ["pseudo.refine=irn", "pseudo.irn.backbone=resnet10t", "pseudo.irn.crop=64", "pseudo.irn.batch_size=3",
@@ -160,6 +160,35 @@ def test_search_directions_and_paths_are_irns():
             assert set(direction_path(*d)) == ref_path(*d)
     assert set(direction_path(0, 3)) == {(0, 0), (0, 1), (0, 2), (0, 3)}
     assert set(direction_path(2, -2)) == {(0, 0), (1, -1), (2, -2), (0, -1), (1, 0), (1, -2), (2, -1)}
+
+
+def test_path_max_and_its_gradient_equal_a_per_cell_loop():
+    """The running maximum and the one scatter-add backward against a loop over cells and path points
+    (ties, saturated edges included: the gradient goes to the first arg-max along the path)."""
+    g = torch.Generator().manual_seed(3)
+    B, H, W, r, top, left, h, w = 2, 9, 11, 3, 0, 2, 7, 7
+    edge = torch.rand(B, H, W, generator=g, dtype=torch.float64)
+    edge[0, 2:5, 3:8] = 1.0  # a saturated block: many equal maxima
+    edge[1, :, 5] = 0.5
+    weights = torch.randn(B, len(search_directions(r)), h, w, generator=g, dtype=torch.float64)
+    x = edge.clone().requires_grad_(True)
+    out = path_max(x, r, top, left, h, w)
+    (out * weights).sum().backward()
+    want_out = torch.zeros_like(out)
+    want_grad = torch.zeros_like(edge)
+    for b in range(B):
+        for d, (dy, dx) in enumerate(search_directions(r)):
+            path = direction_path(dy, dx)
+            for i in range(h):
+                for j in range(w):
+                    vals = [float(edge[b, top + i + y, left + j + x]) for y, x in path]
+                    k = int(np.argmax(vals))  # the first maximum
+                    want_out[b, d, i, j] = vals[k]
+                    want_grad[b, top + i + path[k][0], left + j + path[k][1]] += weights[b, d, i, j]
+    assert torch.equal(out.detach(), want_out)
+    assert torch.allclose(x.grad, want_grad, atol=1e-12)
+    with torch.no_grad():  # the walk's path (no gradient) gives the same maxima
+        assert torch.equal(path_max(edge, r, top, left, h, w), want_out)
 
 
 def test_boundary_affinity_is_high_inside_regions_and_low_across_the_edge():
