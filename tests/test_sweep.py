@@ -175,3 +175,23 @@ def test_sweep_plot_markers_integer_ticks_margin_and_overlaps(tmp_path):
         assert not (bx0 <= px <= bx1 and by0 <= py <= by1)
     plot_sweep(table, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_folder_from_before_a_key_existed_resumes_only_while_that_key_is_at_its_default(tmp_path):
+    """An older tokenseg wrote config.yaml without a key added since (here pseudo.aff_seed): at its default
+    the folder is the same config; set to anything else, it is another one."""
+    import yaml
+
+    from tokenseg.sweep import check_folder
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path}"])
+    old = yaml.safe_load(cfg.to_yaml())
+    del old["pseudo"]["aff_seed"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    check_folder(tmp_path, cfg)  # no error
+    with pytest.raises(TokensegError, match=r"pseudo\.aff_seed"):
+        check_folder(tmp_path, load_config("tiny", [f"output_dir={tmp_path}", "pseudo.aff_seed=3"]))
+    old["train"]["epochs"] = 99  # a stored key that differs still does
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    with pytest.raises(TokensegError, match=r"train\.epochs"):
+        check_folder(tmp_path, cfg)

@@ -154,19 +154,24 @@ def variance(table: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ one point
-def _config_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
+def _config_diff(stored: dict, current: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ. A key the stored config lacks while the current one holds its
+    default (``defaults``) is no difference: the folder was written before that key existed."""
     keys = []
+    defaults = defaults or {}
     for k in sorted(set(stored) | set(current)):
         a, b = stored.get(k, "<absent>"), current.get(k, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
+            sub = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
+            keys += _config_diff(a, b, sub, f"{prefix}{k}.")
+        elif a != b and not (k not in stored and k in defaults and b == defaults[k]):
             keys.append(f"{prefix}{k}")
     return keys
 
 
 def check_folder(folder: Path, cfg: Config) -> None:
-    """Refuse to resume a point whose folder was made with another config."""
+    """Refuse to resume a point whose folder was made with another config (a key added to tokenseg since,
+    at its default, is not another config)."""
     path = folder / "config.yaml"
     if not path.is_file():
         return
@@ -174,7 +179,7 @@ def check_folder(folder: Path, cfg: Config) -> None:
         stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         return
-    diff = _config_diff(stored, yaml.safe_load(cfg.to_yaml()))
+    diff = _config_diff(stored, yaml.safe_load(cfg.to_yaml()), yaml.safe_load(Config().to_yaml()))
     if diff:
         raise TokensegError(f"sweep: {folder} was made with other settings ({', '.join(diff[:6])}"
                             f"{', ...' if len(diff) > 6 else ''}); use another --out or delete the folder")
