@@ -177,6 +177,9 @@ class IRNet(nn.Module):
                 _block(ch[3], 256, 16, up=2), _block(ch[4], 256, 16, up=2),
                 _block(768, 256, 16, up=2),
                 nn.Sequential(_block(448, 256, 16), nn.Conv2d(256, 2, 1, bias=False))])
+        # channels-last: ~13 % off the forward and the backward on a CPU (oneDNN's native layout), same
+        # loss to float rounding; loaded weights keep it (load_state_dict copies into these tensors)
+        self.to(memory_format=torch.channels_last)
 
     @property
     def displacement(self) -> bool:
@@ -198,6 +201,7 @@ class IRNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         e = self.encoder
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             x1 = e.maxpool(e.act1(e.bn1(e.conv1(x))))
             x2 = e.layer1(x1)
