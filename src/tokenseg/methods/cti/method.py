@@ -42,7 +42,7 @@ class CTIConfig:
     RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
         "cti.weights": ">=0", "cti.start_epoch": ">=0", "cti.swap_layer": ">=0", "cti.memory_size": ">=1",
         "cti.train_attn_layers": ">=1", "cti.train_affinity_from": ">=-1", "cti.infer_affinity_layers": ">=0",
-        "cti.expect_classes": ">=0", "cti.view2_start_epoch": ">=0"}
+        "cti.expect_classes": ">=0"}
 
     weights: list = field(default_factory=lambda: [0.1, 1.0, 1.0])  # W: BG-CAM, intra, cross (COCO: 0.1 each)
     start_epoch: int = 0  # the three terms count from this epoch (their ``epo > warmup``: VOC 0, COCO 2)
@@ -55,10 +55,10 @@ class CTIConfig:
     refine_dtype: str = "float64"  # the BG-CAM refinement products (theirs: float64) | float32
     view2_augment: str = "rand-m9-mstd0.5-inc1"  # view 2's timm auto-augment policy; "" = none
     expect_classes: int = 0  # > 0: the class count this preset is for (cti-coco: 80); 0 = any
-    # [demo] epochs (0-based) before this one train view 1 alone: one plain pass and its two MLSM terms, no
-    # view-2 pass (about half a step's cost); at most start_epoch, as the three terms need view 2's pass.
-    # 0 = their code (both views from the first step)
-    view2_start_epoch: int = 0
+    # [demo] true: epochs before start_epoch train view 1 alone (one plain pass and its two MLSM terms, no
+    # view 2: about 0.4x the cost of their step), view 2 joins with the three terms. false = their code (both
+    # views from the first step)
+    view2_from_start_epoch: bool = False
 
 
 def weights_of(cfg) -> tuple[float, float, float]:
@@ -73,7 +73,7 @@ def plan_for(cfg, epoch: int):
     on = epoch >= c.start_epoch
     return CTIPlan(bg=on and w_bg > 0, intra=on and w_intra > 0, cross=on and w_cross > 0, swap=c.swap_layer,
                    attn_layers=c.train_attn_layers, affinity_from=affinity_from(cfg),
-                   view2=epoch >= c.view2_start_epoch)
+                   view2=on or not c.view2_from_start_epoch)
 
 
 def affinity_from(cfg) -> int:
@@ -95,7 +95,7 @@ def build(cfg, num_classes: int) -> nn.Module:
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
     """One call of the (maybe DDP-wrapped) model runs every pass of the step; before
-    ``cti.view2_start_epoch`` that is view 1's plain pass alone."""
+    ``cti.start_epoch`` with ``cti.view2_from_start_epoch`` that is view 1's plain pass alone."""
     plan = plan_for(cfg, ctx.epoch)
     if not plan.view2:
         return model(batch["image"])
@@ -238,9 +238,6 @@ def validate(cfg) -> None:
     if c.train_affinity_from < -1:
         raise TokensegError(f"cti.train_affinity_from must be a layer index or -1 (swap_layer + 1), got "
                             f"{c.train_affinity_from}")
-    if c.view2_start_epoch < 0 or (c.view2_start_epoch > c.start_epoch and any(float(w) > 0 for w in c.weights)):
-        raise TokensegError(f"cti.view2_start_epoch must be >= 0 and at most cti.start_epoch ({c.start_epoch}): the "
-                            f"BG-CAM, intra and cross terms run with view 2's pass, got {c.view2_start_epoch}")
     if c.refine_dtype not in ("float64", "float32"):
         raise TokensegError(f"config key 'cti.refine_dtype' must be one of ['float64', 'float32'], got "
                             f"{c.refine_dtype!r}")
