@@ -352,6 +352,19 @@ def test_view2_from_start_epoch_trains_view_1_alone_before_the_terms(tmp_path):
     ctx1 = StepContext(epoch=1, step=1, total_steps=2, steps_per_epoch=1)
     out = cti.forward(model, batch, ctx1, cfg)
     assert set(cti.loss(out, batch, ctx1, cfg)) >= {"cls", "bg", "intra"} and "cls_logits_pos" in out
+    # the data pipeline makes view 2 (RandAugment) only from cti.start_epoch on; view 1 is the same sample
+    train_set = TrainSet(build_dataset(cfg.data, "train"), cti.views(cfg), seed=0)
+    early = train_set[3]
+    train_set.set_epoch(1)
+    assert "image_pos" not in early and set(train_set[3]) == {"image", "image_pos", "labels", "index"}
+    ref = TrainSet(build_dataset(cfg.data, "train"), cti.views(tiny(tmp_path)), seed=0)[3]
+    assert torch.equal(early["image"], ref["image"]) and "image_pos" in ref
+    # through the engine: epoch 0 logs the view-1 MLSM terms alone, epoch 1 (1-based 2) the three terms too
+    seen = []
+    train(tiny(tmp_path, "cti.start_epoch=1", out="engine"), progress=False,
+          on_step=lambda step, losses: seen.append((step, set(losses) & {"cls", "bg", "intra", "cross", "_cross"})))
+    assert [s for s, _ in seen] == list(range(1, 13))  # 6 steps an epoch
+    assert all(t == {"cls"} for _, t in seen[:6]) and all(t >= {"cls", "bg", "intra"} for _, t in seen[6:])
 
 
 def test_two_independent_views(tmp_path):

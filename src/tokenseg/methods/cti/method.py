@@ -161,7 +161,8 @@ def views(cfg) -> dict:
     """Two independent views (their ``transform`` and ``transform2``): timm's RandomResizedCrop (bicubic,
     ``train.crop_scale``) + flip each; view 2 adds ``cti.view2_augment`` (RandAugment). Colour jitter is
     inert under RandAugment in timm and view 1 has none (§16.2); ``train.color_jitter`` > 0 adds it to
-    view 2. No random erasing (their ``reprob 0``). ``train.augment`` is not read."""
+    view 2. No random erasing (their ``reprob 0``). ``train.augment`` is not read. With
+    ``cti.view2_from_start_epoch`` view 2 is made from ``cti.start_epoch`` on."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
@@ -173,7 +174,10 @@ def views(cfg) -> dict:
     view2 = create_transform(auto_augment=policy if policy and policy != "none" else None, **common)
     if t.color_jitter > 0:
         view2.transforms.insert(2, T.ColorJitter(t.color_jitter, t.color_jitter, t.color_jitter))
-    return {"image": image_only(view1), "image_pos": image_only(_posterize_zero_bits(view2))}
+    pos = image_only(_posterize_zero_bits(view2))
+    if cfg.cti.view2_from_start_epoch:  # the steps before cti.start_epoch do not read view 2: not made
+        pos.start_epoch = cfg.cti.start_epoch
+    return {"image": image_only(view1), "image_pos": pos}
 
 
 def _posterize_zero_bits(transform):
