@@ -325,6 +325,48 @@ def test_every_parameter_gets_a_gradient_whichever_terms_are_on(tmp_path):
     assert not get_method("cti").dynamic_graph
 
 
+def test_view2_from_start_epoch_trains_view_1_alone_before_the_terms(tmp_path):
+    """``cti.view2_from_start_epoch`` (demo-cti): before ``cti.start_epoch`` a step is view 1's plain pass
+    and its two MLSM terms, every parameter still reached (no DDP unused-parameter search); from it on,
+    the authors' step. The default (false) is their code (the fixture test above)."""
+    from tokenseg.core.losses import multilabel_soft_margin
+
+    cfg = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1")
+    cti = get_method("cti")
+    model = cti.build(cfg, 3)
+    batch = fixed_batch(cfg)
+    assert not plan_for(cfg, 0).view2 and plan_for(cfg, 1).view2
+    assert plan_for(tiny(tmp_path, "cti.view2_from_start_epoch=false", "cti.start_epoch=1"), 0).view2
+    model.train()
+    ctx0 = StepContext(epoch=0, step=0, total_steps=2, steps_per_epoch=1)
+    out = cti.forward(model, batch, ctx0, cfg)
+    losses = cti.loss(out, batch, ctx0, cfg)
+    assert set(losses) == {"cls"} and "cls_logits_pos" not in out and int(model.memory_count.sum()) == 0
+    plain = model(batch["image"])
+    y = batch["labels"].float()
+    ref = multilabel_soft_margin(plain["cls_logits"], y) + multilabel_soft_margin(plain["patch_logits"], y)
+    torch.testing.assert_close(losses["cls"], ref, rtol=0, atol=0)
+    model.zero_grad(set_to_none=True)
+    losses["cls"].backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    ctx1 = StepContext(epoch=1, step=1, total_steps=2, steps_per_epoch=1)
+    out = cti.forward(model, batch, ctx1, cfg)
+    assert set(cti.loss(out, batch, ctx1, cfg)) >= {"cls", "bg", "intra"} and "cls_logits_pos" in out
+    # the data pipeline makes view 2 (RandAugment) only from cti.start_epoch on; view 1 is the same sample
+    train_set = TrainSet(build_dataset(cfg.data, "train"), cti.views(cfg), seed=0)
+    early = train_set[3]
+    train_set.set_epoch(1)
+    assert "image_pos" not in early and set(train_set[3]) == {"image", "image_pos", "labels", "index"}
+    ref = TrainSet(build_dataset(cfg.data, "train"), cti.views(tiny(tmp_path)), seed=0)[3]
+    assert torch.equal(early["image"], ref["image"]) and "image_pos" in ref
+    # through the engine: epoch 0 logs the view-1 MLSM terms alone, epoch 1 (1-based 2) the three terms too
+    seen = []
+    train(tiny(tmp_path, "cti.start_epoch=1", out="engine"), progress=False,
+          on_step=lambda step, losses: seen.append((step, set(losses) & {"cls", "bg", "intra", "cross", "_cross"})))
+    assert [s for s, _ in seen] == list(range(1, 13))  # 6 steps an epoch
+    assert all(t == {"cls"} for _, t in seen[:6]) and all(t >= {"cls", "bg", "intra"} for _, t in seen[6:])
+
+
 def test_two_independent_views(tmp_path):
     cfg = tiny(tmp_path, "model.img_size=32")
     views = get_method("cti").views(cfg)

@@ -88,7 +88,8 @@ class TrainSet(Dataset):
     method's extra inputs (e.g. a precomputed CAM, co-augmented with its view).
 
     View ``v`` of sample ``i`` in ``epoch`` draws its randomness from (seed, epoch, i) for the first view
-    and (seed, epoch, i, v) for the others, so resumed and multi-process runs see the same samples."""
+    and (seed, epoch, i, v) for the others, so resumed and multi-process runs see the same samples. A view
+    with a ``start_epoch`` attribute is left out of the samples of earlier epochs (its step does not read it)."""
 
     def __init__(self, ds: WSSSDataset, views: dict, seed: int = 0, extras=None) -> None:
         self.ds, self.views, self.seed, self.extras = ds, views, seed, extras
@@ -105,6 +106,8 @@ class TrainSet(Dataset):
         extras = self.extras(i) if self.extras is not None else {}
         sample = {"labels": torch.from_numpy(self.ds.multi_hot(i)), "index": i}
         for v, (name, view) in enumerate(self.views.items()):
+            if self.epoch < getattr(view, "start_epoch", 0):
+                continue
             parts = [self.seed, self.epoch, i] if v == 0 else [self.seed, self.epoch, i, v]
             x, out_extras = _seeded(parts, view, img, extras)
             sample[name] = x

@@ -55,6 +55,10 @@ class CTIConfig:
     refine_dtype: str = "float64"  # the BG-CAM refinement products (theirs: float64) | float32
     view2_augment: str = "rand-m9-mstd0.5-inc1"  # view 2's timm auto-augment policy; "" = none
     expect_classes: int = 0  # > 0: the class count this preset is for (cti-coco: 80); 0 = any
+    # [demo] true: epochs before start_epoch train view 1 alone (one plain pass and its two MLSM terms, no
+    # view 2: about 0.4x the cost of their step), view 2 joins with the three terms. false = their code (both
+    # views from the first step)
+    view2_from_start_epoch: bool = False
 
 
 def weights_of(cfg) -> tuple[float, float, float]:
@@ -68,7 +72,8 @@ def plan_for(cfg, epoch: int):
     w_bg, w_intra, w_cross = weights_of(cfg)
     on = epoch >= c.start_epoch
     return CTIPlan(bg=on and w_bg > 0, intra=on and w_intra > 0, cross=on and w_cross > 0, swap=c.swap_layer,
-                   attn_layers=c.train_attn_layers, affinity_from=affinity_from(cfg))
+                   attn_layers=c.train_attn_layers, affinity_from=affinity_from(cfg),
+                   view2=on or not c.view2_from_start_epoch)
 
 
 def affinity_from(cfg) -> int:
@@ -89,8 +94,12 @@ def build(cfg, num_classes: int) -> nn.Module:
 
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
-    """One call of the (maybe DDP-wrapped) model runs every pass of the step."""
-    return model(batch["image"], batch["image_pos"], batch["labels"], plan=plan_for(cfg, ctx.epoch))
+    """One call of the (maybe DDP-wrapped) model runs every pass of the step; before
+    ``cti.start_epoch`` with ``cti.view2_from_start_epoch`` that is view 1's plain pass alone."""
+    plan = plan_for(cfg, ctx.epoch)
+    if not plan.view2:
+        return model(batch["image"])
+    return model(batch["image"], batch["image_pos"], batch["labels"], plan=plan)
 
 
 def max_norm(m: torch.Tensor) -> torch.Tensor:
@@ -103,15 +112,18 @@ def max_norm(m: torch.Tensor) -> torch.Tensor:
 
 
 def compute_losses(out: dict, labels: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    """Their terms, weighted: ``cls`` (4 MLSM), ``bg``, ``intra``, ``cross`` (or ``_cross`` = computed, not
-    added), and ``total``. A term whose pass the step's plan skipped is absent."""
+    """Their terms, weighted: ``cls`` (4 MLSM; view 1's two alone when the step skipped view 2), ``bg``,
+    ``intra``, ``cross`` (or ``_cross`` = computed, not added), and ``total``. A term whose pass the step's
+    plan skipped is absent."""
     c = cfg.cti
     w_bg, w_intra, w_cross = weights_of(cfg)
     y = labels.float()
-    terms = {"cls": (multilabel_soft_margin(out["cls_logits"], y) + multilabel_soft_margin(out["patch_logits"], y)
-                     + multilabel_soft_margin(out["cls_logits_pos"], y)
-                     + multilabel_soft_margin(out["patch_logits_pos"], y))}
-    cams = out["cams"].float()
+    cls = multilabel_soft_margin(out["cls_logits"], y) + multilabel_soft_margin(out["patch_logits"], y)
+    if "cls_logits_pos" in out:
+        cls = (cls + multilabel_soft_margin(out["cls_logits_pos"], y)
+               + multilabel_soft_margin(out["patch_logits_pos"], y))
+    terms = {"cls": cls}
+    cams = out["cams"].float() if "cams" in out else None
     if "mtatt" in out:
         terms["bg"] = w_bg * bg_cam_loss(cams, out["mtatt"].float(), out["attn"], y, c.bg_detach_cams,
                                          torch.float64 if c.refine_dtype == "float64" else torch.float32)
@@ -149,7 +161,8 @@ def views(cfg) -> dict:
     """Two independent views (their ``transform`` and ``transform2``): timm's RandomResizedCrop (bicubic,
     ``train.crop_scale``) + flip each; view 2 adds ``cti.view2_augment`` (RandAugment). Colour jitter is
     inert under RandAugment in timm and view 1 has none (§16.2); ``train.color_jitter`` > 0 adds it to
-    view 2. No random erasing (their ``reprob 0``). ``train.augment`` is not read."""
+    view 2. No random erasing (their ``reprob 0``). ``train.augment`` is not read. With
+    ``cti.view2_from_start_epoch`` view 2 is made from ``cti.start_epoch`` on."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
@@ -161,7 +174,10 @@ def views(cfg) -> dict:
     view2 = create_transform(auto_augment=policy if policy and policy != "none" else None, **common)
     if t.color_jitter > 0:
         view2.transforms.insert(2, T.ColorJitter(t.color_jitter, t.color_jitter, t.color_jitter))
-    return {"image": image_only(view1), "image_pos": image_only(_posterize_zero_bits(view2))}
+    pos = image_only(_posterize_zero_bits(view2))
+    if cfg.cti.view2_from_start_epoch:  # the steps before cti.start_epoch do not read view 2: not made
+        pos.start_epoch = cfg.cti.start_epoch
+    return {"image": image_only(view1), "image_pos": pos}
 
 
 def _posterize_zero_bits(transform):

@@ -54,6 +54,7 @@ class CTIPlan:
     swap: int = 3  # their swap_idx: tokens after block ``swap`` are infused at the input of block swap + 1
     attn_layers: int = 6  # class-to-patch attention summed over the last N layers (their n_layers=6)
     affinity_from: int = 4  # patch affinity summed over layers affinity_from.. (their patch_attn[swap_idx+1:])
+    view2: bool = True  # False: the step is view 1's plain pass alone (before cti.start_epoch with cti.view2_from_start_epoch)
 
 
 @dataclass
