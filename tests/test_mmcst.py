@@ -375,6 +375,10 @@ def test_demo_preset_needs_no_file_and_keeps_the_best_checkpoint(tmp_path):
     assert demo_preset("mmcst") == "demo-mmcst"
     cfg = load_config("demo-mmcst", [f"data.cache_dir={tmp_path / 'cache'}", "mmcst.class_names=[a, b, c, d, e]"])
     assert cfg.mmcst.clip == "random" and cfg.train.keep_best and cfg.maps.kinds[-1] == "fused_affinity"
+    # issue 31: only the demo recipe leaves the paper (no visual context, centred prompts, CCT)
+    paper = load_config("mmcst").mmcst
+    assert (paper.visual_context, paper.text_center, paper.cct_weight) == (True, False, 0.0)
+    assert (cfg.mmcst.visual_context, cfg.mmcst.text_center, cfg.mmcst.cct_weight) == (False, True, 1.0)
     model = get_method("mmcst").build(cfg, 5)
     assert not model._text_pending and model.num_prefix == 10 and model.text_embeddings.shape == (5, 64)
     assert model.prompts[0] == "a photo of a a."
