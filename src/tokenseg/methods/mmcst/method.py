@@ -10,6 +10,9 @@ switch of the ``mmcst`` section:
 * ``mmcst.text_tokens=classifier``: reading (a), the textual vectors only score the output patch tokens;
 * ``mmcst.context_mode=concat``: reading (b), contexts concatenated (then a linear map back to D);
 * losses: MLSM(visual tokens) + MLSM(textual) + MLSM(GWRP(PatchCAM)), λ = 0.996 [P];
+* not the paper, off by default, on in ``demo-mmcst`` (from scratch the 2C tokens start as one):
+  ``mmcst.text_center`` (prompt embeddings minus their class mean) and ``mmcst.cct_weight``
+  (MCTformer+'s CCT on each token group);
 * maps: MCTformer's recipe and fusion (:func:`tokenseg.methods.mctformer.combine`) on the class-to-patch
   attention of the last ``maps.layers`` = 6 layers averaged over both token groups, sqrt(· ⊙ PatchCAM),
   refined by the patch affinity of all layers [P];
