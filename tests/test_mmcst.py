@@ -126,6 +126,57 @@ def test_gradients_reach_only_the_parts_that_train(tmp_path):
         assert in_groups == {id(p) for p in trainable.values()}
 
 
+def test_text_center_subtracts_the_class_mean_of_the_prompt_embeddings(tmp_path):
+    """mmcst.text_center (off in the paper preset): the C embeddings minus their mean, L2-normalised;
+    a hand-made case and the random tower's (whose prompts are nearly one vector) against numpy."""
+    from tokenseg.methods.mmcst.model import center_embeddings
+
+    e = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    mean = e.mean(0)
+    expect = (e - mean) / (e - mean).norm(dim=-1, keepdim=True)
+    assert torch.allclose(center_embeddings(e), expect, atol=1e-6)
+    assert torch.allclose(center_embeddings(e[:1]), e[:1])  # one class: nothing to centre on
+    plain, _ = _build(tmp_path)
+    assert not load_config("mmcst").mmcst.text_center
+    centred, _ = _build(tmp_path, ["mmcst.text_center=true"])
+    raw = plain.text_embeddings.numpy().astype(np.float64)
+    ref = raw - raw.mean(0)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.allclose(centred.text_embeddings.numpy(), ref, atol=1e-5)
+    off_diag = ~np.eye(3, dtype=bool)
+    assert (raw @ raw.T)[off_diag].min() > 0.8  # the random tower: C near-copies of one token
+    assert (ref @ ref.T)[off_diag].max() < 0.5
+
+
+def test_cct_weight_adds_mctformer_plus_cct_on_each_token_group(tmp_path):
+    """mmcst.cct_weight > 0 (0 in the paper preset: no term, no layer tokens kept): the terms equal
+    core.losses' CCT on the visual and on the textual tokens of every layer, computed from a hooked forward."""
+    from tokenseg.core.losses import contrastive_class_token_loss
+
+    method = get_method("mmcst")
+    batch = {"image": _images(4), "labels": torch.tensor([[1., 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])}
+    model, cfg = _build(tmp_path)
+    assert load_config("mmcst").mmcst.cct_weight == 0.0
+    out = method.forward(model.train(), batch, None, cfg)
+    assert "layer_cls_tokens" not in out and set(method.loss(out, batch, None, cfg)) == {"cls", "text", "patch"}
+    model, cfg = _build(tmp_path, ["mmcst.cct_weight=0.5"])
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda mod, args, res: seen.append(res[:, :6].detach()))
+    model.eval()
+    terms = method.loss(method.forward(model, batch, None, cfg), batch, None, cfg)
+    y = batch["labels"]
+    assert len(seen) == len(model.blocks)
+    assert torch.allclose(terms["cct"], 0.5 * contrastive_class_token_loss([t[:, :3] for t in seen], y), atol=1e-6)
+    assert torch.allclose(terms["cct_text"], 0.5 * contrastive_class_token_loss([t[:, 3:] for t in seen], y),
+                          atol=1e-6)
+    model, cfg = _build(tmp_path, ["mmcst.cct_weight=0.5", "mmcst.text_tokens=classifier"])
+    terms = method.loss(method.forward(model, batch, None, cfg), batch, None, cfg)
+    assert "cct" in terms and "cct_text" not in terms  # no textual tokens in the sequence
+    with pytest.raises(TokensegError, match="mmcst.cct_weight"):
+        _cfg(tmp_path, ["mmcst.cct_weight=-1"])
+
+
 def test_a_few_steps_lower_the_loss(tmp_path):
     from tokenseg.engine import build_optimizer
 
@@ -324,6 +375,10 @@ def test_demo_preset_needs_no_file_and_keeps_the_best_checkpoint(tmp_path):
     assert demo_preset("mmcst") == "demo-mmcst"
     cfg = load_config("demo-mmcst", [f"data.cache_dir={tmp_path / 'cache'}", "mmcst.class_names=[a, b, c, d, e]"])
     assert cfg.mmcst.clip == "random" and cfg.train.keep_best and cfg.maps.kinds[-1] == "fused_affinity"
+    # issue 31: only the demo recipe leaves the paper (no visual context, centred prompts, CCT)
+    paper = load_config("mmcst").mmcst
+    assert (paper.visual_context, paper.text_center, paper.cct_weight) == (True, False, 0.0)
+    assert (cfg.mmcst.visual_context, cfg.mmcst.text_center, cfg.mmcst.cct_weight) == (False, True, 1.0)
     model = get_method("mmcst").build(cfg, 5)
     assert not model._text_pending and model.num_prefix == 10 and model.text_embeddings.shape == (5, 64)
     assert model.prompts[0] == "a photo of a a."

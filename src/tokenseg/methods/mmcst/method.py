@@ -10,6 +10,9 @@ switch of the ``mmcst`` section:
 * ``mmcst.text_tokens=classifier``: reading (a), the textual vectors only score the output patch tokens;
 * ``mmcst.context_mode=concat``: reading (b), contexts concatenated (then a linear map back to D);
 * losses: MLSM(visual tokens) + MLSM(textual) + MLSM(GWRP(PatchCAM)), λ = 0.996 [P];
+* not the paper, off by default, on in ``demo-mmcst`` (from scratch the 2C tokens start as one):
+  ``mmcst.text_center`` (prompt embeddings minus their class mean) and ``mmcst.cct_weight``
+  (MCTformer+'s CCT on each token group);
 * maps: MCTformer's recipe and fusion (:func:`tokenseg.methods.mctformer.combine`) on the class-to-patch
   attention of the last ``maps.layers`` = 6 layers averaged over both token groups, sqrt(· ⊙ PatchCAM),
   refined by the patch affinity of all layers [P];
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ...core.errors import TokensegError
-from ...core.losses import multilabel_soft_margin
+from ...core.losses import contrastive_class_token_loss, multilabel_soft_margin
 from .. import MapRecipe, Method, register
 from ..mctformer import ALL_KINDS, combine, decays_pos_embed
 
@@ -41,7 +44,7 @@ class MMCSTConfig:
     """``mmcst.*``: the CLIP side and the switchable readings of §9.2."""
 
     RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
-        "mmcst.text_dim": ">=1", "mmcst.text_loss_weight": ">=0"}
+        "mmcst.text_dim": ">=1", "mmcst.text_loss_weight": ">=0", "mmcst.cct_weight": ">=0"}
 
     clip: str = ""  # CLIP weights: a file (OpenAI's ViT-B-16.pt, open_clip .pt/.safetensors), openai (download),
     # an open_clip tag, or random (a small random open_clip tower from random_tower: tests, the demo)
@@ -58,6 +61,11 @@ class MMCSTConfig:
     map_groups: str = "both"  # class-to-patch attention of: both token groups (averaged) | visual | textual
     text_loss_weight: float = 1.0  # weight of the textual tokens' MLSM (visual: model.cls_loss_weight,
     # PatchCAM: model.patch_loss_weight)
+    text_center: bool = False  # false = the paper. true: subtract the class mean from the C prompt embeddings
+    # (then L2-normalise), so textual tokens differ by what tells the classes apart; a random tower's
+    # prompts are 0.90-0.99 cosine-similar, i.e. C copies of one token (the demo)
+    cct_weight: float = 0.0  # 0 = the paper (no CCT; model.cct_weight is not read). > 0: MCTformer+'s
+    # contrastive class-token loss on every layer's visual tokens and, as a second term, the textual ones
     random_tower: dict = field(default_factory=_random_tower_default)  # clip=random: the tower's config + seed
 
 
@@ -145,22 +153,31 @@ def build(cfg, num_classes: int) -> nn.Module:
 
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
-    """The training forward; a model built with placeholders (:func:`deferred`) first gets CLIP's outputs."""
+    """The training forward; a model built with placeholders (:func:`deferred`) first gets CLIP's outputs.
+    The layers' class tokens are kept only for ``mmcst.cct_weight`` > 0."""
     from ...core.weights import unwrap
 
     net = unwrap(model)
     if net._text_pending:
         with torch.autocast(batch["image"].device.type, enabled=False):
             net.fill_text_side(text_side(cfg, net.num_classes, placeholders=False))
-    return model(batch["image"])
+    return model(batch["image"], return_layer_tokens=cfg.mmcst.cct_weight > 0)
 
 
 def loss(out: dict, batch: dict, ctx, cfg) -> dict[str, torch.Tensor]:
-    """The three multilabel soft-margin losses (visual tokens, textual, PatchCAM) [I §9.2]."""
+    """The three multilabel soft-margin losses (visual tokens, textual, PatchCAM) [I §9.2], and with
+    ``mmcst.cct_weight`` > 0 MCTformer+'s CCT on each layer's visual and textual tokens (not the paper)."""
     y, m = batch["labels"], cfg.model
-    return {"cls": m.cls_loss_weight * multilabel_soft_margin(out["cls_logits"], y),
-            "text": cfg.mmcst.text_loss_weight * multilabel_soft_margin(out["text_logits"], y),
-            "patch": m.patch_loss_weight * multilabel_soft_margin(out["patch_logits"], y)}
+    terms = {"cls": m.cls_loss_weight * multilabel_soft_margin(out["cls_logits"], y),
+             "text": cfg.mmcst.text_loss_weight * multilabel_soft_margin(out["text_logits"], y),
+             "patch": m.patch_loss_weight * multilabel_soft_margin(out["patch_logits"], y)}
+    if cfg.mmcst.cct_weight > 0 and "layer_cls_tokens" in out:
+        C, layers = y.shape[1], out["layer_cls_tokens"]
+        terms["cct"] = cfg.mmcst.cct_weight * contrastive_class_token_loss([t[:, :C] for t in layers], y)
+        if layers[0].shape[1] >= 2 * C:  # text_tokens=tokens: the textual group is a second token set
+            terms["cct_text"] = cfg.mmcst.cct_weight * contrastive_class_token_loss(
+                [t[:, C:2 * C] for t in layers], y)
+    return terms
 
 
 def class_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,15 @@ def _empty_visual(arch: str, quick_gelu: bool) -> nn.Module:
     return m.visual.float().eval().requires_grad_(False)
 
 
+def center_embeddings(emb: torch.Tensor) -> torch.Tensor:
+    """``mmcst.text_center``: the (C, E) embeddings minus their class mean, L2-normalised, so that what the
+    prompts share (all but the class word) no longer makes the textual tokens one token. One class: as is."""
+    if emb.shape[0] < 2:
+        return emb
+    emb = emb.float() - emb.float().mean(0, keepdim=True)
+    return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def load_text_side(mc, prompts_for, num_classes: int, cache_dir, rebuilding: bool) -> TextSide:
     """The CLIP inputs of MMCST from the ``mmcst`` section ``mc``.
 
@@ -295,6 +304,8 @@ def load_text_side(mc, prompts_for, num_classes: int, cache_dir, rebuilding: boo
     if len(prompts) != num_classes:
         raise TokensegError(f"mmcst.class_names: {len(prompts)} names for {num_classes} classes")
     emb = text_features(clip, prompts, mc.prompt, cache_dir)
+    if mc.text_center:
+        emb = center_embeddings(emb)
     if emb.shape[1] != mc.text_dim:
         raise TokensegError(f"mmcst.text_dim={mc.text_dim}, but {source}'s text embeddings have {emb.shape[1]} "
                             f"dimensions: set mmcst.text_dim={emb.shape[1]}")
@@ -303,4 +314,4 @@ def load_text_side(mc, prompts_for, num_classes: int, cache_dir, rebuilding: boo
                     [mc.prompt.format(p) for p in prompts])
 
 
-__all__ = ["MMCSTViT", "TextSide", "load_text_side", "random_clip_tower", "RANDOM_TOWER"]
+__all__ = ["MMCSTViT", "TextSide", "center_embeddings", "load_text_side", "random_clip_tower", "RANDOM_TOWER"]
