@@ -148,6 +148,57 @@ def test_background_token_layout_of_a_cti_style_base():
             {"tokens": tokens[:, 1:], "grid": (4, 4), "patch_map": out["patch_map"][:, 1:]}, torch.ones(2, C))
 
 
+def test_pooled_prototypes_are_masked_averages_under_the_cam_argmax():
+    """otpl.prototypes=pooled (Eq. 13 on a class-token base): with the identity conv, each proxy is the mean
+    patch feature where the labelled CAM's argmax (background 1 − max) is that column; a class with no such
+    patch keeps its class token; the background column is the pooled background (``auto``)."""
+    from tokenseg.methods.otpl.model import OTPLModel
+
+    C, M, D = 3, 16, 8
+    base = nn.Module()
+    base.num_prefix, base.patch_size = C, 8
+    model = OTPLModel(base, "fake", None, C, OTPLConfig(prototypes="pooled"))
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, C + M, D, generator=g)
+    cam = torch.randn(2, C, 4, 4, generator=g)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    prox = model.proxy_outputs({"tokens": tokens, "grid": (4, 4), "patch_map": cam}, labels)["otpl_proxies"]
+    feats = tokens[:, C:]
+    for b in range(2):
+        m = cam[b].flatten(1).relu()
+        m = m / (m.amax(1, keepdim=True) + 1e-5) * labels[b][:, None]
+        scores = torch.cat([(1 - m.amax(0, keepdim=True)).clamp_min(0), m])
+        scores[1:][labels[b] == 0] = float("-inf")
+        arg = scores.argmax(0)
+        for j in range(C + 1):
+            sel = arg == j
+            want = feats[b][sel].mean(0) if sel.any() else tokens[b, j - 1]
+            torch.testing.assert_close(prox[b, j], want, atol=1e-5, rtol=0)
+    assert not torch.equal(prox[:, 1:], tokens[:, :C])  # not the class tokens (the default)
+
+
+def test_pooled_prototypes_detached_keep_the_proxy_losses_out_of_the_patch_features():
+    """The from-scratch demo's combination (pooled prototypes, detach_prototypes, detach_selected,
+    ppc_features=detach): L_ppc and L_p.cls train the proxy conv but send no gradient into the patch tokens."""
+    from tokenseg.methods.otpl.model import OTPLModel
+
+    C, M, D = 3, 16, 8
+    base = nn.Module()
+    base.num_prefix, base.patch_size = C, 8
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    for detach, reaches in ((True, False), (False, True)):
+        o = OTPLConfig(prototypes="pooled", detach_prototypes=detach, detach_selected=detach, ppc_features="detach")
+        model = OTPLModel(base, "fake", None, C, o)
+        g = torch.Generator().manual_seed(6)
+        tokens = torch.randn(2, C + M, D, generator=g).requires_grad_(True)
+        out = {"tokens": tokens, "grid": (4, 4), "patch_map": torch.randn(2, C, 4, 4, generator=g)}
+        out.update(model.proxy_outputs(out, labels))
+        terms = otpl_terms(out, labels, o)
+        gt, gw = torch.autograd.grad(terms["otpl_pcls"] + terms["otpl_ppc"], [tokens, model.proxy.conv.weight])
+        assert (gt[:, C:].abs().sum() > 0) == reaches, detach
+        assert gw.abs().sum() > 0
+
+
 class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
     """Fails on every op that reads a tensor's value back to the host."""
 
@@ -441,6 +492,7 @@ def test_clip_variant_maps_use_the_training_prototypes_of_the_image_seeds(tiny_o
     (["otpl.top_k=0"], "otpl.top_k"),
     (["otpl.fusion=median"], "otpl.fusion"),
     (["otpl.proxy_kernel=2"], "proxy_kernel"),
+    (["otpl.prototypes=mean"], "otpl.prototypes"),
 ])
 def test_bad_otpl_settings_name_the_key(over, match):
     with pytest.raises(TokensegError, match=match):

@@ -82,6 +82,11 @@ class OTPLConfig:
     proxy_bias: bool = True
     proxy_weight_decay: float = 0.0  # [I] the proxy conv is initialised to the identity; decay would shrink it
     detach_selected: bool = False  # [I] no gradient through the top-K features H_c
+    prototypes: str = "tokens"  # otpl: Q of the OT and the proxies — tokens (the base's output class tokens,
+    # the paper) | pooled [I] (Eq. 13, the supplement's prototypes for a base whose tokens cannot serve:
+    # the masked average of the patch features under the classifier CAM's argmax, per image; a class with
+    # no such patch keeps its class token; background column `auto` -> pooled). The from-scratch demo's
+    # choice: there the class tokens do not point at their objects in patch-feature space (README "OTPL")
     # maps (otpl): the proxy CAM fused with a base map before the patch-affinity refinement
     fusion: str = "geometric"  # [I] geometric (sqrt(a·p)) | arithmetic | product | max
     fuse_with: str = "fused"  # the base map kind (without _affinity) the proxy CAM is fused with
@@ -90,7 +95,8 @@ class OTPLConfig:
     clip_seeds: str = ""  # folder of CLIP-ES seed files (.npz/.npy) of the train split
     clip_bg_power: float = 1.0  # background of seeds without one: (1 − max)^power (CLIP-ES's α = 1)
     seed_stride: int = 4  # seeds travel with the crop at img_size / seed_stride, pooled to the grid
-    detach_prototypes: bool = False  # [I] no gradient through the masked average pooling of Q
+    detach_prototypes: bool = False  # [I] no gradient through the masked average pooling of Q (CLIP-ES
+    # variant, and otpl with prototypes=pooled)
     memory_momentum: float = 0.9  # [I] EMA of the class prototypes used where an image has no seeds
     encoder_trainable_blocks: int = -1  # -1 all, 0 frozen encoder, n: the last n blocks (+ final norm)
 
@@ -346,6 +352,7 @@ def _check_common(o: OTPLConfig) -> None:
     choice("ppc_reduce", o.ppc_reduce, ("sum", "mean"))
     choice("fusion", o.fusion, FUSIONS)
     choice("background", o.background, ("auto", "token", "pooled", "none"))
+    choice("prototypes", o.prototypes, ("tokens", "pooled"))
 
 
 def validate(cfg) -> None:

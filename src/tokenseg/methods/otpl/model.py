@@ -88,9 +88,12 @@ class OTPLModel(nn.Module):
         ones = present.new_ones(present.shape[0], 1)
         cam_mask = torch.cat([ones, present], 1)
         cam_arg = cam_argmax(cam, cam_mask)
+        if s.prototypes == "pooled":  # [I] Eq. 13 on the class-token base: Q_c = MAP(Mask(M^cls) ⊙ F)
+            pooled, counts = masked_average(feats.detach() if s.detach_prototypes else feats, cam_arg, C + 1)
+            q_fg = torch.where(counts[:, 1:, None] > 0, pooled[:, 1:].to(q_fg.dtype), q_fg)
         bg = s.background
         if bg == "auto":  # the spec's Q: C class tokens, or C + 1 with the base's background token
-            bg = "token" if q_bg_token is not None else "none"
+            bg = "token" if q_bg_token is not None else "pooled" if s.prototypes == "pooled" else "none"
         if bg == "token":
             if q_bg_token is None:
                 raise TokensegError(f"otpl.background=token: the base {self.otpl_base!r} has no background token "
