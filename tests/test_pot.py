@@ -89,14 +89,18 @@ def test_paper_stage_sends_each_feature_to_its_cluster(solver, marginal):
     assert feats.grad.abs().sum() > 0  # prototypes and activations carry the gradient
 
 
-def test_paper_stage_equals_a_per_pair_reference_with_pot_library():
-    """One pair at a time in numpy, the plan from the POT library's Sinkhorn (``import ot``)."""
+@pytest.mark.parametrize("sink", [False, True])
+def test_paper_stage_equals_a_per_pair_reference_with_pot_library(sink):
+    """One pair at a time in numpy, the plan from the POT library's Sinkhorn (``import ot``); with
+    ``pot.background_prototype`` one more column: the mean feature where every present class's baseline is
+    <= 1 − τ, with that set's share of the image as its mass."""
     import ot as pot_lib
 
     feats, base, present, owner, _ = _two_cluster_batch(noise=0.3)
     valid = torch.ones(2, 4, 6)
     valid[1, 0, 5] = 0  # a padded pixel: no mass, no map
-    pc = _options(solver="log", ot_iters=2000, marginal="similarity", marginal_temperature=0.5)
+    pc = _options(solver="log", ot_iters=2000, marginal="similarity", marginal_temperature=0.5,
+                  background_prototype=sink)
     st = paper_stage(feats.double(), base, present, valid, pc, torch.Generator().manual_seed(3))
     X = feats.double().flatten(2).transpose(1, 2).numpy()
     for g, (b, c) in enumerate(zip(st.slots.b.tolist(), st.slots.c.tolist())):
@@ -108,14 +112,21 @@ def test_paper_stage_equals_a_per_pair_reference_with_pot_library():
         unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
         cos_pq = unit(p) @ unit(q)
         nu = np.exp(cos_pq / 0.5) / np.exp(cos_pq / 0.5).sum()
-        assert np.allclose(st.marginal[g].numpy(), nu, atol=1e-6)
         cost = 1 - unit(x[v]) @ unit(p).T
+        if sink:
+            fg = (base[b] * present[b][:, None, None]).amax(0).flatten().numpy()
+            bg = v & (fg <= 1 - pc.tau)
+            beta = bg.sum() / v.sum()
+            assert 0 < beta < 1
+            nu = np.append(nu * (1 - beta), beta)
+            cost = np.concatenate([cost, 1 - unit(x[v]) @ unit(x[bg].mean(0))[:, None]], 1)
+        assert np.allclose(st.marginal[g].numpy(), nu[:2], atol=1e-6)
         T = pot_lib.sinkhorn(np.full(v.sum(), 1 / v.sum()), nu, cost, reg=0.1, numItermax=20000, stopThr=1e-12)
-        assert np.allclose(st.plan[g].numpy()[v], T, atol=1e-7)
+        assert np.allclose(st.plan[g].numpy()[v], T[:, :2], atol=1e-7)
         omega = lab[v] >= 0
         p2 = np.stack([(T[omega, k:k + 1] * x[v][omega]).sum(0) / T[omega, k].sum() for k in range(2)])
         act = np.maximum(unit(x[v]) @ unit(p2).T, 0)
-        m = ((T / T.sum(1, keepdims=True)) * act).sum(1)
+        m = ((T / T.sum(1, keepdims=True))[:, :2] * act).sum(1)
         m = m / (m.max() + 1e-5)
         ours = st.cam[b, c].flatten().numpy()
         assert np.allclose(ours[v], m, atol=1e-6) and (ours[~v] == 0).all()
@@ -344,6 +355,36 @@ def test_a_few_steps_lower_the_loss(tiny_overrides):
         totals.append(float(total.detach()))
     assert set(terms) == {"cls", "con", "_omega"}
     assert totals[-1] < totals[0] - 0.05, totals
+
+
+def test_before_start_epoch_a_step_trains_the_classifier_alone(tiny_overrides):
+    """pot.start_epoch: earlier steps skip the prototype stages (no consistency term, no gradient into the side
+    convs); from that epoch on a step is the default one, term for term."""
+    method = get_method("pot")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 48, 48, generator=g), "labels": torch.tensor(
+        [[1.0, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]]), "valid": torch.ones(4, 6, 6)}
+
+    def step(epoch, *extra):
+        cfg = load_config("pot", [*TINY, *tiny_overrides, *extra])
+        torch.manual_seed(0)
+        model = method.build(cfg, 3)
+        ctx = StepContext(epoch, 3 * epoch, 6, 3)
+        terms = method.loss(method.forward(model, batch, ctx, cfg), batch, ctx, cfg)
+        sum(v for k, v in terms.items() if not k.startswith("_")).backward()
+        return terms, model
+
+    early, model = step(1, "pot.start_epoch=2")
+    assert set(early) == {"cls", "con"} and float(early["con"].detach()) == 0.0
+    assert not model.side1.weight.grad.abs().any() and model.classifier.weight.grad.abs().any()
+    plain, _ = step(1)
+    assert float(early["cls"]) == pytest.approx(float(plain["cls"]))
+    late, _ = step(2, "pot.start_epoch=2")
+    plain, _ = step(2)
+    assert set(late) == {"cls", "con", "_omega"} and float(plain["con"]) > 0
+    assert all(float(late[k]) == pytest.approx(float(plain[k])) for k in plain)
+    with pytest.raises(TokensegError, match="pot.start_epoch"):
+        load_config("pot", [*TINY, "pot.start_epoch=-1"])
 
 
 # ------------------------------------------------------------------------------ the chain through the CLI
