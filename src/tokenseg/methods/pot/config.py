@@ -59,10 +59,6 @@ class POTConfig:
     ot_thresh: float = 1e-2
     # stage 3: activation
     update: str = "soft"  # [I] soft (plan-weighted means) | hard (argmax of the plan) | none (k-means centres)
-    # [I] demo: the OT gets one more column per pair, the image's background prototype (mean F where every
-    # present class's baseline is <= 1 - tau), with mass |bg| / (|bg| + |confident|); the pixels it takes are
-    # not activated (false = the paper: every pixel goes to the class's clusters and is activated)
-    background_prototype: bool = False
     update_region: str = "confident"  # [I] confident (pixels of the confident set) | all (every pixel)
     # losses: cls_weight * MLSM + con_weight * mean |pred - target| (the code: 0.5 and 10)
     cls_weight: float = 0.5

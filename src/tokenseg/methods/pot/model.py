@@ -248,27 +248,6 @@ def _marginal(protos: torch.Tensor, counts: torch.Tensor, alive: torch.Tensor, h
     return nu / nu.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def _background_column(X: torch.Tensor, xnorm: torch.Tensor, base: torch.Tensor, present: torch.Tensor,
-                       vflat: torch.Tensor, omega: torch.Tensor, cost: torch.Tensor, nu: torch.Tensor,
-                       alive: torch.Tensor, sl: Slots, tau: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pot.background_prototype`` [I]: one more OT column per pair, its image's background prototype
-    (the mean ``F`` over Ω_bg = the valid pixels where every present class's baseline is ≤ 1 − τ), with ν
-    mass β = |Ω_bg| / (|Ω_bg| + |Ω_c|) and the clusters' ν scaled by 1 − β. Returns the (G, N, K+1) cost,
-    (G, K+1) ν and live columns; an image with no Ω_bg gets a dead column (β = 0: the paper's OT)."""
-    B, N, D = X.shape
-    fg = (base * present[:, :, None].to(base.dtype)).amax(1)  # (B, N) the strongest present class
-    bg = vflat & (fg <= 1.0 - tau)
-    n_bg = bg.sum(1).to(X.dtype)  # (B,)
-    proto = torch.bmm(bg.to(X.dtype)[:, None], X)[:, 0] / n_bg.clamp_min(1)[:, None]  # (B, D)
-    cos = torch.bmm(X, _unit(proto)[:, :, None])[..., 0] / xnorm[..., 0]  # (B, N)
-    has_bg = n_bg > 0
-    beta = torch.where(has_bg[sl.b], n_bg[sl.b] / vflat.sum(1).to(X.dtype)[sl.b].clamp_min(1), 0.0)
-    cost = torch.cat([cost, (1.0 - cos[sl.b])[..., None].to(cost.dtype)], -1)
-    nu = torch.cat([nu * (1.0 - beta)[:, None], beta[:, None]], -1).to(nu.dtype)
-    return cost, nu, torch.cat([alive, has_bg[sl.b, None]], -1)
-
-
 def paper_stage(features: torch.Tensor, baseline: torch.Tensor, present: torch.Tensor, valid: torch.Tensor,
                 pc, generator: torch.Generator | None = None, init: torch.Tensor | None = None) -> PaperStage:
     """Stages 1–3 of the paper (§11.2) for every present (image, class) pair of a batch at once.
@@ -289,9 +268,6 @@ def paper_stage(features: torch.Tensor, baseline: torch.Tensor, present: torch.T
        ``none``: keep p_k); A_k = ReLU(cos(F, p'_k)); M_pot = Σ_k (T_ik / Σ_k' T_ik') A_k(i), max-normalised.
        Update region [I] ``confident`` (Ω): over all pixels every pixel's full OT mass lands in some
        cluster, so each prototype would be mostly background (``all`` does that, the literal reading).
-    ``pc.background_prototype`` [I] (default off): the OT gets one more column, the image's background
-    prototype (:func:`_background_column`); the pixels it takes get no activation. ``plan`` and the
-    returned ``marginal`` keep the K cluster columns only (ν there sums to 1 − β).
     """
     B, D, h, w = features.shape
     C = present.shape[1]
@@ -327,29 +303,21 @@ def paper_stage(features: torch.Tensor, baseline: torch.Tensor, present: torch.T
         nu = _marginal(protos.detach(), counts, alive, pc.marginal, pc.marginal_temperature)
         cost = 1.0 - _slot_cosines(X.detach(), xnorm.detach(), protos.detach(), sl)  # (G, N, K)
         rows = vflat[sl.b] & has[:, None]
-        cols = alive
-        if getattr(pc, "background_prototype", False):
-            cost, nu, cols = _background_column(X.detach(), xnorm.detach(), base, present, vflat, omega, cost, nu,
-                                                alive, sl, pc.tau)
         if pc.solver == "code":
             plan = sinkhorn_code(cost, None, nu, eps=pc.ot_eps, max_iter=pc.ot_iters, thresh=pc.ot_thresh,
-                                 row_mask=rows, col_mask=cols, groups=sl.b)
+                                 row_mask=rows, col_mask=alive, groups=sl.b)
         else:
-            plan = sinkhorn(cost, None, nu, eps=pc.ot_eps, iters=pc.ot_iters, row_mask=rows, col_mask=cols)
+            plan = sinkhorn(cost, None, nu, eps=pc.ot_eps, iters=pc.ot_iters, row_mask=rows, col_mask=alive)
         plan = torch.nan_to_num(plan, nan=0.0, posinf=0.0)
         row = plan.sum(-1, keepdim=True)
-        weight = torch.where(row > 0, plan / row.clamp_min(1e-30), 0.0)  # (G, N, K'): T_ik / Σ_k' T_ik'
-        winner = plan.argmax(-1)  # the hard update's column (the background one included)
-        if plan.shape[-1] > K:  # the background column takes mass, never activation or prototype updates
-            plan, weight, nu = plan[..., :K], weight[..., :K], nu[..., :K]
-            row = plan.sum(-1, keepdim=True)
+        weight = torch.where(row > 0, plan / row.clamp_min(1e-30), 0.0)  # (G, N, K): T_ik / Σ_k' T_ik'
 
         # stage 3: prototypes from the allocated features
         if pc.update == "none":
             upd = None
         else:
             region = omega if pc.update_region == "confident" else rows
-            t = plan if pc.update == "soft" else F.one_hot(winner, K + 1)[..., :K].to(plan.dtype) * (row > 0)
+            t = plan if pc.update == "soft" else F.one_hot(plan.argmax(-1), K).to(plan.dtype) * (row > 0)
             upd = t * region[..., None]
             upd = upd / upd.sum(1, keepdim=True).clamp_min(1e-30)  # per-cluster weights summing to 1
     if upd is None:
