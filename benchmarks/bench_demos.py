@@ -69,7 +69,8 @@ def overrides(dataset: dict, recipe: str, args) -> list[str]:
         out += ["train.epochs=1", "train.batch_size=8", "maps.scales=[1.0]", "maps.flip=false",
                 "train.warmup_epochs=0" if recipe != "demo-pot" else None,  # POT: SGD + poly, no warm-up key
                 "otpl.start_epoch=0" if recipe == "demo-otpl" else None,
-                "cti.start_epoch=0" if recipe == "demo-cti" else None]
+                "cti.start_epoch=0" if recipe == "demo-cti" else None,
+                "pot.start_epoch=0" if recipe == "demo-pot" else None]
     out += args.set or []
     return [o for o in out if o]
 

@@ -346,6 +346,36 @@ def test_a_few_steps_lower_the_loss(tiny_overrides):
     assert totals[-1] < totals[0] - 0.05, totals
 
 
+def test_before_start_epoch_a_step_trains_the_classifier_alone(tiny_overrides):
+    """pot.start_epoch: earlier steps skip the prototype stages (no consistency term, no gradient into the side
+    convs); from that epoch on a step is the default one, term for term."""
+    method = get_method("pot")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 48, 48, generator=g), "labels": torch.tensor(
+        [[1.0, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]]), "valid": torch.ones(4, 6, 6)}
+
+    def step(epoch, *extra):
+        cfg = load_config("pot", [*TINY, *tiny_overrides, *extra])
+        torch.manual_seed(0)
+        model = method.build(cfg, 3)
+        ctx = StepContext(epoch, 3 * epoch, 6, 3)
+        terms = method.loss(method.forward(model, batch, ctx, cfg), batch, ctx, cfg)
+        sum(v for k, v in terms.items() if not k.startswith("_")).backward()
+        return {k: float(v.detach()) for k, v in terms.items()}, model
+
+    early, model = step(1, "pot.start_epoch=2")
+    assert set(early) == {"cls", "con"} and early["con"] == 0.0
+    assert not model.side1.weight.grad.abs().any() and model.classifier.weight.grad.abs().any()
+    plain, _ = step(1)
+    assert early["cls"] == pytest.approx(plain["cls"])
+    late, _ = step(2, "pot.start_epoch=2")
+    plain, _ = step(2)
+    assert set(late) == {"cls", "con", "_omega"} and plain["con"] > 0
+    assert all(late[k] == pytest.approx(plain[k]) for k in plain)
+    with pytest.raises(TokensegError, match="pot.start_epoch"):
+        load_config("pot", [*TINY, "pot.start_epoch=-1"])
+
+
 # ------------------------------------------------------------------------------ the chain through the CLI
 def _fake_clip_seeds(cfg, root, splits=("train", "val")):
     """CLIP-ES-like seeds from the ground truth: each present class's mask, blurred, max 1."""

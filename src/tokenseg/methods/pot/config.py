@@ -25,7 +25,7 @@ class POTConfig:
         "pot.output_stride": ">=1", "pot.new_lr_mult": ">0", "pot.resize_long": ">=1", "pot.crop": ">=1",
         "pot.resize": ">=1", "pot.tau": ">=0", "pot.clusters": ">=0", "pot.kmeans_iters": ">=1",
         "pot.marginal_temperature": ">0", "pot.ot_eps": ">0", "pot.ot_iters": ">=1", "pot.ot_thresh": ">=0",
-        "pot.cls_weight": ">=0", "pot.con_weight": ">=0", "pot.seed": ">=0"}
+        "pot.cls_weight": ">=0", "pot.con_weight": ">=0", "pot.start_epoch": ">=0", "pot.seed": ">=0"}
 
     mode: str = "paper"  # paper (§11.2, [I] reconstructions below) | code (the released code, §11.4)
     # network (§11.1)
@@ -66,6 +66,9 @@ class POTConfig:
     target: str = "auto"  # auto (paper: classifier; code: fused) | classifier (the supplement) | fused (the code's)
     adaptive: bool = True  # [I] weight each pixel's class term by max_k of its row-normalised plan
     detach_target: bool = False  # the code back-propagates through the target too (§16.23)
+    # epoch (0-based) from which the consistency term counts; before it a step trains the classifier alone and
+    # skips the prototype stages (0 = from the start, the paper and the code; the demo from scratch: later)
+    start_epoch: int = 0
     # inference
     flip_fusion: str = "features"  # features (the code sums orig + flipped features) | maps (sum maps)
     seed: int = 0  # k-means initialisation at inference
@@ -100,6 +103,11 @@ def momentum_of(pc, tc) -> float:
     if pc.momentum == "code" or (pc.momentum == "auto" and pc.mode == "code"):
         return CODE_MOMENTUM
     return float(tc.momentum)
+
+
+def con_active(pc, epoch: int) -> bool:
+    """Whether a training step of ``epoch`` computes the consistency term (and so the prototype stages)."""
+    return pc.con_weight > 0 and epoch >= pc.start_epoch
 
 
 def _stage_options(pc):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ...core.losses import multilabel_soft_margin
 from .model import POTNet, code_fusion, code_stage, max_norm, paper_stage
-from .config import _stage_options, clusters_of, momentum_of, numpy_init_of, target_of
+from .config import _stage_options, clusters_of, con_active, momentum_of, numpy_init_of, target_of
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -65,9 +65,12 @@ def classifier_cam(cam: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
-    """The network once, then the prototype stages of the mode (fp32, no autocast)."""
+    """The network once, then the prototype stages of the mode (fp32, no autocast); before
+    ``pot.start_epoch`` (or with ``pot.con_weight=0``) the stages are skipped: the step trains the classifier."""
     pc = cfg.pot
     out = model(batch["image"])
+    if not con_active(pc, ctx.epoch):
+        return out
     feats = out["features"]
     dev = feats.device
     size = feats.shape[-2:]
@@ -106,13 +109,15 @@ def loss(out: dict, batch: dict, ctx, cfg) -> dict:
     """cls_weight · MLSM(scores) + con_weight · mean |pred − target| over (B, C+1, h, w), both masked
     by [valid, valid·y] and max-normalised per channel (the code's ``lossCon``)."""
     pc = cfg.pot
+    cls = pc.cls_weight * multilabel_soft_margin(out["cls_logits"], batch["labels"])
+    if "pot_pred" not in out:  # before pot.start_epoch: the features stay in the graph at zero weight (DDP)
+        return {"cls": cls, "con": 0.0 * out["features"].float().sum()}
     vm = out["pot_mask"]
     target = out["pot_target"].detach() if pc.detach_target else out["pot_target"]
     diff = (max_norm(out["pot_pred"] * vm) - max_norm(target * vm)).abs()
     if "pot_weight" in out:
         diff = diff * out["pot_weight"]
-    terms = {"cls": pc.cls_weight * multilabel_soft_margin(out["cls_logits"], batch["labels"]),
-             "con": pc.con_weight * diff.mean()}
+    terms = {"cls": cls, "con": pc.con_weight * diff.mean()}
     if "_omega" in out:
         terms["_omega"] = out["_omega"].detach()
     return terms
