@@ -270,14 +270,15 @@ def irn_loss(edge_logits: torch.Tensor, disp: torch.Tensor | None, labels: torch
     l_neg = (neg_f * -torch.log(1.0 + EPS - aff)).sum() / (n_neg + EPS)
     loss = (l_bg / 2 + l_fg / 2 + l_neg) / 2
     parts = {"bg": l_bg.detach(), "fg": l_fg.detach(), "neg": l_neg.detach()}
-    if disp is not None:
-        dirs = search_directions(radius)
-        src = disp[:, :, :hh, r:r + ww].unsqueeze(2)
-        dst = torch.stack([disp[:, :, dy:dy + hh, r + dx:r + dx + ww] for dy, dx in dirs], 2)
-        pair = src - dst  # (B, 2, n_dirs, hh, ww)
-        target = torch.tensor(dirs, dtype=disp.dtype, device=disp.device).T.reshape(1, 2, len(dirs), 1, 1)
-        l_dfg = ((pair - target).abs() * fg_f.unsqueeze(1)).sum() / (2 * n_fg + EPS)
-        l_dbg = (pair.abs() * bg_f.unsqueeze(1)).sum() / (2 * n_bg + EPS)
+    if disp is not None:  # per direction: (B, 2, hh, ww) pieces stay in cache, no (B, 2, n_dirs, hh, ww) stack
+        src = disp[:, :, :hh, r:r + ww]
+        w_fg, w_bg = fg_f / (2 * n_fg + EPS), bg_f / (2 * n_bg + EPS)
+        l_dfg = l_dbg = disp.new_zeros(())
+        for d, (dy, dx) in enumerate(search_directions(radius)):
+            pair = src - disp[:, :, dy:dy + hh, r + dx:r + dx + ww]
+            target = torch.tensor([dy, dx], dtype=disp.dtype, device=disp.device).view(1, 2, 1, 1)
+            l_dfg = l_dfg + ((pair - target).abs().sum(1) * w_fg[:, d]).sum()
+            l_dbg = l_dbg + (pair.abs().sum(1) * w_bg[:, d]).sum()
         loss = loss + (l_dfg + l_dbg) / 2
         parts.update(dp_fg=l_dfg.detach(), dp_bg=l_dbg.detach())
     return loss, parts
