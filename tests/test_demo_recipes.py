@@ -156,6 +156,16 @@ def test_demo_method_prints_its_own_seeds_next_to_mctformer_plus(tmp_path, capsy
     assert (tmp_path / "demo" / "checkpoint.pt").is_file()  # the reference, trained once beside it
 
 
+def test_a_method_demo_never_shares_its_folder_with_the_reference(tmp_path):
+    """`--out x/demo` for a method's demo: MCTformer+'s reference goes inside it, not into the same folder
+    (which stopped the run with "made with other settings"); otherwise it sits beside, shared."""
+    from tokenseg.pipeline import reference_folder
+
+    assert reference_folder(tmp_path / "demo-cti") == tmp_path / "demo"
+    assert reference_folder(tmp_path / "demo") == tmp_path / "demo" / "demo"
+    assert reference_folder(tmp_path / "x" / ".." / "demo") == tmp_path / "x" / ".." / "demo" / "demo"
+
+
 def test_bench_without_mctformer_plus_says_not_judged_not_passed(tmp_path):
     """A run of one recipe alone (no MCTformer+ on that dataset) cannot pass the 0.8× rule: it says so."""
     bench = _bench()

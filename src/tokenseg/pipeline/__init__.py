@@ -242,7 +242,7 @@ def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = Tr
                "seeds_seconds": seeds_seconds, "checkpoint": str(ckpt or ""), "gallery": str(gpath)}
     print(f"gallery: {gpath}  (seeds table after {seeds_seconds} s)")
     if preset != REFERENCE_DEMO:
-        summary["reference"] = _demo_reference(out.parent / REFERENCE_DEMO, overrides_for_data(overrides), progress)
+        summary["reference"] = _demo_reference(reference_folder(out), overrides_for_data(overrides), progress)
         reference = load_config(REFERENCE_DEMO).model.method
         own = own_kind(cfg.model.method, results)
         summary["own_kind"] = own
@@ -262,6 +262,14 @@ def demo(output_dir: str | Path | None = None, overrides=(), progress: bool = Tr
 def overrides_for_data(overrides) -> list[str]:
     """The overrides that change the data (kept for the reference run of a comparison)."""
     return [o for o in overrides if o.startswith("data.")]
+
+
+def reference_folder(out: Path) -> Path:
+    """Where MCTformer+'s reference demo of a method's demo in ``out`` lives: beside it (``runs/demo``
+    next to ``runs/demo-cti``, shared by every method's demo), or inside ``out`` when the method's own
+    folder is named like the reference's (``--out x/demo``), so the two runs never share a folder."""
+    beside = out.parent / REFERENCE_DEMO
+    return out / REFERENCE_DEMO if beside.resolve() == out.resolve() else beside
 
 
 def _demo_reference(folder: Path, overrides, progress: bool) -> dict[str, dict]:
