@@ -367,6 +367,34 @@ def test_view2_from_start_epoch_trains_view_1_alone_before_the_terms(tmp_path):
     assert all(t == {"cls"} for _, t in seen[:6]) and all(t >= {"cls", "bg", "intra"} for _, t in seen[6:])
 
 
+def test_cct_weight_adds_mctformer_plus_cct_on_view_1s_foreground_tokens(tmp_path):
+    """``cti.cct_weight`` (demo-cti): MCTformer+'s CCT on view 1's C foreground tokens after every block,
+    in the view-1-only step and in the authors' full step alike (the same tokens as a plain pass, since
+    view 1 runs the same blocks); off (0, their code) no term and no kept tokens."""
+    from tokenseg.core.losses import contrastive_class_token_loss
+    from tokenseg.models.attention import run_blocks
+
+    cti = get_method("cti")
+    cfg = tiny(tmp_path, "cti.cct_weight=0.5", "cti.view2_from_start_epoch=true", "cti.start_epoch=1")
+    model = cti.build(cfg, 3).train()
+    batch = fixed_batch(cfg)
+    y = batch["labels"].float()
+    tokens, _ = model.embed(batch["image"])  # the reference: every block's output, foreground rows 1..C
+    ref_layers = [t[:, 1:] for t in run_blocks(model.blocks, tokens, model.num_prefix, keep_layer_tokens=True).layer_tokens]
+    want = 0.5 * contrastive_class_token_loss(ref_layers, y)
+    for epoch in (0, 1):  # view 1 alone, then their full step
+        ctx = StepContext(epoch=epoch, step=epoch, total_steps=2, steps_per_epoch=1)
+        out = cti.forward(model, batch, ctx, cfg)
+        assert len(out["layer_cls_tokens"]) == len(model.blocks)
+        torch.testing.assert_close(cti.loss(out, batch, ctx, cfg)["cct"], want, rtol=1e-5, atol=1e-6)
+    off = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1")
+    ctx = StepContext(epoch=0, step=0, total_steps=2, steps_per_epoch=1)
+    out = cti.forward(model, batch, ctx, off)
+    assert "layer_cls_tokens" not in out and "cct" not in cti.loss(out, batch, ctx, off)
+    with pytest.raises(TokensegError, match="cti.cct_weight"):
+        load_config("demo-cti", ["cti.cct_weight=-1"])
+
+
 def test_two_independent_views(tmp_path):
     cfg = tiny(tmp_path, "model.img_size=32")
     views = get_method("cti").views(cfg)

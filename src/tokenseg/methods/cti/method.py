@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ...core.errors import TokensegError
-from ...core.losses import multilabel_soft_margin
+from ...core.losses import contrastive_class_token_loss, multilabel_soft_margin
 from .. import BACKGROUND, MapRecipe, Method, image_only, register
 from ..mctformer import KIND_TITLES
 # val mAP and `predict`: the mean of class-token and PatchCAM scores, as MCTformer's [I: their code has no val mAP]
@@ -42,7 +42,7 @@ class CTIConfig:
     RANGES: ClassVar[dict] = {  # natural ranges, checked by config.validate_ranges
         "cti.weights": ">=0", "cti.start_epoch": ">=0", "cti.swap_layer": ">=0", "cti.memory_size": ">=1",
         "cti.train_attn_layers": ">=1", "cti.train_affinity_from": ">=-1", "cti.infer_affinity_layers": ">=0",
-        "cti.expect_classes": ">=0"}
+        "cti.expect_classes": ">=0", "cti.cct_weight": ">=0"}
 
     weights: list = field(default_factory=lambda: [0.1, 1.0, 1.0])  # W: BG-CAM, intra, cross (COCO: 0.1 each)
     start_epoch: int = 0  # the three terms count from this epoch (their ``epo > warmup``: VOC 0, COCO 2)
@@ -59,6 +59,9 @@ class CTIConfig:
     # view 2: about 0.4x the cost of their step), view 2 joins with the three terms. false = their code (both
     # views from the first step)
     view2_from_start_epoch: bool = False
+    # [demo] > 0: MCTformer+'s contrastive class-token loss (CCT) on view 1's C foreground tokens after every
+    # block, from the first step. 0 = their code (CTI has no such term)
+    cct_weight: float = 0.0
 
 
 def weights_of(cfg) -> tuple[float, float, float]:
@@ -73,7 +76,7 @@ def plan_for(cfg, epoch: int):
     on = epoch >= c.start_epoch
     return CTIPlan(bg=on and w_bg > 0, intra=on and w_intra > 0, cross=on and w_cross > 0, swap=c.swap_layer,
                    attn_layers=c.train_attn_layers, affinity_from=affinity_from(cfg),
-                   view2=on or not c.view2_from_start_epoch)
+                   view2=on or not c.view2_from_start_epoch, layer_tokens=c.cct_weight > 0)
 
 
 def affinity_from(cfg) -> int:
@@ -98,7 +101,7 @@ def forward(model: nn.Module, batch: dict, ctx, cfg) -> dict:
     ``cti.start_epoch`` with ``cti.view2_from_start_epoch`` that is view 1's plain pass alone."""
     plan = plan_for(cfg, ctx.epoch)
     if not plan.view2:
-        return model(batch["image"])
+        return model(batch["image"], return_layer_tokens=plan.layer_tokens)
     return model(batch["image"], batch["image_pos"], batch["labels"], plan=plan)
 
 
@@ -123,6 +126,8 @@ def compute_losses(out: dict, labels: torch.Tensor, cfg) -> dict[str, torch.Tens
         cls = (cls + multilabel_soft_margin(out["cls_logits_pos"], y)
                + multilabel_soft_margin(out["patch_logits_pos"], y))
     terms = {"cls": cls}
+    if c.cct_weight > 0 and "layer_cls_tokens" in out:
+        terms["cct"] = c.cct_weight * contrastive_class_token_loss(out["layer_cls_tokens"], y)
     cams = out["cams"].float() if "cams" in out else None
     if "mtatt" in out:
         terms["bg"] = w_bg * bg_cam_loss(cams, out["mtatt"].float(), out["attn"], y, c.bg_detach_cams,

@@ -54,6 +54,7 @@ class CTIPlan:
     swap: int = 3  # their swap_idx: tokens after block ``swap`` are infused at the input of block swap + 1
     attn_layers: int = 6  # class-to-patch attention summed over the last N layers (their n_layers=6)
     affinity_from: int = 4  # patch affinity summed over layers affinity_from.. (their patch_attn[swap_idx+1:])
+    layer_tokens: bool = False  # keep view 1's foreground tokens after every block (``cti.cct_weight``)
     view2: bool = True  # False: the step is view 1's plain pass alone (before cti.start_epoch with cti.view2_from_start_epoch)
 
 
@@ -121,15 +122,19 @@ class CTIViT(ClassTokenViT):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, x_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                plan: CTIPlan | None = None) -> dict:
+                plan: CTIPlan | None = None, return_layer_tokens: bool = False) -> dict:
         """``forward(x)``: one plain pass (fused attention): ``cls_logits``, ``patch_logits``,
         ``patch_map`` (C+1 channels), ``tokens``, ``grid``. ``forward(x, x_pos, labels, plan)``: the
         whole training step's passes (:meth:`forward_train`)."""
         if x_pos is None:
             tokens, grid = self.embed(x)
-            tokens = self.output_norm(run_blocks(self.blocks, tokens, self.num_prefix).tokens)
+            res = run_blocks(self.blocks, tokens, self.num_prefix, keep_layer_tokens=return_layer_tokens)
+            tokens = self.output_norm(res.tokens)
             cls, pcls, fmap = self._heads(tokens, grid)
-            return {"cls_logits": cls, "patch_logits": pcls, "patch_map": fmap, "tokens": tokens, "grid": grid}
+            out = {"cls_logits": cls, "patch_logits": pcls, "patch_map": fmap, "tokens": tokens, "grid": grid}
+            if return_layer_tokens:
+                out["layer_cls_tokens"] = [t[:, 1:] for t in res.layer_tokens]
+            return out
         if labels is None:
             raise ValueError("the CTI training forward needs the labels (memory bank, cross infusion)")
         return self.forward_train(x, x_pos, labels, plan or CTIPlan())
@@ -158,14 +163,18 @@ class CTIViT(ClassTokenViT):
         tokens, grid = self.embed(torch.cat([x, x_pos]))
         M = tokens.shape[1] - P
         head = run_blocks(self.blocks, tokens, P, row_layers={i for i in row_layers if i <= s},
-                          full_layers={i for i in full_layers if i <= s}, stop=s + 1, grad=True)
+                          full_layers={i for i in full_layers if i <= s}, stop=s + 1, grad=True,
+                          keep_layer_tokens=plan.layer_tokens)
         x3, x3_pos = head.tokens.split(B)
         # view 1 on its own, explicit attention only where the BG-CAM loss reads it
         v1 = run_blocks(self.blocks, x3, P, row_layers={i for i in row_layers if i > s},
-                        full_layers={i for i in full_layers if i > s}, start=s + 1, grad=True)
+                        full_layers={i for i in full_layers if i > s}, start=s + 1, grad=True,
+                        keep_layer_tokens=plan.layer_tokens)
         pre, pat = x3.split([P, M], dim=1)
         pre_pos, pat_pos = x3_pos.split([P, M], dim=1)
         out: dict[str, Any] = {"ctk3": pre, "ctk3_pos": pre_pos, "grid": grid}
+        if plan.layer_tokens:  # view 1's foreground tokens after every block
+            out["layer_cls_tokens"] = [t[:B, 1:] for t in head.layer_tokens] + [t[:, 1:] for t in v1.layer_tokens]
 
         # view 2's continuation and the infusion passes from the shared block-`swap` tokens, one batch
         prefixes, patches, names = [pre_pos], [pat_pos], ["pos"]
