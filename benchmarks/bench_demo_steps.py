@@ -23,22 +23,23 @@ from tokenseg.config import load_config
 from tokenseg.engine import build_optimizer
 from tokenseg.methods import StepContext, get_method
 
-CLASSES = 6  # the demo's synthetic set
 
 
 def setup(recipe: str, overrides: list[str]) -> dict:
     cfg = load_config(recipe, overrides)
     method = get_method(cfg.model.method)
     torch.manual_seed(0)
-    model = method.build(cfg, CLASSES).train()
+    classes = cfg.data.synthetic.num_classes  # the demo's synthetic set (MMCST's prompts need its names)
+    model = method.build(cfg, classes).train()
     if hasattr(model, "memory_count"):  # CTI: the cross term counts once the memory is full
         model.memory_count.fill_(model.memory_size)
     B, size = cfg.train.batch_size, cfg.model.img_size
     g = torch.Generator().manual_seed(0)
     keys = list(method.views(cfg)) if method.views is not None else ["image"]
     batch = {k: torch.randn(B, 3, size, size, generator=g) for k in keys}
-    batch["labels"] = (torch.rand(B, CLASSES, generator=g) < 0.4).long()
+    batch["labels"] = (torch.rand(B, classes, generator=g) < 0.4).long()
     batch["index"] = torch.arange(B)
+    batch["valid"] = torch.ones(B, size, size)  # POT's view extra: the crop covers the whole input
     optimizer, _ = build_optimizer(method, model, cfg, steps_per_epoch=10, total_steps=10 * cfg.train.epochs)
     return {"cfg": cfg, "method": method, "model": model, "batch": batch, "optimizer": optimizer}
 
