@@ -309,7 +309,8 @@ def test_killed_and_resumed_training_matches_uninterrupted_memory_included(tmp_p
 def test_every_parameter_gets_a_gradient_whichever_terms_are_on(tmp_path):
     """Why ``dynamic_graph=False``: also in COCO's first two epochs (only the MLSM terms) every trainable
     parameter is reached, so DDP needs no unused-parameter search."""
-    cfg = tiny(tmp_path, "cti.weights=[0.1, 0.1, 0.1]", "cti.start_epoch=2", "cti.bg_detach_cams=true")
+    cfg = tiny(tmp_path, "cti.weights=[0.1, 0.1, 0.1]", "cti.start_epoch=2", "cti.bg_detach_cams=true",
+               "cti.cct_weight=0")  # their terms only (the demo's CCT: its own test)
     model = get_method("cti").build(cfg, 3)
     batch = fixed_batch(cfg)
     model.memory_count.fill_(4)
@@ -331,7 +332,7 @@ def test_view2_from_start_epoch_trains_view_1_alone_before_the_terms(tmp_path):
     the authors' step. The default (false) is their code (the fixture test above)."""
     from tokenseg.core.losses import multilabel_soft_margin
 
-    cfg = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1")
+    cfg = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1", "cti.cct_weight=0")
     cti = get_method("cti")
     model = cti.build(cfg, 3)
     batch = fixed_batch(cfg)
@@ -387,7 +388,7 @@ def test_cct_weight_adds_mctformer_plus_cct_on_view_1s_foreground_tokens(tmp_pat
         out = cti.forward(model, batch, ctx, cfg)
         assert len(out["layer_cls_tokens"]) == len(model.blocks)
         torch.testing.assert_close(cti.loss(out, batch, ctx, cfg)["cct"], want, rtol=1e-5, atol=1e-6)
-    off = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1")
+    off = tiny(tmp_path, "cti.view2_from_start_epoch=true", "cti.start_epoch=1", "cti.cct_weight=0")
     ctx = StepContext(epoch=0, step=0, total_steps=2, steps_per_epoch=1)
     out = cti.forward(model, batch, ctx, off)
     assert "layer_cls_tokens" not in out and "cct" not in cti.loss(out, batch, ctx, off)
