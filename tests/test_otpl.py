@@ -281,6 +281,25 @@ def test_maps_fuse_the_proxy_cam_with_the_base_map_before_the_affinity(tmp_path)
     assert torch.allclose(got["otpl_affinity"], ref, atol=1e-5)
 
 
+def test_a_training_setting_given_at_map_time_is_named_not_silently_ignored(tmp_path):
+    """The map step rebuilds the proxies from the checkpoint's otpl settings: a different training key at
+    map time (otpl.prototypes) gets one warning naming it; the map-time keys (otpl.fusion) do not."""
+    import warnings
+
+    cfg = load_config("tiny", TINY + [f"output_dir={tmp_path}"])
+    model = get_method("otpl").build(cfg, 3).eval()
+    x, labels, classes = torch.randn(1, 3, 48, 48), torch.tensor([[1.0, 0, 1]]), torch.tensor([0, 1, 2])
+    combine = get_method("otpl").recipe.combine
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        combine(model, x, labels, classes, cfg, ["otpl"])  # the checkpoint's own settings
+        combine(model, x, labels, classes, load_config("tiny", TINY + ["otpl.fusion=max"]), ["otpl"])
+        assert not [w for w in caught if "otpl." in str(w.message)]
+        combine(model, x, labels, classes, load_config("tiny", TINY + ["otpl.prototypes=pooled"]), ["otpl"])
+    said = [str(w.message) for w in caught if "otpl.prototypes" in str(w.message)]
+    assert len(said) == 1 and "'pooled' (checkpoint: 'tokens')" in said[0] and "otpl.fusion" in said[0]
+
+
 def test_first_step_proxies_are_the_class_tokens_and_pcls_equals_the_class_token_loss(tmp_path):
     cfg = load_config("tiny", TINY + [f"output_dir={tmp_path}"])
     method = get_method("otpl")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import ClassVar
 from dataclasses import dataclass
 
@@ -256,6 +257,25 @@ def fuse(base_map: torch.Tensor, proxy: torch.Tensor, how: str, normalise: bool 
     raise TokensegError(f"otpl.fusion must be one of {list(FUSIONS)}, got {how!r}")
 
 
+MAP_TIME_KEYS = ("fusion", "fuse_with", "fuse_normalise")  # the otpl.* keys the map step reads from its own config
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def warn_ignored_settings(o: OTPLConfig, trained) -> None:
+    """One warning naming the ``otpl.*`` values given at map time that differ from the checkpoint's: the
+    proxies were trained with (and the map step rebuilds them from) the checkpoint's, so only
+    :data:`MAP_TIME_KEYS` act there; anything else would be silently ignored."""
+    if not isinstance(trained, OTPLConfig) or trained is o:
+        return
+    diff = tuple(f"otpl.{f.name}={getattr(o, f.name)!r} (checkpoint: {getattr(trained, f.name)!r})"
+                 for f in dataclasses.fields(o) if f.name not in MAP_TIME_KEYS
+                 and getattr(o, f.name) != getattr(trained, f.name))
+    if diff and diff not in _WARNED:
+        _WARNED.add(diff)
+        warnings.warn(f"{', '.join(diff)}: a training setting; the maps use the checkpoint's value (only "
+                      f"{', '.join('otpl.' + k for k in MAP_TIME_KEYS)} act at map time)", stacklevel=2)
+
+
 def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
     """The base's kinds from the base's own combine; ``proxy`` = ReLU(cos(F_i, P_c)) max-normalised,
     ``otpl`` = that fused with the base map ``otpl.fuse_with``, ``*_affinity`` = refined by the base's
@@ -264,6 +284,7 @@ def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
 
     base = get_method(model.otpl_base)
     o = cfg.otpl
+    warn_ignored_settings(o, getattr(model, "settings", None))
     own = [k for k in kinds if k in OTPL_KINDS]
     base_kinds = [k for k in kinds if k not in OTPL_KINDS]
     missing = [k for k in base_kinds if k not in base.recipe.kinds]
