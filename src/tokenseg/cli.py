@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .core.errors import TokensegError
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    clean = False
     try:
         result = args.func(args)
+        clean = True
     except TokensegError as exc:
         print(f"tokenseg: error: {exc}", file=sys.stderr)
         return 2
@@ -69,9 +72,22 @@ def main(argv: list[str] | None = None) -> int:
               "segment train resume from their last checkpoint, as with --resume)", file=sys.stderr)
         return 130
     finally:
-        close_distributed()
+        close_distributed(synchronise=clean)
     return int(result or 0)
 
 
+def run() -> None:
+    """The console entry point: ``main()``'s status as the exit code. Under torchrun (``WORLD_SIZE`` > 1)
+    a rank leaves with ``os._exit`` once its output is flushed: gloo's threads torn down by the interpreter
+    abort a finished rank now and then ("terminate called without an active exception"), which torchrun
+    reports as a failed run although every file was written (atomically, before this point)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

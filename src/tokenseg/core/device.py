@@ -34,10 +34,18 @@ def init_distributed(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def close_distributed() -> None:
+def close_distributed(synchronise: bool = True) -> None:
     """Leave the process group before the interpreter exits: gloo's threads torn down at exit abort
-    the process now and then ("terminate called without an active exception")."""
+    the process now and then ("terminate called without an active exception"). After a clean run
+    (``synchronise``) the ranks first meet at a barrier, so that none tears its group down while a peer
+    still talks to it (a rank aborted so after ``predict`` had written its share); after an error no
+    barrier (torchrun stops the other ranks)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already gone: leave all the same
+                pass
         dist.destroy_process_group()
 
 
