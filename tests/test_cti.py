@@ -396,6 +396,32 @@ def test_cct_weight_adds_mctformer_plus_cct_on_view_1s_foreground_tokens(tmp_pat
         load_config("demo-cti", ["cti.cct_weight=-1"])
 
 
+def test_pooling_gwrp_ranks_the_patchcam_as_mctformer_plus(tmp_path):
+    """``cti.pooling`` (demo-cti: gwrp): the patch logits are the GWRP of the PatchCAM's channels 1..C
+    (weights decay^rank over the patches sorted by score, written out here), in the plain pass and in the
+    authors' step alike; the default (gap) is their mean (the fixture tests above)."""
+    cti = get_method("cti")
+    assert load_config("demo-cti").cti.pooling == "gwrp"
+    cfg = tiny(tmp_path, "model.gwrp_decay=0.9")
+    model = cti.build(cfg, 3).train()
+    batch = fixed_batch(cfg)
+    out = model(batch["image"])
+    fmap = out["patch_map"][:, 1:].detach().flatten(2).double()
+    ranked = fmap.sort(-1, descending=True).values
+    w = torch.tensor([0.9 ** j for j in range(ranked.shape[-1])], dtype=torch.float64)
+    torch.testing.assert_close(out["patch_logits"].detach().double(), (ranked * w).sum(-1) / w.sum(),
+                               rtol=1e-5, atol=1e-6)
+    ctx = StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1)
+    step = cti.forward(model, {**batch, "index": torch.arange(16)}, ctx, cfg)
+    torch.testing.assert_close(step["patch_logits"], out["patch_logits"], rtol=1e-5, atol=1e-6)
+    gap = get_method("cti").build(tiny(tmp_path, "cti.pooling=gap"), 3)
+    gap.load_state_dict(model.state_dict())
+    torch.testing.assert_close(gap(batch["image"])["patch_logits"], fmap.float().mean(-1), rtol=1e-5, atol=1e-6)
+    assert load_config("cti").cti.pooling == "gap"  # the paper preset: their code
+    with pytest.raises(TokensegError, match="cti.pooling"):
+        load_config("demo-cti", ["cti.pooling=max"])
+
+
 def test_two_independent_views(tmp_path):
     cfg = tiny(tmp_path, "model.img_size=32")
     views = get_method("cti").views(cfg)

@@ -62,6 +62,9 @@ class CTIConfig:
     # [demo] > 0: MCTformer+'s contrastive class-token loss (CCT) on view 1's C foreground tokens after every
     # block, from the first step. 0 = their code (CTI has no such term)
     cct_weight: float = 0.0
+    # [demo] the PatchCAM's class scores: gap = their code; gwrp = MCTformer+'s ranking pooling (decay
+    # model.gwrp_decay), gmp = max
+    pooling: str = "gap"
 
 
 def weights_of(cfg) -> tuple[float, float, float]:
@@ -247,6 +250,8 @@ def validate(cfg) -> None:
     if c.train_affinity_from < -1:
         raise TokensegError(f"cti.train_affinity_from must be a layer index or -1 (swap_layer + 1), got "
                             f"{c.train_affinity_from}")
+    if c.pooling not in ("gap", "gmp", "gwrp"):
+        raise TokensegError(f"config key 'cti.pooling' must be one of ['gap', 'gmp', 'gwrp'], got {c.pooling!r}")
     if c.refine_dtype not in ("float64", "float32"):
         raise TokensegError(f"config key 'cti.refine_dtype' must be one of ['float64', 'float32'], got "
                             f"{c.refine_dtype!r}")

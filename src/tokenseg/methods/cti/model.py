@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ...core.errors import TokensegError
 from ...models.attention import run_blocks
-from ...models.classtoken import ClassTokenViT, MapOutputs
+from ...models.classtoken import ClassTokenViT, MapOutputs, pool_patch_scores
 
 # the keys only CTI's layout has (their ``MCTformerV2_CTI``)
 CTI_KEYS = ("bg_token", "tokenizer.0.weight", "tokenizer.0.bias", "tokenizer.2.weight", "tokenizer.2.bias")
@@ -70,12 +70,13 @@ class CTIViT(ClassTokenViT):
     """ClassTokenViT with CTI's tokenizer, background token, (C+1)-way PatchCAM and token memory."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, train_grid: tuple[int, int], memory_size: int = 30,
-                 distinct_init: bool = False, final_norm: bool = False, pos_resize: str = "auto") -> None:
+                 distinct_init: bool = False, final_norm: bool = False, pos_resize: str = "auto",
+                 pooling: str = "gap", gwrp_decay: float = 0.996) -> None:
         # C + 1 prefix rows: the parent makes pos_embed_cls ((C+1)×D, the pretrained class position
         # embedding repeated C + 1 times as their ``finetune`` path) and the (C+1)-output head
-        super().__init__(backbone, num_classes + 1, train_grid, patch_head=True, pooling="gap",
-                         pos_resize=pos_resize, distinct_init=distinct_init, final_norm=final_norm,
-                         decay_pos_embed=True)
+        super().__init__(backbone, num_classes + 1, train_grid, patch_head=True, pooling=pooling,
+                         gwrp_decay=gwrp_decay, pos_resize=pos_resize, distinct_init=distinct_init,
+                         final_norm=final_norm, decay_pos_embed=True)
         C, D = num_classes, self.embed_dim
         self.num_classes = C
         del self.cls_tokens  # one foreground token instead of C class tokens
@@ -114,11 +115,14 @@ class CTIViT(ClassTokenViT):
         return {"cls_token"}
 
     def _heads(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(class logits (B, C), patch logits (B, C), PatchCAM logits (B, C+1, h, w))."""
+        """(class logits (B, C), patch logits (B, C), PatchCAM logits (B, C+1, h, w)); the patch logits
+        pool channels 1..C with ``self.pooling`` (their GAP; ``cti.pooling``)."""
         B, N, D = tokens.shape
         _, fg, pat = tokens.split([1, self.num_classes, N - self.num_prefix], dim=1)
         fmap = self.head(pat.transpose(1, 2).reshape(B, D, grid[0], grid[1]))
-        return fg.float().mean(-1), fmap[:, 1:].float().mean((2, 3)), fmap
+        if self.pooling == "gap":  # their mean, kept literally (the fixtures' rounding)
+            return fg.float().mean(-1), fmap[:, 1:].float().mean((2, 3)), fmap
+        return fg.float().mean(-1), pool_patch_scores(fmap[:, 1:], self.pooling, self.gwrp_decay), fmap
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, x_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -309,7 +313,7 @@ def build_cti_model(cfg, num_classes: int) -> CTIViT:
     backbone, grid = vit_backbone(m)
     distinct = m.token_init == "independent" or (m.token_init == "auto" and not pretrained)
     return CTIViT(backbone, num_classes, grid, memory_size=cfg.cti.memory_size, distinct_init=distinct,
-                  final_norm=m.final_norm)
+                  final_norm=m.final_norm, pooling=cfg.cti.pooling, gwrp_decay=m.gwrp_decay)
 
 
 __all__ = ["CTIViT", "CTIPlan", "CTIMapOutputs", "CTI_KEYS", "MEMORY_KEYS", "append_memory", "build_cti_model"]
