@@ -420,6 +420,8 @@ def test_pooling_gwrp_ranks_the_patchcam_as_mctformer_plus(tmp_path):
     assert load_config("cti").cti.pooling == "gap"  # the paper preset: their code
     with pytest.raises(TokensegError, match="cti.pooling"):
         load_config("demo-cti", ["cti.pooling=max"])
+    with pytest.raises(TokensegError, match="'model.pooling' is not used by CTI.*cti.pooling"):
+        load_config("cti", ["model.pooling=gap"])
 
 
 def test_two_independent_views(tmp_path):

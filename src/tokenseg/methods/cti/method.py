@@ -63,7 +63,7 @@ class CTIConfig:
     # block, from the first step. 0 = their code (CTI has no such term)
     cct_weight: float = 0.0
     # [demo] the PatchCAM's class scores: gap = their code; gwrp = MCTformer+'s ranking pooling (decay
-    # model.gwrp_decay), gmp = max
+    # model.gwrp_decay), gmp = max. model.pooling (MCTformer's) is refused for CTI
     pooling: str = "gap"
 
 
@@ -252,6 +252,10 @@ def validate(cfg) -> None:
                             f"{c.train_affinity_from}")
     if c.pooling not in ("gap", "gmp", "gwrp"):
         raise TokensegError(f"config key 'cti.pooling' must be one of ['gap', 'gmp', 'gwrp'], got {c.pooling!r}")
+    default_pooling = type(cfg.model)().pooling
+    if cfg.model.pooling != default_pooling:  # MCTformer's key: CTI reads its own
+        raise TokensegError(f"config key 'model.pooling' is not used by CTI (got {cfg.model.pooling!r}): remove it "
+                            f"and set cti.pooling (now {c.pooling!r}; their code: gap)")
     if c.refine_dtype not in ("float64", "float32"):
         raise TokensegError(f"config key 'cti.refine_dtype' must be one of ['float64', 'float32'], got "
                             f"{c.refine_dtype!r}")
