@@ -518,6 +518,28 @@ def test_bad_otpl_settings_name_the_key(over, match):
         load_config("tiny", TINY + over)
 
 
+def test_clip_variant_map_time_training_setting_is_named(tiny_overrides):
+    """As the class-token variant: the CLIP-ES variant's map step uses the checkpoint's otpl settings, so a
+    different training key at map time (otpl.cam_bg_power) gets one warning naming it; its map-time keys
+    (otpl.clip_seeds, otpl.clip_bg_power) do not."""
+    import warnings
+
+    cfg = load_config("tiny", tiny_overrides + CLIP_MODEL)
+    method = get_method("otpl-clip-es")
+    model = method.build(cfg, 3).eval()
+    x, labels, classes = torch.randn(1, 3, 48, 48), torch.tensor([[1.0, 0, 1]]), torch.tensor([0, 2])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        method.recipe.combine(model, x, labels, classes, cfg, ["proxy"])
+        other = load_config("tiny", tiny_overrides + CLIP_MODEL + ["otpl.clip_bg_power=2", "otpl.clip_seeds=x"])
+        method.recipe.combine(model, x, labels, classes, other, ["proxy"])
+        assert not [w for w in caught if "otpl." in str(w.message)]
+        power = load_config("tiny", tiny_overrides + CLIP_MODEL + ["otpl.cam_bg_power=3"])
+        method.recipe.combine(model, x, labels, classes, power, ["proxy"])
+    said = [str(w.message) for w in caught if "otpl.cam_bg_power" in str(w.message)]
+    assert len(said) == 1 and "otpl.cam_bg_power=3" in said[0] and "otpl.clip_seeds" in said[0]
+
+
 def test_clip_variant_settings_and_missing_seeds(tiny_overrides, tmp_path, capsys):
     with pytest.raises(TokensegError, match="train.augment"):
         load_config("tiny", CLIP_MODEL + ["train.augment=deit"])

@@ -15,7 +15,10 @@ from ...core.errors import TokensegError
 from ...core.seeds import load_seed, seed_path
 from ...data.transforms import CLIP_MEAN, CLIP_STD
 from .. import MapRecipe, Method, register
-from .method import CLIP_KINDS, OTPLConfig, _check_common, forward, otpl_terms
+from .method import CLIP_KINDS, OTPLConfig, _check_common, forward, otpl_terms, warn_ignored_settings
+
+# the otpl.* keys the CLIP-ES variant's map step reads from its own config (the seeds of the mapped split)
+CLIP_MAP_TIME_KEYS = ("clip_seeds", "clip_bg_power")
 
 
 def build_clip(cfg, num_classes: int):
@@ -153,6 +156,7 @@ def clip_combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Te
     from .model import memory_cam
     from .proxies import pool_to_grid, proxy_cam
 
+    warn_ignored_settings(cfg.otpl, getattr(model, "settings", None), CLIP_MAP_TIME_KEYS)
     feats, grid = model.encoder(x)
     if extras is not None:
         cam = pool_to_grid(extras, grid)

@@ -261,19 +261,19 @@ MAP_TIME_KEYS = ("fusion", "fuse_with", "fuse_normalise")  # the otpl.* keys the
 _WARNED: set[tuple[str, ...]] = set()
 
 
-def warn_ignored_settings(o: OTPLConfig, trained) -> None:
+def warn_ignored_settings(o: OTPLConfig, trained, map_keys: tuple[str, ...] = MAP_TIME_KEYS) -> None:
     """One warning naming the ``otpl.*`` values given at map time that differ from the checkpoint's: the
-    proxies were trained with (and the map step rebuilds them from) the checkpoint's, so only
-    :data:`MAP_TIME_KEYS` act there; anything else would be silently ignored."""
+    proxies were trained with (and the map step rebuilds them from) the checkpoint's, so only ``map_keys``
+    (the variant's map-time keys) act there; anything else would be silently ignored."""
     if not isinstance(trained, OTPLConfig) or trained is o:
         return
     diff = tuple(f"otpl.{f.name}={getattr(o, f.name)!r} (checkpoint: {getattr(trained, f.name)!r})"
-                 for f in dataclasses.fields(o) if f.name not in MAP_TIME_KEYS
+                 for f in dataclasses.fields(o) if f.name not in map_keys
                  and getattr(o, f.name) != getattr(trained, f.name))
     if diff and diff not in _WARNED:
         _WARNED.add(diff)
         warnings.warn(f"{', '.join(diff)}: a training setting; the maps use the checkpoint's value (only "
-                      f"{', '.join('otpl.' + k for k in MAP_TIME_KEYS)} act at map time)", stacklevel=2)
+                      f"{', '.join('otpl.' + k for k in map_keys)} act at map time)", stacklevel=2)
 
 
 def combine(model, x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, cfg, kinds) -> dict:
