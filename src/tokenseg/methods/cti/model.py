@@ -120,8 +120,6 @@ class CTIViT(ClassTokenViT):
         B, N, D = tokens.shape
         _, fg, pat = tokens.split([1, self.num_classes, N - self.num_prefix], dim=1)
         fmap = self.head(pat.transpose(1, 2).reshape(B, D, grid[0], grid[1]))
-        if self.pooling == "gap":  # their mean, kept literally (the fixtures' rounding)
-            return fg.float().mean(-1), fmap[:, 1:].float().mean((2, 3)), fmap
         return fg.float().mean(-1), pool_patch_scores(fmap[:, 1:], self.pooling, self.gwrp_decay), fmap
 
     # ------------------------------------------------------------------ forward
